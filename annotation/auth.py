@@ -1,0 +1,68 @@
+"""Users, roles and argon2 password hashing."""
+
+from __future__ import annotations
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from annotation.errors import AnnotationError
+from annotation.store import ROLES, User
+
+_hasher = PasswordHasher()
+MIN_PASSWORD_CHARS = 8
+# Verifying against this when a username is unknown keeps the time of a failed login the same
+# whether the name or the password was wrong.
+_DUMMY_HASH = _hasher.hash("not-a-real-password")
+
+
+def hash_password(password: str) -> str:
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise AnnotationError(f"password too short: at least {MIN_PASSWORD_CHARS} characters are required")
+    return _hasher.hash(password)
+
+
+def verify_password(password_hash: str | None, password: str) -> bool:
+    try:
+        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def check_role(role: str) -> str:
+    if role not in ROLES:
+        raise AnnotationError(f"unknown role '{role}'; expected one of {', '.join(ROLES)}")
+    return role
+
+
+def create_user(session: Session, username: str, password: str | None, role: str = "annotator") -> User:
+    """Add a user. password None makes an account that cannot log in (the source of imported labels)."""
+    username = username.strip()
+    if not username:
+        raise AnnotationError("username must not be empty")
+    check_role(role)
+    if session.scalar(select(User).where(User.username == username)) is not None:
+        raise AnnotationError(f"user '{username}' already exists")
+    user = User(username=username, role=role, password_hash=hash_password(password) if password is not None else None)
+    session.add(user)
+    session.flush()
+    return user
+
+
+def authenticate(session: Session, username: str, password: str) -> User | None:
+    """The active user with this name and password, or None (without saying which part was wrong)."""
+    user = session.scalar(select(User).where(User.username == username.strip()))
+    ok = verify_password(user.password_hash if user else None, password)
+    if user is None or not ok or not user.active:
+        return None
+    return user
+
+
+def require_role(user: User | None, *allowed: str) -> User:
+    """Raise unless `user` is active and has one of the allowed roles (admins pass every check)."""
+    if user is None or not user.active:
+        raise AnnotationError("not logged in")
+    if user.role != "admin" and user.role not in allowed:
+        raise AnnotationError(f"permission denied: this needs the role {' or '.join(allowed)}, you are {user.role}")
+    return user

@@ -1,0 +1,95 @@
+"""Projects: creation with validated settings, lookup by name, completion figures."""
+
+from __future__ import annotations
+
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
+from annotation.errors import AnnotationError
+from annotation.store import CHOICES, Annotation, Item, Project, Prompt
+
+
+def validate_settings(overlap: int, choices: list[str], gold_rate: float, lease_seconds: int) -> None:
+    if overlap < 1:
+        raise AnnotationError(f"overlap k must be at least 1, got {overlap}")
+    bad = [c for c in choices if c not in CHOICES]
+    if bad or not {"a", "b"} <= set(choices):
+        raise AnnotationError(f"choices must include a and b and come from {', '.join(CHOICES)}; got {', '.join(choices)}")
+    if not 0.0 <= gold_rate < 1.0:
+        raise AnnotationError(f"gold rate must be in [0, 1), got {gold_rate}")
+    if lease_seconds < 10:
+        raise AnnotationError(f"lease must be at least 10 seconds, got {lease_seconds}")
+
+
+def create_project(
+    session: Session,
+    name: str,
+    *,
+    overlap: int = 3,
+    guidelines: str = "",
+    choices: list[str] | None = None,
+    criteria: list[str] | None = None,
+    gold_rate: float = 0.0,
+    lease_seconds: int = 600,
+    created_by: int | None = None,
+) -> Project:
+    name = name.strip()
+    if not name:
+        raise AnnotationError("project name must not be empty")
+    choices = list(choices) if choices is not None else list(CHOICES)
+    validate_settings(overlap, choices, gold_rate, lease_seconds)
+    if session.scalar(select(Project).where(Project.name == name)) is not None:
+        raise AnnotationError(f"project '{name}' already exists")
+    project = Project(
+        name=name, overlap=overlap, guidelines=guidelines, choices=choices, criteria=list(criteria or []),
+        gold_rate=gold_rate, lease_seconds=lease_seconds, created_by=created_by,
+    )
+    session.add(project)
+    session.flush()
+    return project
+
+
+def get_project(session: Session, name: str) -> Project:
+    project = session.scalar(select(Project).where(Project.name == name))
+    if project is None:
+        known = session.scalars(select(Project.name).order_by(Project.name).limit(20)).all()
+        raise AnnotationError(f"no project named '{name}'" + (f"; known: {', '.join(known)}" if known else "; none exist yet"))
+    return project
+
+
+def get_or_create_project(session: Session, name: str, created_by: int | None = None) -> Project:
+    project = session.scalar(select(Project).where(Project.name == name))
+    return project if project is not None else create_project(session, name, created_by=created_by)
+
+
+def completion(session: Session, project: Project) -> dict:
+    """Items, annotations, and the share of the wanted k annotations per item that exist (capped at k)."""
+    n_items = session.scalar(select(func.count()).select_from(Item).where(Item.project_id == project.id)) or 0
+    per_item = (
+        select(func.count().label("n"))
+        .select_from(Annotation)
+        .join(Item, Item.id == Annotation.item_id)
+        .where(Item.project_id == project.id)
+        .group_by(Annotation.item_id)
+        .subquery()
+    )
+    n_annotations, done, complete = session.execute(
+        select(
+            func.coalesce(func.sum(per_item.c.n), 0),
+            func.coalesce(func.sum(case((per_item.c.n > project.overlap, project.overlap), else_=per_item.c.n)), 0),
+            func.coalesce(func.sum(case((per_item.c.n >= project.overlap, 1), else_=0)), 0),
+        )
+    ).one()
+    n_prompts = session.scalar(select(func.count()).select_from(Prompt).where(Prompt.project_id == project.id)) or 0
+    wanted = n_items * project.overlap
+    return {
+        "items": n_items,
+        "prompts": n_prompts,
+        "annotations": int(n_annotations),
+        "items_complete": int(complete),
+        "completion": (done / wanted) if wanted else 0.0,
+    }
+
+
+def project_summaries(session: Session) -> list[dict]:
+    return [{"name": p.name, "overlap": p.overlap, **completion(session, p)} for p in session.scalars(select(Project).order_by(Project.name))]

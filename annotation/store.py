@@ -1,0 +1,265 @@
+"""The annotation store: ORM models for the data model in DESIGN.md, engines and sessions.
+
+SQLite (WAL, foreign keys, busy timeout) is the embedded default; PostgreSQL is the multi-annotator
+deployment. The same models and queries serve both. The schema is created and upgraded only by
+the Alembic migrations in `annotation/migrations` (`init_db` runs them); `Base.metadata` exists so
+that Alembic can compare it with the database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from pathlib import Path
+from typing import Any, Iterator
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+ROLES = ("annotator", "researcher", "admin")
+CHOICES = ("a", "b", "tie", "both_bad")
+STRENGTHS = {1: "slight", 2: "clear", 3: "strong"}
+FLAG_KINDS = ("skip", "broken", "unsafe")
+JOB_KINDS = ("train_rm", "eval_rm", "sft", "ppo", "generate", "export")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+MODEL_KINDS = ("reward", "policy")
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(128), unique=True, nullable=False)
+    password_hash: Mapped[str | None] = mapped_column(String(256))  # None: cannot log in (import sources)
+    role: Mapped[str] = mapped_column(String(16), nullable=False, default="annotator")
+    active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class Project(Base):
+    __tablename__ = "projects"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True, nullable=False)
+    guidelines: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    overlap: Mapped[int] = mapped_column(Integer, nullable=False, default=3)
+    choices: Mapped[list] = mapped_column(JSON, nullable=False, default=lambda: list(CHOICES))
+    criteria: Mapped[list] = mapped_column(JSON, nullable=False, default=list)
+    gold_rate: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
+    lease_seconds: Mapped[int] = mapped_column(Integer, nullable=False, default=600)
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class Item(Base):
+    """A prompt with two responses to compare."""
+
+    __tablename__ = "items"
+    __table_args__ = (UniqueConstraint("project_id", "content_hash", name="uq_items_project_hash"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), nullable=False, index=True)
+    external_id: Mapped[str | None] = mapped_column(String(200))
+    # A string, or a list of {"role", "content"} chat messages.
+    prompt: Mapped[Any] = mapped_column(JSON, nullable=False)
+    response_a: Mapped[str] = mapped_column(Text, nullable=False)
+    response_b: Mapped[str] = mapped_column(Text, nullable=False)
+    source_a: Mapped[str | None] = mapped_column(String(200))
+    source_b: Mapped[str | None] = mapped_column(String(200))
+    meta: Mapped[dict] = mapped_column("metadata", JSON, nullable=False, default=dict)
+    content_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    gold_choice: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class Prompt(Base):
+    """A prompt alone, for generation and PPO (imported from a prompts-only file)."""
+
+    __tablename__ = "prompts"
+    __table_args__ = (UniqueConstraint("project_id", "content_hash", name="uq_prompts_project_hash"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), nullable=False, index=True)
+    external_id: Mapped[str | None] = mapped_column(String(200))
+    prompt: Mapped[Any] = mapped_column(JSON, nullable=False)
+    meta: Mapped[dict] = mapped_column("metadata", JSON, nullable=False, default=dict)
+    content_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class Annotation(Base):
+    """One person's judgement of one item. `choice` is always in A/B terms, whatever order was shown."""
+
+    __tablename__ = "annotations"
+    __table_args__ = (UniqueConstraint("item_id", "annotator_id", name="uq_annotations_item_annotator"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), nullable=False, index=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False, index=True)
+    choice: Mapped[str] = mapped_column(String(16), nullable=False)
+    strength: Mapped[int | None] = mapped_column(Integer)
+    criteria: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    rationale: Mapped[str | None] = mapped_column(Text)
+    shown_swapped: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class Assignment(Base):
+    """An item handed to an annotator and not yet answered; it returns to the pool after leased_until."""
+
+    __tablename__ = "assignments"
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), primary_key=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    leased_until: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, index=True)
+    shown_swapped: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class ItemFlag(Base):
+    """An annotator skipped an item or flagged it as broken or unsafe."""
+
+    __tablename__ = "item_flags"
+    __table_args__ = (UniqueConstraint("item_id", "annotator_id", "kind", name="uq_item_flags"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), nullable=False, index=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    note: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_status_created", "status", "created_at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    params: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="queued")
+    progress: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
+    message: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    log_path: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict | None] = mapped_column(JSON)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    started_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+    heartbeat_at: Mapped[dt.datetime | None] = mapped_column(DateTime)
+
+
+class RegisteredModel(Base):
+    """A trained reward model or policy: where it lives, where it came from, how good it is."""
+
+    __tablename__ = "models"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    base_model: Mapped[str | None] = mapped_column(Text)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
+    project_id: Mapped[int | None] = mapped_column(ForeignKey("projects.id", ondelete="SET NULL"))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    data_hash: Mapped[str | None] = mapped_column(String(64))
+    data_rows: Mapped[int | None] = mapped_column(Integer)
+    params: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    metrics: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+# --------------------------------------------------------------------------- engines and sessions
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    dbapi_conn.isolation_level = None  # transactions are begun by _sqlite_begin_immediate
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def _sqlite_begin_immediate(conn) -> None:
+    # pysqlite's own transaction handling starts transactions lazily (DEFERRED), so two writers can
+    # both read and then collide on upgrade, which SQLite answers with SQLITE_BUSY and no wait.
+    # Taking the write lock at BEGIN makes concurrent writers queue on busy_timeout instead.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def is_sqlite(engine_or_url: Engine | str) -> bool:
+    url = engine_or_url if isinstance(engine_or_url, str) else str(engine_or_url.url)
+    return url.startswith("sqlite")
+
+
+def make_engine(url: str, **kwargs) -> Engine:
+    """An engine for `url`, with the SQLite settings the store relies on when it is SQLite."""
+    if is_sqlite(url):
+        path = url.split("///", 1)[-1] if "///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs
+        )
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin_immediate)
+        return engine
+    return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+@contextlib.contextmanager
+def transaction(engine: Engine) -> Iterator[Session]:
+    """A session whose work is committed together at the end, or rolled back whole on any error."""
+    session = session_factory(engine)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def migrations_dir() -> Path:
+    return Path(__file__).with_name("migrations")
+
+
+def init_db(url: str) -> Engine:
+    """Create or upgrade the schema at `url` to the newest migration and return an engine for it."""
+    from alembic import command
+    from alembic.config import Config
+
+    engine = make_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+    return engine

@@ -1,0 +1,205 @@
+"""The `rlhf` command line: thin commands over annotation/, reward/ and ppo/.
+
+    rlhf --help
+    rlhf init --sample
+    rlhf import data/samples/hh_sample.jsonl --project demo
+
+Every command prints readable text by default and one JSON object with --json. Errors from the
+layers below are turned into a message and an exit code here, in `main`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Optional
+
+import typer
+
+from annotation.errors import AnnotationError
+from ppo.errors import PPOError
+from reward.errors import RewardError
+
+from app.settings import SettingsError
+
+cli = typer.Typer(no_args_is_help=True, add_completion=False, help="RLHF Studio: preference data, reward models and PPO.")
+user_cli = typer.Typer(no_args_is_help=True, help="Manage users.")
+project_cli = typer.Typer(no_args_is_help=True, help="Manage projects.")
+models_cli = typer.Typer(no_args_is_help=True, help="Default models.")
+cli.add_typer(user_cli, name="user")
+cli.add_typer(project_cli, name="project")
+cli.add_typer(models_cli, name="models")
+
+USER_ERRORS = (AnnotationError, RewardError, PPOError, SettingsError)
+
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of text.")
+
+
+def emit(payload: dict[str, Any], as_json: bool, text: str | None = None) -> None:
+    """Print `payload` as JSON, or `text` (default: key: value lines) for people."""
+    if as_json:
+        typer.echo(json.dumps(payload, default=str))
+    elif text is not None:
+        typer.echo(text)
+    else:
+        for key, value in payload.items():
+            typer.echo(f"{key}: {value}")
+
+
+def engine():
+    """The store's engine, schema brought to the newest migration."""
+    from annotation.store import init_db
+
+    from app.settings import get_settings
+
+    return init_db(get_settings().db_url)
+
+
+def read_password(prompt: str = "Password") -> str:
+    """A password from the terminal (asked twice) or, when stdin is not a terminal, its first line."""
+    if sys.stdin.isatty():
+        return typer.prompt(prompt, hide_input=True, confirmation_prompt=True)
+    line = sys.stdin.readline()
+    if not line.strip():
+        raise AnnotationError("no password on standard input; pipe it in, or run in a terminal to be asked")
+    return line.rstrip("\r\n")
+
+
+@cli.command()
+def init(
+    sample: bool = typer.Option(False, "--sample", help="Also load the sample project and create a first admin."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Create or upgrade the database schema; with --sample, load the sample project."""
+    from app.settings import get_settings
+    from app.setup import initialise
+
+    payload = initialise(get_settings(), sample=sample)
+    text = f"database ready at {payload['db_url']}"
+    if payload.get("admin_password"):
+        text += (
+            f"\nfirst admin created: username '{payload['admin_username']}' password '{payload['admin_password']}'"
+            "\n(shown once; change it on the Users page)"
+        )
+    if payload.get("sample"):
+        text += f"\nsample project '{payload['sample']['project']}': {payload['sample']['items']} items, {payload['sample']['prompts']} prompts"
+    emit(payload, as_json, text)
+
+
+@user_cli.command("add")
+def user_add(
+    username: str = typer.Argument(..., help="Login name, unique."),
+    role: str = typer.Option("annotator", "--role", help="annotator, researcher or admin."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Add a user; the password is read from a prompt or standard input, never from the command line."""
+    from annotation.auth import check_role, create_user
+    from annotation.store import transaction
+
+    check_role(role)
+    password = read_password()
+    with transaction(engine()) as session:
+        user = create_user(session, username, password, role)
+        payload = {"id": user.id, "username": user.username, "role": user.role}
+    emit(payload, as_json, f"user '{username}' ({role}) created")
+
+
+@project_cli.command("create")
+def project_create(
+    name: str = typer.Argument(..., help="Project name, unique."),
+    overlap: int = typer.Option(3, "--overlap", "-k", help="Annotations wanted per item."),
+    guidelines: Optional[str] = typer.Option(None, "--guidelines", help="Markdown file with the annotation guidelines."),
+    criteria: str = typer.Option("", "--criteria", help="Comma-separated criteria, e.g. helpfulness,harmlessness."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Create a project."""
+    from annotation.projects import create_project
+    from annotation.store import transaction
+
+    text = ""
+    if guidelines:
+        try:
+            with open(guidelines, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise AnnotationError(f"--guidelines {guidelines}: cannot read: {exc.strerror}") from None
+    with transaction(engine()) as session:
+        project = create_project(
+            session, name, overlap=overlap, guidelines=text, criteria=[c.strip() for c in criteria.split(",") if c.strip()]
+        )
+        payload = {"id": project.id, "name": project.name, "overlap": project.overlap}
+    emit(payload, as_json, f"project '{name}' created (k={overlap})")
+
+
+@project_cli.command("list")
+def project_list(as_json: bool = JsonOpt) -> None:
+    """List projects with their completion."""
+    from annotation.projects import project_summaries
+    from annotation.store import transaction
+
+    with transaction(engine()) as session:
+        rows = project_summaries(session)
+    emit({"projects": rows}, as_json, "\n".join(f"{r['name']}: {r['items']} items, {r['completion']:.0%} complete" for r in rows) or "no projects")
+
+
+@models_cli.command("fetch")
+def models_fetch(as_json: bool = JsonOpt) -> None:
+    """Download and unpack the default models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2); a no-op when present."""
+    from app.fetch import fetch_default_models
+    from app.settings import get_settings
+
+    payload = fetch_default_models(get_settings().model_dir, log=lambda m: typer.echo(m, err=True))
+    emit(payload, as_json, "\n".join(f"{k}: {v}" for k, v in payload.items()))
+
+
+@cli.command()
+def serve(
+    port: int = typer.Option(8501, "--port", help="Port on localhost."),
+    address: str = typer.Option("localhost", "--address", help="Address to listen on."),
+) -> None:
+    """Start the Streamlit app."""
+    import subprocess
+    from pathlib import Path
+
+    home = Path(__file__).with_name("Home.py")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(home), "--server.port", str(port), "--server.address", address,
+           "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    raise typer.Exit(subprocess.call(cmd))
+
+
+def _register_commands() -> None:
+    # Each area keeps its commands in a module of its own; importing it adds them to `cli`.
+    import importlib
+
+    for name in ("app.cli_data", "app.cli_agreement", "app.cli_reward", "app.cli_ppo", "app.cli_jobs"):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+
+
+def main() -> None:
+    _register_commands()
+    try:
+        rc = cli(standalone_mode=False)
+    except USER_ERRORS as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(1)
+    except Exception as exc:  # click's usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
