@@ -93,3 +93,32 @@ def completion(session: Session, project: Project) -> dict:
 
 def project_summaries(session: Session) -> list[dict]:
     return [{"name": p.name, "overlap": p.overlap, **completion(session, p)} for p in session.scalars(select(Project).order_by(Project.name))]
+
+
+def update_project(
+    session: Session,
+    project: Project,
+    *,
+    overlap: int | None = None,
+    guidelines: str | None = None,
+    choices: list[str] | None = None,
+    criteria: list[str] | None = None,
+    gold_rate: float | None = None,
+    lease_seconds: int | None = None,
+) -> Project:
+    """Change a project's settings (None keeps a value); validated like create_project."""
+    new = {
+        "overlap": project.overlap if overlap is None else overlap,
+        "choices": list(project.choices) if choices is None else list(choices),
+        "gold_rate": project.gold_rate if gold_rate is None else gold_rate,
+        "lease_seconds": project.lease_seconds if lease_seconds is None else lease_seconds,
+    }
+    validate_settings(**new)
+    for key, value in new.items():
+        setattr(project, key, value)
+    if guidelines is not None:
+        project.guidelines = guidelines
+    if criteria is not None:
+        project.criteria = [c.strip() for c in criteria if c.strip()]
+    session.flush()
+    return project
