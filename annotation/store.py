@@ -77,7 +77,11 @@ class Item(Base):
     """A prompt with two responses to compare."""
 
     __tablename__ = "items"
-    __table_args__ = (UniqueConstraint("project_id", "content_hash", name="uq_items_project_hash"),)
+    __table_args__ = (
+        UniqueConstraint("project_id", "content_hash", name="uq_items_project_hash"),
+        # annotation.assign's queue: "closest to completion, then lowest id" as an index range scan.
+        Index("ix_items_queue", "project_id", "annotation_count", "id"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), nullable=False, index=True)
     external_id: Mapped[str | None] = mapped_column(String(200))
@@ -90,6 +94,9 @@ class Item(Base):
     meta: Mapped[dict] = mapped_column("metadata", JSON, nullable=False, default=dict)
     content_hash: Mapped[str] = mapped_column(String(64), nullable=False)
     gold_choice: Mapped[str | None] = mapped_column(String(16))
+    # Number of rows in `annotations` for this item, kept by database triggers (migration 0002) so
+    # that every writer keeps it right; read it, never write it.
+    annotation_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
 
@@ -128,6 +135,7 @@ class Assignment(Base):
     """An item handed to an annotator and not yet answered; it returns to the pool after leased_until."""
 
     __tablename__ = "assignments"
+    __table_args__ = (Index("ix_assignments_annotator_leased", "annotator_id", "leased_until"),)
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), primary_key=True)
     annotator_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
     leased_until: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, index=True)
