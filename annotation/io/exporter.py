@@ -1,0 +1,358 @@
+"""Exporting a project: aggregated preference pairs (TRL standard or conversational, HH) and a raw
+dump of every annotation, streamed to JSONL or Parquet.
+
+A pair's label is `annotation.aggregate.aggregate(votes, method)`; items whose aggregate has no
+winner are left out and counted, as are ties and both-bad verdicts (they say neither side is
+preferred, so they make no chosen/rejected pair). The train/test split is a hash of the item's
+content hash, so an item lands in the same split in every database and every export. Files are
+written to a temporary name beside the target and renamed, so a crash never leaves a torn file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+from sqlalchemy import func, select
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+
+from annotation.errors import AnnotationError
+from annotation.io.formats import Pair, canonical_json, pair_text, prompt_as_hh, text_to_messages
+from annotation.store import Annotation, Item, User
+
+EXPORT_FORMATS = ("trl", "trl-conversational", "hh", "annotations")
+MARGIN_FROM = ("none", "confidence")
+DEFAULT_TEST_FRACTION = 0.1
+STREAM_ROWS = 5_000
+
+_items = Item.__table__
+_annotations = Annotation.__table__
+_users = User.__table__
+
+
+@dataclasses.dataclass
+class ExportReport:
+    path: str
+    format: str
+    project: str
+    aggregation: str = "majority"
+    split: str | None = None
+    items: int = 0
+    """Items in the project."""
+    exported: int = 0
+    """Rows written: pairs, or annotations for the `annotations` format."""
+    unannotated: int = 0
+    no_majority: int = 0
+    ties_excluded: int = 0
+    both_bad_excluded: int = 0
+    below_threshold: int = 0
+    """Left out by --min-agreement / --min-confidence."""
+    other_split: int = 0
+    """Items with a label that belong to the other split."""
+    sha256: str = ""
+    """Of the file written: the data snapshot a trained model records."""
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- split and labels
+
+
+def split_of(content_hash: str, test_fraction: float = DEFAULT_TEST_FRACTION) -> str:
+    """'test' or 'train' for an item, from its content hash (salted, so the split does not line up
+    with the A/B position, which is also derived from the content hash)."""
+    digest = hashlib.sha256(("split:" + content_hash).encode("ascii")).digest()
+    return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
+
+
+def _check_filters(split, test_fraction, min_agreement, min_confidence, margin_from) -> None:
+    if split not in (None, "train", "test"):
+        raise AnnotationError(f"--split {split!r}: expected train or test")
+    if not 0.0 < test_fraction < 1.0:
+        raise AnnotationError(f"--test-fraction {test_fraction}: expected a number strictly between 0 and 1")
+    for name, value in (("--min-agreement", min_agreement), ("--min-confidence", min_confidence)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise AnnotationError(f"{name} {value}: expected a number between 0 and 1")
+    if margin_from not in MARGIN_FROM:
+        raise AnnotationError(f"--margin-from {margin_from!r}: expected one of {', '.join(MARGIN_FROM)}")
+
+
+def _project_id(conn: Connection, project: str) -> int:
+    from annotation.projects import get_project
+
+    with Session(bind=conn) as session:
+        return get_project(session, project).id
+
+
+def _labels(conn: Connection, project_id: int, aggregation: str) -> dict[int, tuple]:
+    """item_id -> (label, confidence, n_annotations, agreement) for every annotated item."""
+    from annotation.aggregate import aggregate, majority
+
+    rows = conn.execute(
+        select(_annotations.c.item_id, _annotations.c.annotator_id, _annotations.c.choice)
+        .join(_items, _items.c.id == _annotations.c.item_id)
+        .where(_items.c.project_id == project_id)
+    ).all()
+    votes = pd.DataFrame(rows, columns=["item_id", "annotator", "choice"])
+    if votes.empty:
+        return {}
+    agg = aggregate(votes, aggregation)
+    if "agreement" not in agg.columns or "n_annotations" not in agg.columns:
+        # Agreement on an item is a property of its votes, not of the aggregation method.
+        counts = majority(votes)
+        agg = agg.join(counts[["n_annotations", "agreement"]], how="left", rsuffix="_votes")
+    labels = agg["label"].where(agg["label"].notna(), None)
+    return {
+        int(i): (lab, float(conf), int(n), float(agr))
+        for i, lab, conf, n, agr in zip(agg.index, labels, agg["confidence"], agg["n_annotations"], agg["agreement"])
+    }
+
+
+def _iter_pairs(conn: Connection, project_id: int, report: ExportReport, *, aggregation: str, min_agreement, min_confidence,
+                split, test_fraction, margin_from) -> Iterator[Pair]:
+    labels = _labels(conn, project_id, aggregation)
+    query = (
+        select(_items.c.id, _items.c.external_id, _items.c.prompt, _items.c.response_a, _items.c.response_b, _items.c.content_hash)
+        .where(_items.c.project_id == project_id)
+        .order_by(_items.c.id)
+    )
+    for row in conn.execution_options(yield_per=STREAM_ROWS).execute(query):
+        report.items += 1
+        verdict = labels.get(row.id)
+        if verdict is None:
+            report.unannotated += 1
+            continue
+        label, confidence, n, agreement = verdict
+        if label is None:
+            report.no_majority += 1
+            continue
+        if label == "tie":
+            report.ties_excluded += 1
+            continue
+        if label == "both_bad":
+            report.both_bad_excluded += 1
+            continue
+        if (min_agreement is not None and agreement < min_agreement) or (min_confidence is not None and confidence < min_confidence):
+            report.below_threshold += 1
+            continue
+        if split is not None and split_of(row.content_hash, test_fraction) != split:
+            report.other_split += 1
+            continue
+        chosen, rejected = (row.response_a, row.response_b) if label == "a" else (row.response_b, row.response_a)
+        meta = {"item_id": row.id, "external_id": row.external_id, "n_annotations": n, "agreement": agreement, "confidence": confidence}
+        margin = 2.0 * confidence - 1.0 if margin_from == "confidence" else None
+        yield Pair(row.prompt, chosen, rejected, margin, meta, 0)
+
+
+def project_pairs(
+    engine: Engine,
+    project: str,
+    *,
+    aggregation: str = "majority",
+    min_agreement: float | None = None,
+    min_confidence: float | None = None,
+    split: str | None = None,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    margin_from: str = "none",
+) -> list[Pair]:
+    """The project's pairs as export would write them: aggregated labels, ties/both-bad and items
+    without a winner left out, filters and the deterministic split applied. Prompts are as stored
+    (text, or chat messages); metadata has item_id, external_id, n_annotations, agreement, confidence."""
+    _check_filters(split, test_fraction, min_agreement, min_confidence, margin_from)
+    report = ExportReport(path="", format="pairs", project=project, aggregation=aggregation, split=split)
+    with engine.connect() as conn:
+        pid = _project_id(conn, project)
+        return list(_iter_pairs(conn, pid, report, aggregation=aggregation, min_agreement=min_agreement,
+                                min_confidence=min_confidence, split=split, test_fraction=test_fraction, margin_from=margin_from))
+
+
+# --------------------------------------------------------------------------- rows per format
+
+
+def _standard_response(prompt: Any, response: str) -> str:
+    # TRL concatenates prompt and response as they are; a chat prompt flattened to text ends in
+    # "Assistant:", so its response needs the separating space HH responses already carry.
+    if isinstance(prompt, str) or response[:1].isspace():
+        return response
+    return " " + response
+
+
+def _pair_row(fmt: str, pair: Pair, with_margin: bool) -> dict:
+    if fmt == "trl":
+        prompt = pair.prompt if isinstance(pair.prompt, str) else pair_text(pair.prompt)
+        row = {"prompt": prompt, "chosen": _standard_response(pair.prompt, pair.chosen),
+               "rejected": _standard_response(pair.prompt, pair.rejected)}
+    elif fmt == "trl-conversational":
+        prompt = pair.prompt if isinstance(pair.prompt, list) else text_to_messages(pair.prompt)
+        row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": pair.chosen.strip()}],
+               "rejected": [{"role": "assistant", "content": pair.rejected.strip()}]}
+    else:  # hh
+        prompt = prompt_as_hh(pair.prompt)
+        row = {"chosen": pair_text(prompt, pair.chosen), "rejected": pair_text(prompt, pair.rejected)}
+    if with_margin:
+        row["margin"] = pair.margin
+    row["metadata"] = pair.metadata
+    return row
+
+
+def _iter_annotation_rows(conn: Connection, project_id: int, report: ExportReport, split, test_fraction, flat: bool) -> Iterator[dict]:
+    report.items = conn.scalar(select(func.count()).select_from(_items).where(_items.c.project_id == project_id))
+    query = (
+        select(
+            _annotations.c.id, _annotations.c.item_id, _items.c.external_id, _items.c.content_hash, _users.c.username,
+            _annotations.c.choice, _annotations.c.strength, _annotations.c.criteria, _annotations.c.rationale,
+            _annotations.c.shown_swapped, _annotations.c.duration_ms, _annotations.c.created_at,
+            _items.c.prompt, _items.c.response_a, _items.c.response_b, _items.c.gold_choice,
+        )
+        .join(_items, _items.c.id == _annotations.c.item_id)
+        .join(_users, _users.c.id == _annotations.c.annotator_id)
+        .where(_items.c.project_id == project_id)
+        .order_by(_annotations.c.item_id, _annotations.c.id)
+    )
+    for r in conn.execution_options(yield_per=STREAM_ROWS).execute(query):
+        if split is not None and split_of(r.content_hash, test_fraction) != split:
+            report.other_split += 1
+            continue
+        yield {
+            "annotation_id": r.id, "item_id": r.item_id, "external_id": r.external_id, "annotator": r.username,
+            "choice": r.choice, "strength": r.strength,
+            "criteria": canonical_json(r.criteria or {}) if flat else (r.criteria or {}),
+            "rationale": r.rationale, "shown_swapped": bool(r.shown_swapped), "duration_ms": r.duration_ms,
+            "created_at": r.created_at.isoformat(),
+            "prompt": canonical_json(r.prompt) if flat and not isinstance(r.prompt, str) else r.prompt,
+            "response_a": r.response_a, "response_b": r.response_b, "gold_choice": r.gold_choice,
+        }
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def _atomic_path(out_path: Path) -> Iterator[Path]:
+    """A temporary path beside `out_path` that replaces it only when the block finishes cleanly."""
+    if not out_path.parent.is_dir():
+        raise AnnotationError(f"-o {out_path}: the directory {out_path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, out_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_jsonl(path: Path, rows: Iterator[dict]) -> int:
+    n = 0
+    dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
+    with open(path, "w", encoding="utf-8", newline="\n") as fh:
+        buf: list[str] = []
+        for row in rows:
+            buf.append(dumps(row))
+            n += 1
+            if len(buf) >= STREAM_ROWS:
+                fh.write("\n".join(buf) + "\n")
+                buf = []
+        if buf:
+            fh.write("\n".join(buf) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return n
+
+
+def _parquet_schema(fmt: str, with_margin: bool):
+    import pyarrow as pa
+
+    if fmt == "annotations":
+        return pa.schema([
+            ("annotation_id", pa.int64()), ("item_id", pa.int64()), ("external_id", pa.string()), ("annotator", pa.string()),
+            ("choice", pa.string()), ("strength", pa.int64()), ("criteria", pa.string()), ("rationale", pa.string()),
+            ("shown_swapped", pa.bool_()), ("duration_ms", pa.int64()), ("created_at", pa.string()), ("prompt", pa.string()),
+            ("response_a", pa.string()), ("response_b", pa.string()), ("gold_choice", pa.string()),
+        ])
+    messages = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    text = messages if fmt == "trl-conversational" else pa.string()
+    fields = [] if fmt == "hh" else [("prompt", text)]
+    fields += [("chosen", text), ("rejected", text)]
+    if with_margin:
+        fields.append(("margin", pa.float64()))
+    fields.append(("metadata", pa.struct([
+        ("item_id", pa.int64()), ("external_id", pa.string()), ("n_annotations", pa.int64()),
+        ("agreement", pa.float64()), ("confidence", pa.float64()),
+    ])))
+    return pa.schema(fields)
+
+
+def _write_parquet(path: Path, rows: Iterator[dict], schema) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        buf: list[dict] = []
+        for row in rows:
+            buf.append(row)
+            if len(buf) >= STREAM_ROWS:
+                writer.write_table(pa.Table.from_pylist(buf, schema=schema))
+                n += len(buf)
+                buf = []
+        if buf or n == 0:
+            writer.write_table(pa.Table.from_pylist(buf, schema=schema))
+            n += len(buf)
+    return n
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export(
+    engine: Engine,
+    project: str,
+    fmt: str,
+    out_path: str | Path,
+    *,
+    aggregation: str = "majority",
+    min_agreement: float | None = None,
+    min_confidence: float | None = None,
+    split: str | None = None,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    margin_from: str = "none",
+    parquet: bool | None = None,
+) -> ExportReport:
+    """Write the project's pairs (fmt trl, trl-conversational, hh) or annotations to `out_path`,
+    as Parquet when `parquet` is true or, when it is None, when the path ends in .parquet."""
+    if fmt not in EXPORT_FORMATS:
+        raise AnnotationError(f"--format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    _check_filters(split, test_fraction, min_agreement, min_confidence, margin_from)
+    out_path = Path(out_path)
+    if parquet is None:
+        parquet = out_path.suffix.lower() == ".parquet"
+    with_margin = margin_from != "none"
+    report = ExportReport(path=str(out_path), format=fmt, project=project, aggregation=aggregation, split=split)
+    # One read transaction, so the votes and the items come from the same snapshot.
+    with engine.connect() as conn, _atomic_path(out_path) as tmp:
+        pid = _project_id(conn, project)
+        if fmt == "annotations":
+            rows = _iter_annotation_rows(conn, pid, report, split, test_fraction, flat=parquet)
+        else:
+            pairs = _iter_pairs(conn, pid, report, aggregation=aggregation, min_agreement=min_agreement,
+                                min_confidence=min_confidence, split=split, test_fraction=test_fraction, margin_from=margin_from)
+            rows = (_pair_row(fmt, p, with_margin) for p in pairs)
+        report.exported = _write_parquet(tmp, rows, _parquet_schema(fmt, with_margin)) if parquet else _write_jsonl(tmp, rows)
+        report.sha256 = _file_sha256(tmp)
+    return report

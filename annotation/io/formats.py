@@ -1,0 +1,476 @@
+"""Preference file formats: reading and validating JSONL lines, format detection, pairs, prompt text.
+
+One JSON object a line, UTF-8. The formats (names used by `--format` and in reports):
+
+- `pairs`: items to annotate, `{"prompt", "response_a", "response_b"[, "id", "metadata",
+  "source_a", "source_b", "gold_choice"]}`; no label.
+- `trl`: TRL's standard preference format, `{"prompt", "chosen", "rejected"}` strings, or the
+  implicit-prompt form `{"chosen", "rejected"}` whose prompt is the shared prefix (split as
+  `trl.extract_prompt` does); optional `"margin"`, `"id"`, `"metadata"`.
+- `trl-conversational`: the same with lists of `{"role", "content"}` messages; with an implicit
+  prompt the shared leading messages are the prompt and each side must end in one assistant message.
+- `hh`: raw HH-RLHF transcripts `{"chosen", "rejected"}`; the prompt is everything up to and
+  including the last "\\n\\nAssistant:", the rest of each side is its response. Lines whose
+  sides differ before that point, or whose response is empty, are skipped and counted.
+- `prompts`: `{"prompt"[, "id", "metadata"]}`, for generation and PPO.
+
+Unknown fields are kept under `metadata["extra"]` rather than dropped. Anything malformed raises
+InputError naming the file, line, field and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+from annotation.errors import InputError
+
+FORMATS = ("pairs", "trl", "trl-conversational", "hh", "prompts")
+LABELLED_FORMATS = ("trl", "trl-conversational", "hh")
+CHAT_ROLES = ("system", "user", "assistant")
+HH_ASSISTANT = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman:"
+DEFAULT_MAX_FIELD_CHARS = 100_000
+MAX_ID_CHARS = 200
+
+_KNOWN = {
+    "pairs": {"prompt", "response_a", "response_b", "id", "metadata", "source_a", "source_b", "gold_choice"},
+    "trl": {"prompt", "chosen", "rejected", "id", "metadata", "margin"},
+    "trl-conversational": {"prompt", "chosen", "rejected", "id", "metadata", "margin"},
+    "hh": {"chosen", "rejected", "id", "metadata", "margin"},
+    "prompts": {"prompt", "id", "metadata"},
+}
+_GOLD_CHOICES = ("a", "b", "tie", "both_bad")
+
+
+@dataclasses.dataclass
+class Pair:
+    """An exported or read preference pair: the prompt and the preferred and dispreferred responses."""
+
+    prompt: str | list[dict]
+    """Text, or a list of {"role", "content"} chat messages."""
+    chosen: str
+    rejected: str
+    margin: float | None = None
+    """How strongly chosen is preferred (TRL's optional `margin`), when known."""
+    metadata: dict = dataclasses.field(default_factory=dict)
+    line: int = 0
+    """Line of the file the pair came from; 0 for pairs built from the store."""
+
+
+@dataclasses.dataclass
+class Record:
+    """One validated line of a pairs or labelled file, before it becomes an item."""
+
+    line: int
+    prompt: str | list[dict]
+    first: str
+    """response_a for `pairs`, the chosen response for labelled formats."""
+    second: str
+    labelled: bool
+    external_id: str | None = None
+    meta: dict = dataclasses.field(default_factory=dict)
+    margin: float | None = None
+    source_a: str | None = None
+    source_b: str | None = None
+    gold_choice: str | None = None
+
+
+@dataclasses.dataclass
+class PromptRecord:
+    line: int
+    prompt: str | list[dict]
+    external_id: str | None = None
+    meta: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Skip:
+    """A line a converter declines (it is counted, not an error), e.g. HH sides that differ early."""
+
+    line: int
+    reason: str
+
+
+# --------------------------------------------------------------------------- prompt text
+
+
+def pair_text(prompt: str | list[dict], response: str | None = None) -> str:
+    """A prompt (text or chat messages) flattened to text for models, optionally with its response.
+
+    Chat messages become an HH-style transcript ("\\n\\nHuman: ...\\n\\nAssistant: ...") ending in
+    "\\n\\nAssistant:", so that stored HH prompts and chat prompts read the same to a model. With
+    `response`, the response follows after one space unless it already starts with whitespace
+    (HH responses keep the space they were published with).
+    """
+    if isinstance(prompt, str):
+        text = prompt
+    else:
+        names = {"user": "Human", "assistant": "Assistant", "system": "System"}
+        text = "".join(f"\n\n{names.get(m['role'], m['role'].title())}: {m['content']}" for m in prompt)
+        if not prompt or prompt[-1]["role"] != "assistant":
+            text += HH_ASSISTANT
+    if response is None:
+        return text
+    if response[:1].isspace() or not text or text[-1:].isspace():
+        return text + response
+    return text + " " + response
+
+
+def text_to_messages(prompt: str) -> list[dict]:
+    """Messages for a text prompt: HH transcripts are split into turns, any other text is one user turn."""
+    body = prompt
+    if body.endswith(HH_ASSISTANT):
+        body = body[: -len(HH_ASSISTANT)]
+    if not body.startswith(HH_HUMAN):
+        return [{"role": "user", "content": prompt.strip()}]
+    messages: list[dict] = []
+    rest = body
+    markers = ((HH_HUMAN, "user"), (HH_ASSISTANT, "assistant"))
+    while rest:
+        marker, role = next((m, r) for m, r in markers if rest.startswith(m))
+        rest = rest[len(marker):]
+        ends = [i for i in (rest.find(HH_HUMAN), rest.find(HH_ASSISTANT)) if i >= 0]
+        end = min(ends) if ends else len(rest)
+        messages.append({"role": role, "content": rest[:end].strip()})
+        rest = rest[end:]
+    return messages
+
+
+def prompt_as_hh(prompt: str | list[dict]) -> str:
+    """The prompt as an HH transcript ending in "\\n\\nAssistant:" (plain text becomes one Human turn)."""
+    if isinstance(prompt, str):
+        if prompt.startswith(HH_HUMAN) and prompt.endswith(HH_ASSISTANT):
+            return prompt
+        prompt = text_to_messages(prompt)
+    return pair_text(prompt)
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def item_hash(prompt: str | list[dict], response_1: str, response_2: str) -> str:
+    """Content hash of an item; the order of the two responses does not matter, so the same
+    comparison imported with its sides swapped is the same item."""
+    lo, hi = sorted((response_1, response_2))
+    return hashlib.sha256(canonical_json([prompt, lo, hi]).encode("utf-8")).hexdigest()
+
+
+def prompt_hash(prompt: str | list[dict]) -> str:
+    return hashlib.sha256(canonical_json(["prompt", prompt]).encode("utf-8")).hexdigest()
+
+
+def chosen_goes_first(content_hash: str) -> bool:
+    """Whether the chosen response of a labelled line is stored as response_a. Decided by the
+    content hash so that imports are deterministic and about half the items have the chosen
+    response on each side (otherwise every imported label would be 'a')."""
+    return int(content_hash[:8], 16) % 2 == 0
+
+
+# --------------------------------------------------------------------------- reading lines
+
+
+def iter_json_lines(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line, streaming; bad bytes or JSON raise InputError."""
+    path = Path(path)
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise InputError(str(path), None, None, f"cannot read the file: {exc.strerror}", "a readable JSONL file") from None
+    with fh:
+        for number, raw in enumerate(fh, 1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(
+                    str(path), number, None, f"invalid UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line)",
+                    "UTF-8 text",
+                ) from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise InputError(
+                    str(path), number, None, f"invalid JSON ({exc.msg} at column {exc.colno})",
+                    "one complete JSON object per line",
+                ) from None
+            if not isinstance(obj, dict):
+                raise InputError(str(path), number, None, f"a JSON {_type_name(obj)}, not an object", "one JSON object per line")
+            yield number, obj
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def detect_format(obj: dict) -> str | None:
+    """The format a single line's fields say it is in, or None when they fit none."""
+    if "response_a" in obj or "response_b" in obj:
+        return "pairs"
+    if "chosen" in obj or "rejected" in obj:
+        if any(isinstance(obj.get(k), list) for k in ("prompt", "chosen", "rejected")):
+            return "trl-conversational"
+        if "prompt" in obj:
+            return "trl"
+        chosen = obj.get("chosen")
+        if isinstance(chosen, str) and chosen.lstrip("\n").startswith("Human:") and HH_ASSISTANT in chosen:
+            return "hh"
+        return "trl"
+    if "prompt" in obj:
+        return "prompts"
+    return None
+
+
+def _compatible(line_format: str | None, file_format: str, obj: dict) -> bool:
+    if line_format == file_format:
+        return True
+    # An implicit-prompt TRL file may well hold lines that look like HH transcripts; an HH file may
+    # hold a transcript the detector could not recognise (its own checks then explain what is wrong).
+    if file_format == "trl" and line_format == "hh":
+        return True
+    if file_format == "hh" and line_format == "trl" and "prompt" not in obj:
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------- validation
+
+
+class LineParser:
+    """Validates lines of one file in one format and turns them into records."""
+
+    def __init__(self, path: str | Path, format: str = "auto", max_field_chars: int | None = None):
+        if format != "auto" and format not in FORMATS:
+            raise InputError(str(path), None, None, f"unknown format '{format}'", "auto or one of " + ", ".join(FORMATS))
+        self.path = str(path)
+        self.requested = format
+        self.format: str | None = None if format == "auto" else format
+        self.format_line: int | None = None
+        self.max_chars = int(max_field_chars or DEFAULT_MAX_FIELD_CHARS)
+
+    def parse(self, line: int, obj: dict) -> Record | PromptRecord | Skip:
+        line_format = detect_format(obj)
+        if self.format is None:
+            if line_format is None:
+                self._unknown(line, obj)
+            self.format, self.format_line = line_format, line
+        elif not _compatible(line_format, self.format, obj):
+            if line_format is None:
+                self._unknown(line, obj)
+            where = f"line {self.format_line} made the file {self.format}" if self.format_line else f"--format is {self.format}"
+            raise InputError(self.path, line, None, f"mixed formats: this line is {line_format} but {where}", "one format per file")
+        return getattr(self, "_" + self.format.replace("-", "_"))(line, obj)
+
+    # ---- field checks
+
+    def _error(self, line: int, field: str | None, problem: str, expected: str | None = None):
+        raise InputError(self.path, line, field, problem, expected)
+
+    def _unknown(self, line: int, obj: dict):
+        fields = ", ".join(sorted(obj)) or "none"
+        self._error(line, None, f"not a known format (fields: {fields})",
+                    'pairs {"prompt","response_a","response_b"}, trl {"prompt"?,"chosen","rejected"}, '
+                    'hh {"chosen","rejected"} or prompts {"prompt"}')
+
+    def _require(self, line: int, obj: dict, field: str) -> Any:
+        if field not in obj:
+            self._error(line, field, "missing", f"the field '{field}' in {self.format} format")
+        return obj[field]
+
+    def _text(self, line: int, value: Any, field: str) -> str:
+        if not isinstance(value, str):
+            self._error(line, field, f"wrong type: {_type_name(value)}", "a non-empty string")
+        if not value.strip():
+            self._error(line, field, "empty string", "a non-empty string")
+        if len(value) > self.max_chars:
+            self._error(line, field, f"too long: {len(value):,} characters",
+                        f"at most {self.max_chars:,} (max_field_chars; raise it with --max-field-chars)")
+        return value
+
+    def _messages(self, line: int, value: Any, field: str, allow_empty: bool = False) -> list[dict]:
+        if not isinstance(value, list):
+            self._error(line, field, f"wrong type: {_type_name(value)}", 'a list of {"role", "content"} messages')
+        if not value and not allow_empty:
+            self._error(line, field, "empty list", 'at least one {"role", "content"} message')
+        out = []
+        for i, msg in enumerate(value):
+            where = f"{field}[{i}]"
+            if not isinstance(msg, dict):
+                self._error(line, where, f"wrong type: {_type_name(msg)}", 'a {"role", "content"} object')
+            role = msg.get("role")
+            if role not in CHAT_ROLES:
+                self._error(line, where + ".role", f"{role!r} is not a chat role", " or ".join(CHAT_ROLES))
+            out.append({"role": role, "content": self._text(line, msg.get("content"), where + ".content")})
+        return out
+
+    def _prompt(self, line: int, value: Any, field: str = "prompt") -> str | list[dict]:
+        if isinstance(value, list):
+            return self._messages(line, value, field)
+        return self._text(line, value, field)
+
+    def _common(self, line: int, obj: dict) -> tuple[str | None, dict, float | None]:
+        external_id = obj.get("id")
+        if external_id is not None:
+            if isinstance(external_id, bool) or not isinstance(external_id, (str, int)):
+                self._error(line, "id", f"wrong type: {_type_name(external_id)}", "a string or an integer")
+            external_id = str(external_id)
+            if not external_id.strip() or len(external_id) > MAX_ID_CHARS:
+                self._error(line, "id", f"{len(external_id)} characters", f"1 to {MAX_ID_CHARS} characters")
+        meta = obj.get("metadata", {})
+        if meta is None:
+            meta = {}
+        if not isinstance(meta, dict):
+            self._error(line, "metadata", f"wrong type: {_type_name(meta)}", "a JSON object")
+        extra = {k: v for k, v in obj.items() if k not in _KNOWN[self.format]}
+        if extra:
+            meta = {**meta, "extra": extra}
+        margin = obj.get("margin")
+        if margin is not None and "margin" in _KNOWN[self.format]:
+            if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+                self._error(line, "margin", f"{margin!r} is not a finite number", "a number")
+            margin = float(margin)
+        return external_id, meta, margin
+
+    def _optional_text(self, line: int, obj: dict, field: str, limit: int = 200) -> str | None:
+        value = obj.get(field)
+        if value is None:
+            return None
+        value = self._text(line, value, field)
+        if len(value) > limit:
+            self._error(line, field, f"{len(value)} characters", f"at most {limit}")
+        return value
+
+    # ---- formats
+
+    def _pairs(self, line: int, obj: dict) -> Record:
+        prompt = self._prompt(line, self._require(line, obj, "prompt"))
+        a = self._text(line, self._require(line, obj, "response_a"), "response_a")
+        b = self._text(line, self._require(line, obj, "response_b"), "response_b")
+        external_id, meta, _ = self._common(line, obj)
+        gold = obj.get("gold_choice")
+        if gold is not None and gold not in _GOLD_CHOICES:
+            self._error(line, "gold_choice", f"{gold!r}", " or ".join(_GOLD_CHOICES))
+        return Record(line, prompt, a, b, False, external_id, meta, None,
+                      self._optional_text(line, obj, "source_a"), self._optional_text(line, obj, "source_b"), gold)
+
+    def _trl(self, line: int, obj: dict) -> Record | Skip:
+        chosen = self._text(line, self._require(line, obj, "chosen"), "chosen")
+        rejected = self._text(line, self._require(line, obj, "rejected"), "rejected")
+        external_id, meta, margin = self._common(line, obj)
+        if "prompt" in obj:
+            prompt = self._text(line, obj["prompt"], "prompt")
+        else:
+            prompt, chosen, rejected = _split_shared_prefix(chosen, rejected)
+            if not prompt.strip():
+                return Skip(line, "no shared prompt")
+        return self._labelled(line, prompt, chosen, rejected, external_id, meta, margin)
+
+    def _trl_conversational(self, line: int, obj: dict) -> Record | Skip:
+        chosen = self._messages(line, self._require(line, obj, "chosen"), "chosen")
+        rejected = self._messages(line, self._require(line, obj, "rejected"), "rejected")
+        external_id, meta, margin = self._common(line, obj)
+        if "prompt" in obj:
+            prompt = self._messages(line, obj["prompt"], "prompt")
+        else:
+            shared = 0
+            while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+                shared += 1
+            prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+            if not prompt:
+                return Skip(line, "no shared prompt")
+            if len(chosen) != 1 or len(rejected) != 1:
+                return Skip(line, "sides differ before the last assistant turn")
+        for field, side in (("chosen", chosen), ("rejected", rejected)):
+            if len(side) != 1 or side[0]["role"] != "assistant":
+                self._error(line, field, f"{len(side)} message(s) ending in role {side[-1]['role']!r}",
+                            "exactly one assistant message after the prompt")
+        return self._labelled(line, prompt, chosen[0]["content"], rejected[0]["content"], external_id, meta, margin)
+
+    def _hh(self, line: int, obj: dict) -> Record | Skip:
+        chosen = self._text(line, self._require(line, obj, "chosen"), "chosen")
+        rejected = self._text(line, self._require(line, obj, "rejected"), "rejected")
+        external_id, meta, margin = self._common(line, obj)
+        cut = {}
+        for field, side in (("chosen", chosen), ("rejected", rejected)):
+            at = side.rfind(HH_ASSISTANT)
+            if at < 0:
+                self._error(line, field, "no '\\n\\nAssistant:' turn",
+                            'an HH transcript "\\n\\nHuman: ...\\n\\nAssistant: ..."')
+            cut[field] = at + len(HH_ASSISTANT)
+        prompt = chosen[: cut["chosen"]]
+        if rejected[: cut["rejected"]] != prompt:
+            return Skip(line, "sides differ before the last Assistant turn")
+        return self._labelled(line, prompt, chosen[cut["chosen"]:], rejected[cut["rejected"]:], external_id, meta, margin)
+
+    def _labelled(self, line, prompt, chosen, rejected, external_id, meta, margin) -> Record | Skip:
+        if not chosen.strip() or not rejected.strip():
+            return Skip(line, "empty response")
+        if chosen == rejected:
+            return Skip(line, "identical responses")
+        return Record(line, prompt, chosen, rejected, True, external_id, meta, margin)
+
+    def _prompts(self, line: int, obj: dict) -> PromptRecord:
+        prompt = self._prompt(line, self._require(line, obj, "prompt"))
+        external_id, meta, _ = self._common(line, obj)
+        return PromptRecord(line, prompt, external_id, meta)
+
+
+def _split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Prompt, chosen and rejected from two texts sharing a prefix, split where trl.extract_prompt
+    splits: at the first differing character, moved back one when it follows a space (so the
+    responses keep their leading space)."""
+    n = min(len(chosen), len(rejected))
+    idx = next((i for i in range(n) if chosen[i] != rejected[i]), n)
+    if 0 < idx < n and chosen[idx - 1] == " ":
+        idx -= 1
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def iter_records(path: str | Path, *, format: str = "auto", max_field_chars: int | None = None) -> Iterator[Record | PromptRecord | Skip]:
+    """Validated records of a file, streaming. The parser's detected format is on `.format` once
+    the first line is read; use `LineParser` directly to see it."""
+    parser = LineParser(path, format, max_field_chars)
+    for line, obj in iter_json_lines(path):
+        yield parser.parse(line, obj)
+
+
+def scan_pairs(path: str | Path, *, format: str = "auto", max_field_chars: int | None = None) -> tuple[list[Pair], dict[str, int]]:
+    """The labelled pairs of a file and the count of skipped lines per reason."""
+    parser = LineParser(path, format, max_field_chars)
+    pairs: list[Pair] = []
+    skipped: dict[str, int] = {}
+    for line, obj in iter_json_lines(path):
+        rec = parser.parse(line, obj)
+        if isinstance(rec, Skip):
+            skipped[rec.reason] = skipped.get(rec.reason, 0) + 1
+            continue
+        if not isinstance(rec, Record) or not rec.labelled:
+            raise InputError(str(path), line, None, f"{parser.format} lines carry no preference label",
+                             "a labelled file: " + ", ".join(LABELLED_FORMATS))
+        meta = dict(rec.meta)
+        if rec.external_id is not None:
+            meta.setdefault("id", rec.external_id)
+        pairs.append(Pair(rec.prompt, rec.first, rec.second, rec.margin, meta, line))
+    return pairs, skipped
+
+
+def read_pairs(path: str | Path, *, format: str = "auto") -> list[Pair]:
+    """The labelled pairs of a trl, trl-conversational or hh file (skipped lines are left out;
+    `scan_pairs` also returns their count). Bad input raises InputError."""
+    return scan_pairs(path, format=format)[0]

@@ -1,0 +1,246 @@
+"""Importing preference files into a project: streamed, validated, all-or-nothing, idempotent.
+
+The file is read line by line and written in batches inside ONE database transaction, so memory
+stays bounded however long the file is, and any bad line rolls back everything written before
+it. Items are keyed by a content hash (unique per project): rows whose hash exists are looked up
+per batch and skipped, so re-importing a file adds nothing on SQLite and PostgreSQL alike.
+Labelled lines also get one annotation by a source annotator account that cannot log in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from sqlalchemy import insert, select
+from sqlalchemy.engine import Connection, Engine
+
+from annotation.errors import AnnotationError, InputError
+from annotation.io.formats import (
+    LineParser,
+    PromptRecord,
+    Record,
+    Skip,
+    chosen_goes_first,
+    item_hash,
+    iter_json_lines,
+    prompt_hash,
+)
+from annotation.store import Annotation, Item, Project, Prompt, User, utcnow
+
+BATCH_LINES = 2_000
+
+_items = Item.__table__
+_prompts = Prompt.__table__
+_annotations = Annotation.__table__
+_users = User.__table__
+_projects = Project.__table__
+
+
+@dataclasses.dataclass
+class ImportReport:
+    path: str
+    format: str | None
+    lines: int = 0
+    """Non-blank lines read."""
+    items_added: int = 0
+    prompts_added: int = 0
+    annotations_added: int = 0
+    duplicates: int = 0
+    """Lines whose item or prompt was already in the project (or earlier in the file)."""
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Lines the converter declined, per reason (e.g. HH sides that differ before the last turn)."""
+    project: str = ""
+    source_annotator: str | None = None
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def source_username(source: str) -> str:
+    """The account that imported labels are recorded under: `source` itself when it starts with
+    "import", else "import:<source>", so imported labels never mix with a person's own."""
+    source = source.strip()
+    if not source:
+        raise AnnotationError("the source annotator name must not be empty")
+    return source if source.startswith("import") else f"import:{source}"
+
+
+def import_file(
+    engine: Engine,
+    path: str | Path,
+    project: str,
+    *,
+    format: str = "auto",
+    source_annotator: str = "import",
+    max_field_chars: int | None = None,
+    created_by: int | None = None,
+) -> ImportReport:
+    """Import one JSONL file into `project` (created with default settings when missing).
+
+    Nothing is written unless the whole file is valid. See annotation.io.formats for the formats.
+    """
+    if max_field_chars is None:
+        from app.settings import get_settings
+
+        max_field_chars = get_settings().max_field_chars
+    parser = LineParser(path, format, max_field_chars)
+    report = ImportReport(path=str(path), format=parser.format, project=project)
+    with engine.begin() as conn:
+        job = _Importer(conn, parser, report, project, source_annotator, created_by)
+        batch: list = []
+        for line, obj in iter_json_lines(path):
+            report.lines += 1
+            batch.append(parser.parse(line, obj))
+            if len(batch) >= BATCH_LINES:
+                job.write(batch)
+                batch = []
+        if report.lines == 0:
+            raise InputError(str(path), None, None, "no JSON lines in the file", "one JSON object per line")
+        job.write(batch)
+        report.format = parser.format
+    return report
+
+
+class _Importer:
+    """Writes batches of records for one import inside the caller's transaction."""
+
+    def __init__(self, conn: Connection, parser: LineParser, report: ImportReport, project: str,
+                 source: str, created_by: int | None):
+        self.conn, self.parser, self.report = conn, parser, report
+        self.project_id = _project_id(conn, project, created_by)
+        self.source = source
+        self.annotator_id: int | None = None
+        self.now = utcnow()
+
+    def write(self, batch: list) -> None:
+        items, prompts = [], []
+        for rec in batch:
+            if isinstance(rec, Skip):
+                self.report.skipped[rec.reason] = self.report.skipped.get(rec.reason, 0) + 1
+            elif isinstance(rec, PromptRecord):
+                prompts.append(rec)
+            else:
+                items.append(rec)
+        if items:
+            self._write_items(items)
+        if prompts:
+            self._write_prompts(prompts)
+
+    def _annotator(self) -> int:
+        if self.annotator_id is None:
+            username = source_username(self.source)
+            row = self.conn.execute(select(_users.c.id, _users.c.password_hash).where(_users.c.username == username)).first()
+            if row is not None and row.password_hash is not None:
+                raise AnnotationError(f"user '{username}' is a person's login, not an import source; choose another --source")
+            if row is None:
+                self.annotator_id = self.conn.execute(
+                    insert(_users).values(username=username, password_hash=None, role="annotator", active=True, created_at=self.now)
+                ).inserted_primary_key[0]
+            else:
+                self.annotator_id = row.id
+            self.report.source_annotator = username
+        return self.annotator_id
+
+    def _write_items(self, records: list[Record]) -> None:
+        # Deduplicate within the batch first; earlier batches are already in the table and the
+        # lookup below sees them because it runs in the same transaction.
+        by_hash: dict[str, tuple[Record, str, str, str | None]] = {}
+        for rec in records:
+            h = item_hash(rec.prompt, rec.first, rec.second)
+            if h in by_hash:
+                self.report.duplicates += 1
+                continue
+            if rec.labelled:
+                a, b = (rec.first, rec.second) if chosen_goes_first(h) else (rec.second, rec.first)
+                choice = "a" if a == rec.first else "b"
+            else:
+                a, b, choice = rec.first, rec.second, None
+            by_hash[h] = (rec, a, b, choice)
+        existing = {
+            row.content_hash: (row.id, row.response_a)
+            for row in self.conn.execute(
+                select(_items.c.content_hash, _items.c.id, _items.c.response_a).where(
+                    _items.c.project_id == self.project_id, _items.c.content_hash.in_(list(by_hash))
+                )
+            )
+        }
+        new_rows = []
+        for h, (rec, a, b, _choice) in by_hash.items():
+            if h in existing:
+                self.report.duplicates += 1
+                continue
+            meta = rec.meta if rec.margin is None else {**rec.meta, "margin": rec.margin}
+            new_rows.append({
+                "project_id": self.project_id, "external_id": rec.external_id, "prompt": rec.prompt,
+                "response_a": a, "response_b": b, "source_a": rec.source_a, "source_b": rec.source_b,
+                "metadata": meta, "content_hash": h, "gold_choice": rec.gold_choice, "created_at": self.now,
+            })
+        ids = {h: v[0] for h, v in existing.items()}
+        if new_rows:
+            result = self.conn.execute(
+                insert(_items).returning(_items.c.content_hash, _items.c.id, sort_by_parameter_order=True), new_rows
+            )
+            ids.update({row.content_hash: row.id for row in result})
+            self.report.items_added += len(new_rows)
+        labelled = {h: v for h, v in by_hash.items() if v[3] is not None}
+        if not labelled:
+            return
+        annotator = self._annotator()
+        # An item that was already there (say, imported unlabelled) still gets this source's label,
+        # expressed in the stored item's own A/B order; one the source has labelled is left alone.
+        already = set()
+        old_ids = [ids[h] for h in labelled if h in existing]
+        if old_ids:
+            already = set(self.conn.scalars(
+                select(_annotations.c.item_id).where(_annotations.c.annotator_id == annotator, _annotations.c.item_id.in_(old_ids))
+            ))
+        rows = []
+        for h, (rec, _a, _b, choice) in labelled.items():
+            if h in existing:
+                if ids[h] in already:
+                    continue
+                choice = "a" if existing[h][1] == rec.first else "b"
+            rows.append({
+                "item_id": ids[h], "annotator_id": annotator, "choice": choice, "strength": None, "criteria": {},
+                "rationale": None, "shown_swapped": False, "duration_ms": None, "created_at": self.now,
+            })
+        if rows:
+            self.conn.execute(insert(_annotations), rows)
+            self.report.annotations_added += len(rows)
+
+    def _write_prompts(self, records: list[PromptRecord]) -> None:
+        by_hash: dict[str, PromptRecord] = {}
+        for rec in records:
+            h = prompt_hash(rec.prompt)
+            if h in by_hash:
+                self.report.duplicates += 1
+            else:
+                by_hash[h] = rec
+        existing = set(self.conn.scalars(
+            select(_prompts.c.content_hash).where(_prompts.c.project_id == self.project_id, _prompts.c.content_hash.in_(list(by_hash)))
+        ))
+        self.report.duplicates += len(existing)
+        rows = [
+            {"project_id": self.project_id, "external_id": rec.external_id, "prompt": rec.prompt, "metadata": rec.meta,
+             "content_hash": h, "created_at": self.now}
+            for h, rec in by_hash.items() if h not in existing
+        ]
+        if rows:
+            self.conn.execute(insert(_prompts), rows)
+            self.report.prompts_added += len(rows)
+
+
+def _project_id(conn: Connection, name: str, created_by: int | None) -> int:
+    from annotation.projects import create_project
+    from sqlalchemy.orm import Session
+
+    pid = conn.scalar(select(_projects.c.id).where(_projects.c.name == name.strip()))
+    if pid is not None:
+        return pid
+    # create_project holds the default settings and their validation; run it on this connection
+    # so the new project belongs to the import's transaction and vanishes with it on error.
+    with Session(bind=conn) as session:
+        pid = create_project(session, name, created_by=created_by).id
+        session.commit()  # joined to the caller's transaction: this flushes, the caller commits
+    return pid
