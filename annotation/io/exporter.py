@@ -95,21 +95,18 @@ def _project_id(conn: Connection, project: str) -> int:
 
 def _labels(conn: Connection, project_id: int, aggregation: str) -> dict[int, tuple]:
     """item_id -> (label, confidence, n_annotations, agreement) for every annotated item."""
-    from annotation.aggregate import aggregate, majority
+    from annotation.aggregate import aggregate
 
     rows = conn.execute(
-        select(_annotations.c.item_id, _annotations.c.annotator_id, _annotations.c.choice)
+        select(_annotations.c.item_id, _annotations.c.annotator_id, _annotations.c.choice, _items.c.gold_choice)
         .join(_items, _items.c.id == _annotations.c.item_id)
         .where(_items.c.project_id == project_id)
     ).all()
-    votes = pd.DataFrame(rows, columns=["item_id", "annotator", "choice"])
+    # gold_choice rides along so that Dawid-Skene can anchor annotators' confusion on gold items.
+    votes = pd.DataFrame(rows, columns=["item_id", "annotator", "choice", "gold_choice"])
     if votes.empty:
         return {}
     agg = aggregate(votes, aggregation)
-    if "agreement" not in agg.columns or "n_annotations" not in agg.columns:
-        # Agreement on an item is a property of its votes, not of the aggregation method.
-        counts = majority(votes)
-        agg = agg.join(counts[["n_annotations", "agreement"]], how="left", rsuffix="_votes")
     labels = agg["label"].where(agg["label"].notna(), None)
     return {
         int(i): (lab, float(conf), int(n), float(agr))
