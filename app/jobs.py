@@ -1,0 +1,569 @@
+"""The job queue on the `jobs` table, and the worker that runs jobs in subprocesses.
+
+    rlhf jobs submit export --param project=sample --param format=trl
+    rlhf worker                  # runs queued jobs until stopped; --once runs at most one
+    python -m app.jobs run 7     # what the worker starts for job 7 (one subprocess per job)
+
+Lifecycle: `submit_job` queues a job; a worker claims it atomically (`claim_next`: FOR UPDATE SKIP
+LOCKED on PostgreSQL, the write lock taken at BEGIN IMMEDIATE on SQLite), starts
+`python -m app.jobs run ID`, writes a heartbeat while the child lives and terminates it when a
+cancel is requested (SIGTERM, then SIGKILL after a grace period). The child calls the handler named
+in HANDLERS with a JobContext, then registers the models listed in the result's "register" list and
+marks the job succeeded in ONE transaction, so a job that fails, is cancelled or loses its worker
+registers nothing. A worker that starts marks failed every running job whose heartbeat is stale or
+whose worker process is gone, so a killed worker never leaves a job "running" forever.
+
+Handlers: `handler(params: dict, ctx: JobContext) -> dict`; poll `ctx.cancelled()` between steps
+(or call `ctx.raise_if_cancelled()`). For tests only, RLHF_EXTRA_JOB_HANDLERS adds kinds:
+"kind=module:function[,kind=module:function...]".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from sqlalchemy import select, update
+from sqlalchemy.engine import Engine
+
+from annotation.errors import AnnotationError
+from annotation.store import JOB_KINDS, JOB_STATUSES, Job, User, is_sqlite, make_engine, transaction, utcnow
+
+HANDLERS: dict[str, str] = {
+    "train_rm": "reward.jobs:train_rm",
+    "eval_rm": "reward.jobs:eval_rm",
+    "sft": "ppo.jobs:sft",
+    "ppo": "ppo.jobs:ppo",
+    "generate": "ppo.jobs:generate",
+    "export": "app.jobs:export_job",
+}
+EXTRA_HANDLERS_ENV = "RLHF_EXTRA_JOB_HANDLERS"
+CANCEL_GRACE_SECONDS = 10.0
+"""How long a job may take to stop after SIGTERM before the worker sends SIGKILL."""
+LOG_NAME = "job.log"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class JobError(AnnotationError):
+    """A job request that cannot be done (unknown kind, bad params, no such job); the message says why."""
+
+
+class JobCancelled(Exception):
+    """Raised inside a job when its cancellation was requested; the runner marks the job cancelled."""
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def handler_table() -> dict[str, str]:
+    """HANDLERS plus the test-only kinds named in RLHF_EXTRA_JOB_HANDLERS."""
+    table = dict(HANDLERS)
+    extra = os.environ.get(EXTRA_HANDLERS_ENV, "").strip()
+    for entry in filter(None, (e.strip() for e in extra.split(","))):
+        kind, sep, target = entry.partition("=")
+        if not sep or ":" not in target:
+            raise JobError(f"{EXTRA_HANDLERS_ENV}: entry '{entry}' is malformed; expected kind=module:function")
+        table[kind.strip()] = target.strip()
+    return table
+
+
+def resolve_handler(kind: str) -> Callable[[dict, "JobContext"], dict]:
+    table = handler_table()
+    if kind not in table:
+        raise JobError(f"unknown job kind '{kind}'; expected one of {', '.join(sorted(table))}")
+    module_name, _, func_name = table[kind].partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, func_name)
+
+
+# --------------------------------------------------------------------------- queue operations
+
+
+def _json_safe(value: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise JobError(f"{what} must be JSON-serialisable: {exc}") from None
+
+
+def _validate_params(kind: str, params: Any) -> dict:
+    if not isinstance(params, dict):
+        raise JobError(f"job params must be a JSON object (key: value), got {type(params).__name__}")
+    bad_keys = [k for k in params if not isinstance(k, str) or not k]
+    if bad_keys:
+        raise JobError(f"job params keys must be non-empty strings; got {bad_keys!r}")
+    if kind == "export":
+        missing = [k for k in ("project", "format") if not params.get(k)]
+        if missing:
+            raise JobError(f"an export job needs param(s) {', '.join(missing)} (e.g. --param project=NAME --param format=trl)")
+    return _json_safe(params, "job params")
+
+
+def submit_job(engine: Engine, kind: str, params: dict | None = None, created_by: int | None = None) -> int:
+    """Queue a job and return its id."""
+    known = set(JOB_KINDS) | set(handler_table())
+    if kind not in known:
+        raise JobError(f"unknown job kind '{kind}'; expected one of {', '.join(sorted(known))}")
+    params = _validate_params(kind, params if params is not None else {})
+    with transaction(engine) as session:
+        if created_by is not None and session.get(User, created_by) is None:
+            raise JobError(f"no user with id {created_by} to record as the job's creator")
+        job = Job(kind=kind, params=params, status="queued", created_by=created_by, created_at=utcnow())
+        session.add(job)
+        session.flush()
+        return job.id
+
+
+def job_dict(job: Job, username: str | None = None) -> dict:
+    """A job as plain JSON-ready data."""
+    iso = lambda t: t.isoformat(timespec="seconds") if t is not None else None  # noqa: E731
+    return {
+        "id": job.id, "kind": job.kind, "status": job.status, "progress": job.progress, "message": job.message,
+        "params": job.params, "result": job.result, "log_path": job.log_path, "cancel_requested": job.cancel_requested,
+        "worker": job.worker, "created_by": job.created_by, "created_by_name": username,
+        "created_at": iso(job.created_at), "started_at": iso(job.started_at), "finished_at": iso(job.finished_at),
+        "heartbeat_at": iso(job.heartbeat_at),
+    }
+
+
+def list_jobs(engine: Engine, status: str | None = None, kind: str | None = None, limit: int = 100) -> list[dict]:
+    """Jobs, newest first, optionally of one status and kind."""
+    if status is not None and status not in JOB_STATUSES:
+        raise JobError(f"unknown job status '{status}'; expected one of {', '.join(JOB_STATUSES)}")
+    query = select(Job, User.username).outerjoin(User, User.id == Job.created_by)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if kind is not None:
+        query = query.where(Job.kind == kind)
+    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+    with transaction(engine) as session:
+        return [job_dict(job, name) for job, name in session.execute(query)]
+
+
+def get_job(engine: Engine, job_id: int) -> dict:
+    with transaction(engine) as session:
+        row = session.execute(
+            select(Job, User.username).outerjoin(User, User.id == Job.created_by).where(Job.id == job_id)
+        ).first()
+        if row is None:
+            raise JobError(f"no job with id {job_id}; `rlhf jobs list` shows them")
+        return job_dict(*row)
+
+
+def log_tail(job: dict, lines: int = 40) -> str:
+    """The last lines of a job's log ('' when it has none yet)."""
+    path = job.get("log_path")
+    if not path or not Path(path).is_file():
+        return ""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(max(0, size - 64 * 1024))
+        text = fh.read().decode("utf-8", errors="replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def cancel_job(engine: Engine, job_id: int) -> str:
+    """Cancel a job: a queued one at once, a running one by asking its worker. Returns the new status."""
+    with transaction(engine) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise JobError(f"no job with id {job_id}; `rlhf jobs list` shows them")
+        if job.status == "queued":
+            job.status, job.finished_at, job.message = "cancelled", utcnow(), "cancelled before it started"
+            return "cancelled"
+        if job.status == "running":
+            job.cancel_requested = True
+            return "cancel_requested"
+        raise JobError(f"job {job_id} has already {job.status}; there is nothing to cancel")
+
+
+def claim_next(engine: Engine, worker_id: str) -> dict | None:
+    """Atomically move the oldest queued job to running for `worker_id`; None when none is queued.
+
+    PostgreSQL: the candidate row is locked with FOR UPDATE SKIP LOCKED, so concurrent workers
+    each take a different job without waiting on each other. SQLite: the store begins every
+    transaction IMMEDIATE, so the select and the update below run under the database's write lock.
+    On both, the update re-checks status='queued' and its row count must be 1.
+    """
+    candidate = select(Job.id).where(Job.status == "queued").order_by(Job.created_at, Job.id).limit(1)
+    if not is_sqlite(engine):
+        candidate = candidate.with_for_update(skip_locked=True)
+    with transaction(engine) as session:
+        job_id = session.scalar(candidate)
+        if job_id is None:
+            return None
+        now = utcnow()
+        claimed = session.execute(
+            update(Job).where(Job.id == job_id, Job.status == "queued")
+            .values(status="running", worker=worker_id, started_at=now, heartbeat_at=now, message="started")
+        )
+        if claimed.rowcount != 1:
+            return None
+        return job_dict(session.get(Job, job_id))
+
+
+def _finish(engine: Engine, job_id: int, status: str, message: str, **extra) -> bool:
+    """Move a running job to a final status; False when it was no longer running (someone else decided)."""
+    with transaction(engine) as session:
+        done = session.execute(
+            update(Job).where(Job.id == job_id, Job.status == "running")
+            .values(status=status, message=message[:4000], finished_at=utcnow(), **extra)
+        )
+        return done.rowcount == 1
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _worker_gone(worker: str | None) -> bool:
+    """True when `worker` ("host:pid") ran on this host and its process no longer exists."""
+    host, _, pid = (worker or "").rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid))
+
+
+def reap_stale_jobs(engine: Engine, stale_after_seconds: float, log: Callable[[str], None] = print) -> list[int]:
+    """Mark failed every running job whose heartbeat is older than `stale_after_seconds` or whose
+    worker process (on this host) is gone. Returns their ids."""
+    import datetime as dt
+
+    cutoff = utcnow() - dt.timedelta(seconds=stale_after_seconds)
+    with transaction(engine) as session:
+        running = session.execute(select(Job.id, Job.worker, Job.heartbeat_at).where(Job.status == "running")).all()
+    reaped = []
+    for job_id, worker, beat in running:
+        gone = _worker_gone(worker)
+        if gone or beat is None or beat < cutoff:
+            why = f"its worker {worker} is gone" if gone else f"no heartbeat since {beat} (stale after {stale_after_seconds:g}s)"
+            if _finish(engine, job_id, "failed", f"worker lost: {why}; nothing was registered"):
+                reaped.append(job_id)
+                log(f"job {job_id}: marked failed, {why}")
+    return reaped
+
+
+# --------------------------------------------------------------------------- inside the job process
+
+
+@dataclasses.dataclass
+class JobContext:
+    """What a handler gets besides its params: where to write, how to log, report and check for cancel."""
+
+    job_id: int
+    run_dir: Path
+    engine: Engine
+    settings: Any
+    log: logging.Logger
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        """Record progress (clamped to 0..1) and a message; also counts as a heartbeat."""
+        fraction = min(1.0, max(0.0, float(fraction)))
+        with transaction(self.engine) as session:
+            session.execute(
+                update(Job).where(Job.id == self.job_id, Job.status == "running")
+                .values(progress=fraction, message=message[:4000], heartbeat_at=utcnow())
+            )
+        if message:
+            self.log.info("progress %.0f%%: %s", fraction * 100, message)
+
+    def cancelled(self) -> bool:
+        """True when a cancel was requested, or the job is no longer ours to run (its worker was lost)."""
+        with transaction(self.engine) as session:
+            row = session.execute(select(Job.status, Job.cancel_requested).where(Job.id == self.job_id)).first()
+        return row is None or row.status != "running" or bool(row.cancel_requested)
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancelled():
+            raise JobCancelled(f"job {self.job_id} cancelled")
+
+
+def job_run_dir(settings, job_id: int) -> Path:
+    return Path(settings.runs_dir) / f"job-{job_id}"
+
+
+def _job_logger(job_id: int, path: Path) -> logging.Logger:
+    logger = logging.getLogger(f"rlhf.job.{job_id}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # stderr already goes to the same file; propagating would log twice
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    return logger
+
+
+def _user_message(exc: BaseException) -> str:
+    from ppo.errors import PPOError
+    from reward.errors import RewardError
+
+    if isinstance(exc, (AnnotationError, RewardError, PPOError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _on_sigterm(signum, frame):
+    raise JobCancelled("stopped by its worker (SIGTERM)")
+
+
+def _complete(engine: Engine, job_id: int, result: dict) -> list[int]:
+    """Register the result's models and mark the job succeeded, together or not at all."""
+    from reward.registry import register_model
+
+    if not isinstance(result, dict):
+        raise JobError(f"the job handler returned {type(result).__name__}; expected a dict")
+    to_register = result.get("register") or []
+    if not isinstance(to_register, list) or not all(isinstance(r, dict) for r in to_register):
+        raise JobError("the result's 'register' must be a list of model field dicts")
+    with transaction(engine) as session:
+        ids = [register_model(session, **{**fields, "job_id": job_id}).id for fields in to_register]
+        stored = _json_safe({**{k: v for k, v in result.items() if k != "register"}, "registered_model_ids": ids}, "job result")
+        # The job must still be ours and not cancelled at the moment of commit; otherwise roll
+        # back, models included.
+        done = session.execute(
+            update(Job).where(Job.id == job_id, Job.status == "running", Job.cancel_requested.is_(False))
+            .values(status="succeeded", progress=1.0, message="done", result=stored, finished_at=utcnow())
+        )
+        if done.rowcount != 1:
+            raise JobCancelled(f"job {job_id} was cancelled or lost its worker before it could finish")
+    return ids
+
+
+def run_job(job_id: int, settings=None) -> int:
+    """Run one claimed job in this process (the worker's child). Returns the process exit code."""
+    from app.settings import get_settings
+
+    settings = settings or get_settings()
+    engine = make_engine(settings.db_url)
+    with transaction(engine) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != "running":
+            print(f"job {job_id} is not claimed by a worker (status {job.status if job else 'missing'})", file=sys.stderr)
+            return 3
+        kind, params = job.kind, dict(job.params or {})
+    run_dir = job_run_dir(settings, job_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = _job_logger(job_id, run_dir / LOG_NAME)
+    ctx = JobContext(job_id=job_id, run_dir=run_dir, engine=engine, settings=settings, log=log)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    log.info("job %d (%s) started, params %s", job_id, kind, json.dumps(params, default=str))
+    try:
+        handler = resolve_handler(kind)
+        result = handler(params, ctx)
+        # From here on the outcome is one commit; a SIGTERM now would only race it.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ids = _complete(engine, job_id, result if result is not None else {})
+        log.info("job %d succeeded%s", job_id, f"; registered models {ids}" if ids else "")
+        return 0
+    except JobCancelled as exc:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        log.info("job %d cancelled: %s", job_id, exc)
+        _finish(engine, job_id, "cancelled", f"cancelled: {exc}; nothing was registered")
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - any failure must end as a failed job, with its traceback
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        log.error("job %d failed:\n%s", job_id, traceback.format_exc())
+        _finish(engine, job_id, "failed", _user_message(exc))
+        return 1
+    finally:
+        for h in list(log.handlers):
+            h.close()
+            log.removeHandler(h)
+        engine.dispose()
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """preexec_fn: make the job process die if its worker dies (Linux), so an orphan never finishes
+    a job whose worker is gone."""
+
+    def setup() -> None:
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent_pid:  # the worker died before prctl took effect
+            os._exit(1)
+
+    return setup
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _beat(engine: Engine, job_id: int, write: bool) -> tuple[bool, bool]:
+    """(cancel wanted, still running); writes the heartbeat when `write`."""
+    with transaction(engine) as session:
+        if write:
+            session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(heartbeat_at=utcnow()))
+        row = session.execute(select(Job.status, Job.cancel_requested).where(Job.id == job_id)).first()
+    return bool(row and row.cancel_requested), bool(row and row.status == "running")
+
+
+def run_claimed(engine: Engine, settings, job: dict, *, poll: float = 1.0, grace: float = CANCEL_GRACE_SECONDS,
+                log: Callable[[str], None] = print) -> str:
+    """Run a claimed job in a subprocess until it ends; returns its final status."""
+    job_id = job["id"]
+    run_dir = job_run_dir(settings, job_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / LOG_NAME
+    with transaction(engine) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(log_path=str(log_path)))
+    log(f"job {job_id} ({job['kind']}): started, log {log_path}")
+    cmd = [sys.executable, "-m", "app.jobs", "run", str(job_id)]
+    heartbeat = max(0.2, float(settings.heartbeat_seconds))
+    check_every = max(0.1, min(poll, heartbeat))
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
+    term_at = None
+    last_beat = last_check = time.monotonic()
+    try:
+        while proc.poll() is None:
+            time.sleep(min(0.1, check_every))
+            now = time.monotonic()
+            if now - last_check < check_every:
+                pass
+            else:
+                write = now - last_beat >= heartbeat
+                cancel, running = _beat(engine, job_id, write)
+                last_check = now
+                last_beat = now if write else last_beat
+                if (cancel or not running) and term_at is None:
+                    log(f"job {job_id}: {'cancel requested' if cancel else 'no longer running'}, stopping it")
+                    _signal_group(proc, signal.SIGTERM)
+                    term_at = now
+            if term_at is not None and time.monotonic() - term_at > grace:
+                log(f"job {job_id}: still alive {grace:g}s after SIGTERM, killing it")
+                _signal_group(proc, signal.SIGKILL)
+                term_at = float("inf")
+    except BaseException:
+        # The worker itself is stopping (Ctrl-C, SIGTERM): take the job down with it, and say so.
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+        _finish(engine, job_id, "failed", "the worker was stopped while the job ran; nothing was registered")
+        raise
+    rc = proc.returncode
+    # The child normally records its own outcome; if it could not (killed, crashed), do it here.
+    cancel, still_running = _beat(engine, job_id, write=False)
+    if still_running:
+        if cancel:
+            _finish(engine, job_id, "cancelled", "cancelled: the job process was stopped; nothing was registered")
+        else:
+            _finish(engine, job_id, "failed", f"the job process exited with code {rc} without finishing; see its log")
+    final = get_job(engine, job_id)
+    log(f"job {job_id}: {final['status']} ({final['message']})")
+    return final["status"]
+
+
+def run_worker(settings=None, *, once: bool = False, poll: float = 1.0, grace: float = CANCEL_GRACE_SECONDS,
+               worker_id: str | None = None, log: Callable[[str], None] = print) -> int:
+    """Run queued jobs one at a time until stopped (or, with once, at most one). Returns how many ran."""
+    from annotation.store import init_db
+    from app.settings import get_settings
+
+    settings = settings or get_settings()
+    engine = init_db(settings.db_url)
+    worker_id = worker_id or default_worker_id()
+    stale = float(settings.stale_after_seconds)
+    reap_stale_jobs(engine, stale, log)
+    previous = None
+    if threading_is_main():
+        # SIGTERM to the worker unwinds like Ctrl-C, so the running job is stopped and marked.
+        previous = signal.signal(signal.SIGTERM, _stop_worker)
+    ran = 0
+    last_reap = time.monotonic()
+    log(f"worker {worker_id} waiting for jobs on {engine.url.render_as_string(hide_password=True)}")
+    try:
+        while True:
+            job = claim_next(engine, worker_id)
+            if job is None:
+                if once:
+                    break
+                time.sleep(poll)
+                if time.monotonic() - last_reap > stale / 2:
+                    reap_stale_jobs(engine, stale, log)  # other workers' jobs, on this host or others
+                    last_reap = time.monotonic()
+                continue
+            run_claimed(engine, settings, job, poll=poll, grace=grace, log=log)
+            ran += 1
+            if once:
+                break
+    except KeyboardInterrupt:
+        log(f"worker {worker_id} stopped")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        engine.dispose()
+    return ran
+
+
+def _stop_worker(signum, frame):
+    raise KeyboardInterrupt
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# --------------------------------------------------------------------------- built-in handlers
+
+
+def export_job(params: dict, ctx: JobContext) -> dict:
+    """Export a project's pairs or annotations (params: project, format, optional out_path and filters)."""
+    from annotation.io import export
+
+    params = dict(params)
+    project, fmt = params.pop("project"), params.pop("format")
+    out = params.pop("out_path", None)
+    suffix = ".parquet" if str(out or "").endswith(".parquet") else ".jsonl"
+    out_path = Path(out) if out else ctx.run_dir / f"{project}-{fmt}{suffix}"
+    ctx.progress(0.0, f"exporting project '{project}' as {fmt}")
+    report = export(ctx.engine, project, fmt, out_path, **params)
+    ctx.raise_if_cancelled()
+    summary = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(vars(report))
+    ctx.log.info("export written to %s: %s", out_path, summary)
+    return _json_safe({"path": str(out_path), "report": summary}, "export report")
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "run" or not argv[1].isdigit():
+        print("usage: python -m app.jobs run JOB_ID", file=sys.stderr)
+        return 2
+    # Import through the package, not __main__, so handlers' `app.jobs.JobCancelled` is this one.
+    from app.jobs import run_job as run
+
+    return run(int(argv[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
