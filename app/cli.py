@@ -202,4 +202,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Under `python -m app.cli` this file runs as __main__, while the area modules register their
+    # commands on `app.cli.cli`: run that module's main so both see the same Typer app.
+    from app.cli import main as _main
+
+    _main()
