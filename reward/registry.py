@@ -1,0 +1,89 @@
+"""Model versions in the `models` table: register, list, look up, and mark one reward model active per project.
+
+Functions take a session and never commit: the caller's `transaction(engine)` decides, so that a
+job's result and its registered models land together or not at all.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from annotation.store import MODEL_KINDS, RegisteredModel
+from reward.errors import RewardError
+
+FIELDS = ("kind", "name", "path", "base_model", "parent_id", "project_id", "job_id", "data_hash", "data_rows",
+          "params", "metrics", "active")
+
+
+def register_model(session: Session, **fields) -> RegisteredModel:
+    """Insert one model row. Required: kind, name, path; the rest of FIELDS are optional."""
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise RewardError(f"unknown model field(s) {', '.join(unknown)}; expected some of {', '.join(FIELDS)}")
+    for required in ("kind", "name", "path"):
+        if not fields.get(required):
+            raise RewardError(f"a registered model needs '{required}'")
+    if fields["kind"] not in MODEL_KINDS:
+        raise RewardError(f"model kind '{fields['kind']}' is unknown; expected one of {', '.join(MODEL_KINDS)}")
+    fields["path"] = str(fields["path"])
+    fields.setdefault("params", {})
+    fields.setdefault("metrics", {})
+    active = bool(fields.pop("active", False))
+    row = RegisteredModel(**fields, active=False)
+    session.add(row)
+    session.flush()
+    if active:
+        set_active(session, row.id)
+    return row
+
+
+def list_models(session: Session, kind: str | None = None, project_id: int | None = None) -> list[RegisteredModel]:
+    """Models, newest first, optionally of one kind and one project."""
+    query = select(RegisteredModel).order_by(RegisteredModel.created_at.desc(), RegisteredModel.id.desc())
+    if kind is not None:
+        query = query.where(RegisteredModel.kind == kind)
+    if project_id is not None:
+        query = query.where(RegisteredModel.project_id == project_id)
+    return list(session.scalars(query))
+
+
+def get_model(session: Session, id_or_name: int | str) -> RegisteredModel:
+    """A model by id, or the newest one with that name."""
+    row = None
+    if isinstance(id_or_name, int) or (isinstance(id_or_name, str) and id_or_name.isdigit()):
+        row = session.get(RegisteredModel, int(id_or_name))
+    if row is None and isinstance(id_or_name, str):
+        row = session.scalars(
+            select(RegisteredModel).where(RegisteredModel.name == id_or_name)
+            .order_by(RegisteredModel.created_at.desc(), RegisteredModel.id.desc()).limit(1)
+        ).first()
+    if row is None:
+        raise RewardError(f"no registered model with id or name '{id_or_name}'; `rlhf models list` shows them")
+    return row
+
+
+def set_active(session: Session, model_id: int) -> RegisteredModel:
+    """Mark a reward model active, and every other reward model of the same project inactive."""
+    row = session.get(RegisteredModel, int(model_id))
+    if row is None:
+        raise RewardError(f"no registered model with id {model_id}")
+    if row.kind != "reward":
+        raise RewardError(f"model {model_id} is a {row.kind} model; only reward models can be marked active")
+    same_project = (RegisteredModel.project_id.is_(None) if row.project_id is None
+                    else RegisteredModel.project_id == row.project_id)
+    session.execute(
+        update(RegisteredModel).where(RegisteredModel.kind == "reward", same_project, RegisteredModel.id != row.id)
+        .values(active=False)
+    )
+    row.active = True
+    session.flush()
+    return row
+
+
+def active_model(session: Session, project_id: int | None) -> RegisteredModel | None:
+    """The project's active reward model, if one is marked."""
+    same_project = RegisteredModel.project_id.is_(None) if project_id is None else RegisteredModel.project_id == project_id
+    return session.scalars(
+        select(RegisteredModel).where(RegisteredModel.kind == "reward", RegisteredModel.active.is_(True), same_project)
+    ).first()
