@@ -1,0 +1,140 @@
+"""Stage 1 SFT (ppo.sft): a tiny Llama-style chat model built in the test learns its targets
+through TRL's SFTTrainer with the chat template applied, with and without LoRA; bad files and
+stopped runs leave clear errors and nothing half-written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from annotation.errors import InputError
+from ppo.errors import PPOError
+from ppo.sft import SFTOptions, as_messages, read_sft_file, rows_from_pairs, train_sft
+from tiny_lm import one_thread, save_tiny_policy
+
+ROWS = [{"prompt": "ping", "completion": "pong pong"}, {"prompt": "hello", "completion": "world"}]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return save_tiny_policy(tmp_path_factory.mktemp("tiny") / "base")
+
+
+def greedy_reply(model_dir, prompt: str) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def completion_logprob(model_dir, prompt: str, completion: str) -> float:
+    """Summed log-probability of the completion tokens after the chat-formatted prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    prompt_ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    prompt_ids = prompt_ids["input_ids"] if isinstance(prompt_ids, dict) or hasattr(prompt_ids, "keys") else prompt_ids
+    target = tok(completion + tok.eos_token, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([list(prompt_ids) + target])
+    with torch.no_grad():
+        logp = model(ids).logits.log_softmax(-1)[0, len(prompt_ids) - 1: -1]
+    return float(logp.gather(-1, torch.tensor(target)[:, None]).sum())
+
+
+def test_sft_teaches_the_chat_formatted_reply_and_saves_a_loadable_policy(base, tmp_path):
+    before = completion_logprob(base, "ping", "pong pong")
+    out = tmp_path / "sft"
+    steps = []
+    result = train_sft(ROWS, out, base=base, options=SFTOptions(max_steps=60, learning_rate=5e-3, batch_size=2),
+                       progress=lambda f, m: steps.append(f))
+    # The reply comes back through the chat template at generation time, so the template was applied in training.
+    assert greedy_reply(out, "ping") == "pong pong"
+    assert greedy_reply(out, "hello") == "world"
+    assert completion_logprob(out, "ping", "pong pong") > before + 5
+    assert result.metrics["final_loss"] < result.metrics["first_loss"] / 3
+    assert steps[-1] == pytest.approx(1.0) and len(steps) == 60
+    saved = json.loads((out / "sft.json").read_text())
+    assert saved["rows"] == 2 and saved["params"]["dtype"] == "float32" and saved["params"]["gradient_checkpointing"] is False
+    row = result.registration(name="sft-1", project_id=None)
+    assert row["kind"] == "policy" and row["path"] == str(out) and row["base_model"] == str(base) and row["data_rows"] == 2
+    assert len(row["data_hash"]) == 64 and not list(tmp_path.glob(".*partial"))
+
+
+def test_sft_with_lora_merges_the_adapters_into_a_plain_model(base, tmp_path):
+    out = tmp_path / "lora"
+    before = completion_logprob(base, "ping", "pong pong")
+    result = train_sft(ROWS, out, base=base, options=SFTOptions(max_steps=40, learning_rate=2e-2, batch_size=2, lora=True, lora_r=4))
+    assert not (out / "adapter_config.json").exists()  # merged: every later stage loads a plain model directory
+    assert completion_logprob(out, "ping", "pong pong") > before + 1
+    assert greedy_reply(out, "ping") == "pong pong"
+    assert result.params["lora"] is True
+
+
+def test_messages_rows_are_trained_on_whole_conversations(base, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "yes yes"}]})
+                              for _ in range(2)) + "\n", encoding="utf-8")
+    rows = read_sft_file(data)
+    train_sft(rows, tmp_path / "chat", base=base, options=SFTOptions(max_steps=40, learning_rate=5e-3, batch_size=2))
+    assert greedy_reply(tmp_path / "chat", "ping") == "yes yes"
+
+
+def test_stopping_raises_and_leaves_no_model_directory(base, tmp_path):
+    out = tmp_path / "stopped"
+    with pytest.raises(PPOError, match="stopped"):
+        train_sft(ROWS, out, base=base, options=SFTOptions(max_steps=50, batch_size=2), should_stop=lambda: True)
+    assert not out.exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_an_existing_non_empty_output_is_refused(base, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "x").write_text("keep me")
+    with pytest.raises(PPOError, match="not empty"):
+        train_sft(ROWS, out, base=base, options=SFTOptions(max_steps=1))
+    assert (out / "x").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("lines, line_no, needle", [
+    (['{"prompt": "a", "completion": "b"}', "{not json"], 2, "not valid JSON"),
+    (['{"prompt": "a", "completion": "b"}', '{"text": "c"}'], 2, "every row of one kind"),
+    (['{"question": "a"}'], 1, "no SFT fields"),
+    (['{"messages": [{"role": "robot", "content": "x"}]}'], 1, "field 'messages[0]'"),
+    (['{"messages": [{"role": "user", "content": "x"}]}'], 1, "no assistant message"),
+    (['{"prompt": "a", "completion": ""}'], 1, "field 'completion'"),
+])
+def test_bad_sft_files_name_the_line_and_field(tmp_path, lines, line_no, needle):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(InputError) as err:
+        read_sft_file(path)
+    assert err.value.line == line_no and f"{path}:{line_no}" in str(err.value) and needle in str(err.value)
+
+
+def test_hh_transcripts_become_chat_turns():
+    prompt = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How do I bake bread?\n\nAssistant:"
+    assert as_messages(prompt) == [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "How do I bake bread?"},
+    ]
+    assert as_messages("Tell me about Human: nature") == [{"role": "user", "content": "Tell me about Human: nature"}]
+
+
+def test_pairs_give_their_chosen_response_as_the_completion():
+    from types import SimpleNamespace
+
+    pairs = [SimpleNamespace(prompt="q1", chosen="good", rejected="bad"), SimpleNamespace(prompt="q2", chosen="  ", rejected="x")]
+    assert rows_from_pairs(pairs) == [{"prompt": "q1", "completion": "good"}]
