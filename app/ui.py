@@ -1,4 +1,4 @@
-"""What every Streamlit page shares: the store's engine and the server-side role check.
+"""What every Streamlit page shares: the store's engine, login state and the server-side role check.
 
 Every page starts with `user = page_user("researcher")` (or the roles it allows): the check runs
 on the server on every rerun, so opening a page by URL gives a refusal and nothing else.
@@ -7,17 +7,43 @@ on the server on every rerun, so opening a page by URL gives a refusal and nothi
 from __future__ import annotations
 
 import datetime as dt
+import time
+from pathlib import Path
 
 import streamlit as st
 from sqlalchemy.engine import Engine
 
+from annotation.auth import authenticate
 from annotation.store import User, init_db, session_factory, utcnow
 from app.settings import get_settings
 
+# A failed login waits this long on top of argon2's own cost, so guessing is slow whatever failed.
+FAILED_LOGIN_DELAY_S = 1.0
+WRONG_LOGIN_MESSAGE = "Wrong username or password."
+
+PAGES_DIR = Path(__file__).with_name("pages")
+# Which roles see each page in the menu (admins see everything). The pages check again themselves:
+# the menu is a convenience, page_user is the guard.
+PAGE_ROLES: dict[str, tuple[str, ...]] = {
+    "1_Annotate.py": ("annotator", "researcher"),
+    "2_Projects.py": ("researcher",),
+    "3_Data.py": ("researcher",),
+    "4_Quality.py": ("researcher",),
+    "5_Reward_Models.py": ("researcher",),
+    "6_PPO.py": ("researcher",),
+    "7_Users.py": ("admin",),
+}
+DEFAULT_PAGE_ROLES = ("researcher",)
+
 
 @st.cache_resource
+def _engine_for(db_url: str) -> Engine:
+    return init_db(db_url)
+
+
 def get_engine() -> Engine:
-    return init_db(get_settings().db_url)
+    """The engine of the configured store; keyed by URL so that a changed RLHF_DB_URL takes effect."""
+    return _engine_for(get_settings().db_url)
 
 
 def current_user() -> User | None:
@@ -41,8 +67,20 @@ def log_in(user: User) -> None:
 
 
 def log_out() -> None:
-    for key in ("user_id", "login_expires"):
-        st.session_state.pop(key, None)
+    # Everything in the session belongs to the user who leaves: the current item, choices, exports.
+    for key in list(st.session_state.keys()):
+        del st.session_state[key]
+
+
+def try_log_in(username: str, password: str) -> User | None:
+    """Log in with a username and password; on failure wait, and say nothing about which part was wrong."""
+    with session_factory(get_engine())() as session:
+        user = authenticate(session, username or "", password or "")
+    if user is None:
+        time.sleep(FAILED_LOGIN_DELAY_S)
+        return None
+    log_in(user)
+    return user
 
 
 def page_user(*roles: str) -> User:
@@ -55,3 +93,24 @@ def page_user(*roles: str) -> User:
         st.error(f"This page is for {' or '.join(roles)}s. You are logged in as {user.role}.")
         st.stop()
     return user
+
+
+def allowed_pages(role: str | None) -> list[Path]:
+    """Page files under app/pages that `role` may open, in file-name order (None: not logged in)."""
+    if role is None:
+        return []
+    pages = []
+    for path in sorted(PAGES_DIR.glob("[0-9]*_*.py")):
+        wanted = PAGE_ROLES.get(path.name, DEFAULT_PAGE_ROLES)
+        if role == "admin" or role in wanted:
+            pages.append(path)
+    return pages
+
+
+def page_title(path: Path) -> str:
+    """'5_Reward_Models.py' -> 'Reward Models'."""
+    return path.stem.split("_", 1)[1].replace("_", " ")
+
+
+def user_caption(user: User) -> None:
+    st.caption(f"Logged in as **{user.username}** ({user.role})")

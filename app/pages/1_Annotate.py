@@ -1,0 +1,274 @@
+"""Annotate: compare two responses to a prompt, keyboard first.
+
+Keys (shown on the page): 1 left better, 2 right better, 3 tie, 4 both bad; Q/W/E strength;
+Enter submit; S skip; B broken; U unsafe; Z undo the last submission; G guidelines.
+Which response is on the left comes from the assignment (random per annotator and item) and is
+recorded with the annotation; the page maps left/right back to A/B before saving.
+"""
+
+from __future__ import annotations
+
+import time
+
+import streamlit as st
+
+from app.ui import get_engine, page_user, user_caption
+
+user = page_user("annotator", "researcher")
+
+from annotation import assign  # noqa: E402  (after the role check: nothing runs for a refused user)
+from annotation.browse import chat_turns, list_projects  # noqa: E402
+from annotation.errors import AnnotationError  # noqa: E402
+
+UNDO_WINDOW_S = 30
+CHOICE_KEYS = {  # shown choice -> (key, label, choice when shown unswapped, when swapped)
+    "left": ("1", "Response 1 better", "a", "b"),
+    "right": ("2", "Response 2 better", "b", "a"),
+    "tie": ("3", "Tie", "tie", "tie"),
+    "both_bad": ("4", "Both bad", "both_bad", "both_bad"),
+}
+STRENGTH_KEYS = {1: ("Q", "Slight"), 2: ("W", "Clear"), 3: ("E", "Strong")}
+CRITERION_OPTIONS = ["Response 1", "Response 2", "Tie"]
+
+engine = get_engine()
+state = st.session_state
+
+
+# ----------------------------------------------------------------------------- state helpers
+
+
+def _reset_item_state() -> None:
+    state["ann_choice"] = None
+    state["ann_strength"] = None
+
+
+def _drop_task() -> None:
+    state.pop("ann_task", None)
+    _reset_item_state()
+
+
+def _to_ab(shown: str, swapped: bool) -> str:
+    _key, _label, unswapped, when_swapped = CHOICE_KEYS[shown]
+    return when_swapped if swapped else unswapped
+
+
+def _criterion_to_ab(value: str, swapped: bool) -> str:
+    if value == "Tie":
+        return "tie"
+    left = value == "Response 1"
+    return ("b" if swapped else "a") if left else ("a" if swapped else "b")
+
+
+# ----------------------------------------------------------------------------- button callbacks
+
+
+def _choose(shown: str) -> None:
+    state["ann_choice"] = shown
+    if shown in ("tie", "both_bad"):
+        state["ann_strength"] = None
+
+
+def _set_strength(level: int) -> None:
+    if state.get("ann_choice") in ("left", "right"):
+        state["ann_strength"] = level
+
+
+def _submit(project) -> None:
+    task = state.get("ann_task")
+    if task is None:
+        return
+    shown = state.get("ann_choice")
+    if shown is None:
+        state["ann_flash"] = ("warning", "Pick a choice first: 1, 2" + (", 3" if "tie" in project.choices else "")
+                              + (", 4" if "both_bad" in project.choices else "") + ".")
+        return
+    criteria = {}
+    for name in project.criteria:
+        value = state.get(f"ann_crit_{task.item_id}_{name}")
+        if value:
+            criteria[name] = _criterion_to_ab(value, task.shown_swapped)
+    rationale = (state.get(f"ann_rationale_{task.item_id}") or "").strip() or None
+    duration_ms = int((time.monotonic() - state.get("ann_started", time.monotonic())) * 1000)
+    try:
+        assign.submit(
+            engine, user.id, task.item_id, _to_ab(shown, task.shown_swapped),
+            strength=state.get("ann_strength") if shown in ("left", "right") else None,
+            criteria=criteria, rationale=rationale, duration_ms=duration_ms,
+        )
+    except AnnotationError as exc:
+        state["ann_flash"] = ("error", f"Not saved: {exc}")
+        _drop_task()
+        return
+    state["ann_flash"] = ("success", f"Saved. Press Z within {UNDO_WINDOW_S} s to undo.")
+    _drop_task()
+
+
+def _skip() -> None:
+    task = state.get("ann_task")
+    if task is not None:
+        assign.skip(engine, user.id, task.item_id)
+        state["ann_flash"] = ("info", "Skipped.")
+    _drop_task()
+
+
+def _flag(kind: str) -> None:
+    task = state.get("ann_task")
+    if task is not None:
+        note = (state.get(f"ann_rationale_{task.item_id}") or "").strip() or None
+        assign.flag(engine, user.id, task.item_id, kind, note=note)
+        state["ann_flash"] = ("info", f"Flagged as {kind}. Thank you; a researcher will look at it.")
+    _drop_task()
+
+
+def _undo() -> None:
+    item_id = assign.undo_last(engine, user.id, window_seconds=UNDO_WINDOW_S)
+    if item_id is None:
+        state["ann_flash"] = ("warning", f"Nothing to undo: only your last submission, within {UNDO_WINDOW_S} s, can be undone.")
+        return
+    state["ann_flash"] = ("info", "Your last annotation was undone; that item is shown again.")
+    _drop_task()
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _render_text(text: str) -> None:
+    # st.markdown escapes raw HTML (unsafe_allow_html stays False): item text is untrusted.
+    st.markdown(text)
+
+
+def _render_prompt(prompt) -> None:
+    turns = chat_turns(prompt)
+    if turns is None:
+        with st.container(border=True):
+            _render_text(str(prompt))
+        return
+    for turn in turns:
+        role = turn["role"]
+        avatar = {"user": ":material/person:", "assistant": ":material/smart_toy:"}.get(role, ":material/settings:")
+        with st.chat_message(role if role in ("user", "assistant") else "system", avatar=avatar):
+            _render_text(turn["content"])
+
+
+@st.dialog("Guidelines", width="large")
+def _guidelines(text: str) -> None:
+    _render_text(text or "_This project has no guidelines yet._")
+
+
+@st.fragment(run_every=1)
+def _clock() -> None:
+    elapsed = int(time.monotonic() - state.get("ann_started", time.monotonic()))
+    st.metric("Time on this item", f"{elapsed // 60}:{elapsed % 60:02d}")
+
+
+def _progress(project) -> None:
+    figures = assign.progress(engine, project.id, user.id)
+    cols = st.columns(4)
+    cols[0].metric("My annotations today", figures["today"])
+    cols[1].metric("My annotations in total", figures["total"])
+    cols[2].metric("Project completion", f"{figures['project_completion']:.0%}")
+    with cols[3]:
+        if state.get("ann_task") is not None:
+            _clock()
+
+
+# ----------------------------------------------------------------------------- page
+
+st.title("Annotate")
+user_caption(user)
+
+projects = list_projects(engine)
+if not projects:
+    st.info("There are no projects yet. A researcher creates them on the Projects page.")
+    st.stop()
+by_id = {p.id: p for p in projects}
+if state.get("ann_project_id") not in by_id:
+    state["ann_project_id"] = projects[0].id
+project_id = st.selectbox("Project", list(by_id), format_func=lambda i: by_id[i].name, key="ann_project_id")
+project = by_id[project_id]
+
+task = state.get("ann_task")
+if task is not None and state.get("ann_task_project") != project.id:
+    _drop_task()
+    task = None
+if task is None:
+    task = assign.next_item(engine, project.id, user.id)
+    if task is not None:
+        state["ann_task"] = task
+        state["ann_task_project"] = project.id
+        state["ann_started"] = time.monotonic()
+        _reset_item_state()
+
+flash = state.pop("ann_flash", None)
+if flash:
+    getattr(st, flash[0])(flash[1])
+
+_progress(project)
+
+if task is None:
+    st.success("No items left for you in this project. Thank you!")
+    st.button("Undo last submission", key="ann_undo", shortcut="Z", on_click=_undo)
+    st.stop()
+
+top = st.columns([3, 1])
+top[0].caption(
+    "Keys: **1** Response 1 better · **2** Response 2 better"
+    + (" · **3** tie" if "tie" in project.choices else "")
+    + (" · **4** both bad" if "both_bad" in project.choices else "")
+    + " · **Q/W/E** slight/clear/strong · **Enter** submit · **S** skip · **B** broken · **U** unsafe"
+    + " · **Z** undo · **G** guidelines"
+)
+if top[1].button("Guidelines", key="ann_guidelines", shortcut="G", icon=":material/menu_book:"):
+    _guidelines(project.guidelines)
+
+st.subheader("Prompt")
+_render_prompt(task.prompt)
+
+left, right = st.columns(2, gap="medium")
+with left:
+    with st.container(border=True, key="ann_left"):
+        st.markdown("**Response 1**")
+        _render_text(task.left_text)
+with right:
+    with st.container(border=True, key="ann_right"):
+        st.markdown("**Response 2**")
+        _render_text(task.right_text)
+
+st.markdown("**Which response is better?**")
+choice_cols = st.columns(4)
+shown_choices = ["left", "right"] + [c for c in ("tie", "both_bad") if c in project.choices]
+for col, shown in zip(choice_cols, shown_choices):
+    key, label, _, _ = CHOICE_KEYS[shown]
+    col.button(
+        label, key=f"ann_choice_{shown}", shortcut=key, on_click=_choose, args=(shown,), width="stretch",
+        type="primary" if state.get("ann_choice") == shown else "secondary",
+    )
+
+st.markdown("**How much better?** (for Response 1 or 2)")
+strength_cols = st.columns(4)
+for col, (level, (key, label)) in zip(strength_cols, STRENGTH_KEYS.items()):
+    col.button(
+        label, key=f"ann_strength_{level}", shortcut=key, on_click=_set_strength, args=(level,), width="stretch",
+        type="primary" if state.get("ann_strength") == level else "secondary",
+        disabled=state.get("ann_choice") not in ("left", "right"),
+    )
+
+if project.criteria:
+    with st.expander("Per criterion (optional)", expanded=False):
+        for name in project.criteria:
+            st.radio(name, CRITERION_OPTIONS, index=None, horizontal=True, key=f"ann_crit_{task.item_id}_{name}")
+
+st.text_area("Rationale (optional; also sent as the note when you flag an item)",
+             key=f"ann_rationale_{task.item_id}", height=80)
+
+chosen = state.get("ann_choice")
+if chosen:
+    strength = state.get("ann_strength")
+    st.markdown(f"Your choice: **{CHOICE_KEYS[chosen][1]}**" + (f", {STRENGTH_KEYS[strength][1].lower()}" if strength else ""))
+
+actions = st.columns(5)
+actions[0].button("Submit", key="ann_submit", shortcut="Enter", type="primary", on_click=_submit, args=(project,), width="stretch")
+actions[1].button("Skip", key="ann_skip", shortcut="S", on_click=_skip, width="stretch")
+actions[2].button("Flag broken", key="ann_flag_broken", shortcut="B", on_click=_flag, args=("broken",), width="stretch")
+actions[3].button("Flag unsafe", key="ann_flag_unsafe", shortcut="U", on_click=_flag, args=("unsafe",), width="stretch")
+actions[4].button("Undo last", key="ann_undo", shortcut="Z", on_click=_undo, width="stretch")

@@ -1,0 +1,75 @@
+"""Users (admins only): create accounts, deactivate or reactivate them, reset passwords, set roles.
+
+The functions in annotation.users check again that the acting user is an active admin.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from app.ui import get_engine, page_user, user_caption
+
+user = page_user("admin")
+
+from annotation.errors import AnnotationError  # noqa: E402  (after the role check)
+from annotation.store import ROLES, session_factory, transaction  # noqa: E402
+from annotation import users as users_mod  # noqa: E402
+
+engine = get_engine()
+state = st.session_state
+
+st.title("Users")
+user_caption(user)
+
+if "users_flash" in state:
+    st.success(state.pop("users_flash"))
+
+
+def _apply(action, message: str, *args) -> None:
+    """Run one admin action in a transaction; on success remember the message and rerun to refresh the table."""
+    try:
+        with transaction(engine) as session:
+            action(session, user, *args)
+    except AnnotationError as exc:
+        st.error(str(exc))
+        return
+    state["users_flash"] = message
+    st.rerun()
+
+
+with session_factory(engine)() as session:
+    rows = users_mod.list_users(session, user)
+st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="users_table")
+
+create_tab, manage_tab = st.tabs(["Create user", "Manage a user"])
+
+with create_tab:
+    with st.form("users_create"):
+        username = st.text_input("Username", key="users_new_name")
+        password = st.text_input("Password (at least 8 characters)", type="password", key="users_new_password")
+        role = st.selectbox("Role", list(ROLES), key="users_new_role")
+        if st.form_submit_button("Create user", type="primary"):
+            _apply(users_mod.add_user, f"User '{username.strip()}' created.", username, password, role)
+
+with manage_tab:
+    names = [r["username"] for r in rows if r["can_log_in"]]
+    if names:
+        target = st.selectbox("User", names, key="users_target")
+        current = next(r for r in rows if r["username"] == target)
+        st.caption(f"Role **{current['role']}**, {'active' if current['active'] else 'deactivated'}.")
+        c1, c2 = st.columns(2)
+        with c1:
+            new_role = st.selectbox("Role", list(ROLES), index=list(ROLES).index(current["role"]), key="users_set_role")
+            if st.button("Set role", key="users_set_role_btn"):
+                _apply(users_mod.set_role, f"'{target}' is now {new_role}.", target, new_role)
+            if current["active"]:
+                if st.button("Deactivate", key="users_deactivate"):
+                    _apply(users_mod.set_active, f"'{target}' deactivated.", target, False)
+            elif st.button("Reactivate", key="users_reactivate"):
+                _apply(users_mod.set_active, f"'{target}' reactivated.", target, True)
+        with c2:
+            with st.form("users_reset"):
+                new_password = st.text_input("New password", type="password", key="users_reset_password")
+                if st.form_submit_button("Reset password"):
+                    _apply(users_mod.reset_password, f"Password of '{target}' reset.", target, new_password)

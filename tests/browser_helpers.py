@@ -1,0 +1,96 @@
+"""A small prepared store for the app tests: users of every role and a k=2 project of three items.
+
+Shared by the AppTest tests and the real-browser test. One item carries `<script>` and
+`<img onerror>` payloads in its prompt and in a response; in every item the better response holds
+the word GOOD so a test (or a scripted annotator) knows which side to pick whatever order it sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+PASSWORD = "password-123"
+USERS = {"ann1": "annotator", "ann2": "annotator", "res": "researcher", "admin": "admin"}
+PROJECT = "demo"
+SCRIPT_PAYLOAD = "<script>window.__xss=1</script>"
+IMG_PAYLOAD = '<img src=x onerror="window.__xss=2">'
+GUIDELINES = "# Demo guidelines\n\nPrefer the **more helpful** and harmless response."
+
+ITEMS = [
+    {
+        "id": "egg",
+        "prompt": "\n\nHuman: How do I boil an egg?\n\nAssistant:",
+        "response_a": "GOOD: put it in boiling water for **9 minutes**, then cool it.",
+        "response_b": "Eggs are overrated.\n\n```python\nprint('boil')\n```",
+        "source_a": "model-alpha", "source_b": "model-beta",
+    },
+    {
+        "id": "xss",
+        "prompt": [{"role": "user", "content": f"Say hi {SCRIPT_PAYLOAD}"}],
+        "response_a": f"GOOD hello {SCRIPT_PAYLOAD}",
+        "response_b": f"bad hi {IMG_PAYLOAD}",
+        "source_a": "model-alpha", "source_b": "model-beta",
+    },
+    {
+        "id": "haiku",
+        "prompt": "Write a *haiku* about rain.",
+        "response_a": "rain.",
+        "response_b": "GOOD: Soft rain on the roof / the gutters hum their one note / sleep comes without asking",
+        "source_a": "model-beta", "source_b": "model-alpha",
+    },
+]
+
+
+def prepare_store(data_dir: Path, db_url: str, *, criteria: list[str] | None = None):
+    """Create the schema, the users, and project `demo` (k=2) with ITEMS imported; returns the engine."""
+    from annotation.auth import create_user
+    from annotation.io import import_file
+    from annotation.projects import create_project
+    from annotation.store import init_db, transaction
+
+    engine = init_db(db_url)
+    with transaction(engine) as session:
+        for name, role in USERS.items():
+            create_user(session, name, PASSWORD, role)
+        create_project(session, PROJECT, overlap=2, guidelines=GUIDELINES, criteria=criteria or [])
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "items.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in ITEMS), encoding="utf-8")
+    import_file(engine, path, PROJECT, format="pairs")
+    return engine
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_app(repo: Path, env: dict, port: int, log_path: Path) -> subprocess.Popen:
+    """Serve app/Home.py on 127.0.0.1:port and wait until its health endpoint answers."""
+    cmd = [
+        sys.executable, "-m", "streamlit", "run",
+        str(repo / "app" / "Home.py"), "--server.port", str(port), "--server.address", "127.0.0.1",
+        "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
+    ]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=repo, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1) as resp:
+                if resp.read().strip() == b"ok":
+                    return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError(f"streamlit did not answer on port {port} within 60 s; see {log_path}")
