@@ -1,0 +1,86 @@
+"""Iterated RLHF (ppo.generate): sampled responses become new items of a project through the
+import path, named after the models that wrote them; a rerun adds nothing. Tiny Llama-style
+policies built in the test; both databases."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from annotation.store import Item, Project, transaction
+from ppo.errors import PPOError
+from ppo.evaluate import SampleOptions, sample_responses
+from ppo.generate import generate_items, resolve_policy
+from ppo.prompts import project_prompts, read_prompts
+from tiny_lm import one_thread, save_tiny_policy
+
+PROMPTS = ["ping", "hello world", [{"role": "user", "content": "tell me a story"}], "the cat"]
+OPTS = SampleOptions(max_new_tokens=8, temperature=1.0, batch_size=4, seed=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def policies(tmp_path_factory):
+    root = tmp_path_factory.mktemp("policies")
+    return save_tiny_policy(root / "sft-1", seed=0), save_tiny_policy(root / "ppo-2" / "policy", seed=1)
+
+
+def items_of(engine, project):
+    with transaction(engine) as s:
+        return [(i.prompt, i.response_a, i.response_b, i.source_a, i.source_b, i.meta)
+                for i in s.scalars(select(Item).join(Project, Project.id == Item.project_id).where(Project.name == project).order_by(Item.id))]
+
+
+def test_two_samples_per_prompt_become_items_and_a_rerun_adds_nothing(engine, policies):
+    a, _ = policies
+    result = generate_items(engine, "round-2", PROMPTS, str(a), options=OPTS)
+    assert result["prompts"] == 4
+    assert result["items_added"] + result["identical"] + result["empty_response"] == 4 and result["items_added"] >= 3
+    rows = items_of(engine, "round-2")
+    assert len(rows) == result["items_added"]
+    for prompt, ra, rb, sa, sb, meta in rows:
+        assert prompt in PROMPTS and ra != rb and sa == sb == "sft-1"
+        assert meta["generated_by"] == "rlhf generate" and meta["temperature"] == 1.0
+    # The first response of each item is the policy's seeded sample: what sample_responses gives.
+    from ppo.models import load_policy
+
+    model, tok = load_policy(str(a))
+    expected = sample_responses(model, tok, PROMPTS, OPTS).texts
+    assert {(str(p), ra) for p, ra, *_ in rows} <= {(str(p), t) for p, t in zip(PROMPTS, expected)}
+
+    again = generate_items(engine, "round-2", PROMPTS, str(a), options=OPTS)
+    assert again["items_added"] == 0 and again["duplicates"] == result["items_added"]
+    assert len(items_of(engine, "round-2")) == result["items_added"]
+
+
+def test_two_policies_give_one_response_each_named_after_their_model(sqlite_engine, policies):
+    a, b = policies
+    result = generate_items(sqlite_engine, "duel", PROMPTS[:2], str(a), policy_b=str(b), options=OPTS)
+    rows = items_of(sqlite_engine, "duel")
+    assert len(rows) == result["items_added"] >= 1
+    assert all(sa == "sft-1" and sb == "ppo-2/policy" for _, _, _, sa, sb, _ in rows)
+
+
+def test_prompts_come_from_files_of_any_import_format_and_from_projects(sqlite_engine, policies, tmp_path):
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text('{"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Hello", "rejected": "\\n\\nHuman: Hi\\n\\nAssistant: Go away"}\n'
+                  '{"prompt": "ignored", "chosen": "x", "rejected": "y"}\n', encoding="utf-8")
+    with pytest.raises(Exception, match="mixed formats"):
+        read_prompts(hh)
+    hh.write_text('{"chosen": "\\n\\nHuman: Hi\\n\\nAssistant: Hello", "rejected": "\\n\\nHuman: Hi\\n\\nAssistant: Go away"}\n' * 2,
+                  encoding="utf-8")
+    assert read_prompts(hh) == [[{"role": "user", "content": "Hi"}]]  # HH transcripts become chat turns, deduplicated
+    generate_items(sqlite_engine, "src", PROMPTS, str(policies[0]), options=OPTS)
+    assert {str(p) for p in project_prompts(sqlite_engine, "src")} <= {str(p) for p in PROMPTS}
+    with pytest.raises(Exception, match="no project named 'nope'"):
+        project_prompts(sqlite_engine, "nope")
+
+
+def test_unknown_policy_is_a_clear_error(sqlite_engine, tmp_path):
+    with pytest.raises(PPOError, match="no such model directory or registered policy"):
+        resolve_policy(sqlite_engine, str(tmp_path / "missing"))
