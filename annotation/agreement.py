@@ -176,13 +176,13 @@ def signed_scale(votes: pd.DataFrame) -> pd.Series:
 
     NaN where it has no place on it: both_bad, or an A/B choice without a strength.
     """
-    strength = pd.to_numeric(votes["strength"], errors="coerce") if "strength" in votes else pd.Series(np.nan, index=votes.index)
-    choice = votes["choice"]
-    scale = pd.Series(np.nan, index=votes.index, dtype=float)
-    scale[choice == "a"] = strength[choice == "a"]
-    scale[choice == "b"] = -strength[choice == "b"]
-    scale[choice == "tie"] = 0.0
-    return scale
+    if "strength" in votes.columns:
+        strength = pd.to_numeric(votes["strength"], errors="coerce").astype(float).to_numpy()
+    else:
+        strength = np.full(len(votes), np.nan)
+    choice = votes["choice"].to_numpy(dtype=object)
+    scale = np.select([choice == "a", choice == "b", choice == "tie"], [strength, -strength, 0.0], default=np.nan)
+    return pd.Series(scale, index=votes.index, name="scale")
 
 
 # --------------------------------------------------------------------------- encoding
@@ -274,7 +274,7 @@ def coincidence_features(counts: np.ndarray) -> np.ndarray:
     idx = np.arange(counts.shape[1])
     pair[:, idx, idx] -= counts
     scale = np.where(m >= 2, 1.0 / np.maximum(m - 1, 1), 0.0)
-    return (pair * scale[:, None, None]).reshape(len(counts), -1)
+    return (pair * scale[:, None, None]).reshape(len(counts), counts.shape[1] ** 2)
 
 
 def distance(level: str, values: np.ndarray, n_c: np.ndarray) -> np.ndarray:
@@ -740,9 +740,16 @@ def item_table(votes: pd.DataFrame, label: str = "choice", top: int | None = Non
     unique_top = (counts == top_count[:, None]).sum(1) == 1
     majority = np.where(unique_top, codes.values[counts.argmax(1)], None)
     text = [", ".join(f"{codes.values[j]} x{int(c)}" for j, c in enumerate(row) if c) for row in counts]
+    index = pd.Index(codes.items[order], name="item_id")
     return pd.DataFrame(
-        {"n_annotations": n.astype(int), "agreement": agreement, "majority": majority, "votes": text},
-        index=pd.Index(codes.items[order], name="item_id"),
+        {
+            "n_annotations": n.astype(int),
+            "agreement": agreement,
+            # object dtype keeps None for "no majority" (a str column would turn it into NaN)
+            "majority": pd.Series(list(majority), index=index, dtype=object),
+            "votes": text,
+        },
+        index=index,
     )
 
 
