@@ -77,11 +77,13 @@ def generate_items(
     options: SampleOptions | None = None,
     created_by: int | None = None,
     progress: Callable[[float, str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Sample two responses per prompt and import them as items of `project` (created if missing).
 
     Returns the import's counts (items_added, duplicates, skipped per reason, ...) plus
-    `identical` (prompts whose two responses came out the same and were left out)."""
+    `identical` (prompts whose two responses came out the same and were left out). When
+    `should_stop()` turns true during sampling, PPOError("stopped") is raised and nothing is imported."""
     from annotation.io import import_file
     from ppo.models import load_policy
 
@@ -89,7 +91,12 @@ def generate_items(
     if not prompts:
         raise PPOError("no prompts to generate from")
     name = name or _dir_name(Path(policy))
-    report = (lambda f, m: progress(f, m)) if progress else (lambda f, m: None)
+
+    def report(fraction: float, message: str) -> None:
+        if should_stop is not None and should_stop():
+            raise PPOError("stopped: generation was cancelled before its items were imported; nothing was imported")
+        if progress is not None:
+            progress(fraction, message)
 
     model_a, tok_a = load_policy(policy)
     n = len(prompts)
@@ -131,5 +138,6 @@ def generate_items(
         finally:
             os.unlink(tmp)
         result.update(items_added=imported.items_added, duplicates=imported.duplicates, skipped=imported.skipped)
-    report(1.0, f"{result['items_added']} new items in project '{project}'")
+    if progress is not None:
+        progress(1.0, f"{result['items_added']} new items in project '{project}'")
     return result

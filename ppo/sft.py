@@ -25,6 +25,18 @@ from annotation.errors import InputError
 from ppo.errors import PPOError
 
 ROLES = ("system", "user", "assistant")
+DEFAULT_POLICY = "SmolLM2-135M-Instruct"
+"""The default base policy's directory under the model dir (`rlhf models fetch` puts it there)."""
+
+
+def resolve_base(base: str | Path | None, model_dir: str | Path) -> str:
+    """The base policy to start from: None or "smollm2" is the fetched default, anything else a path or hub id."""
+    if base in (None, "", "smollm2"):
+        path = Path(model_dir) / DEFAULT_POLICY
+        if not (path / "config.json").is_file():
+            raise PPOError(f"the default policy is not at {path}; run `rlhf models fetch`, or pass --base PATH")
+        return str(path)
+    return str(base)
 
 
 

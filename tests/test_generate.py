@@ -84,3 +84,51 @@ def test_prompts_come_from_files_of_any_import_format_and_from_projects(sqlite_e
 def test_unknown_policy_is_a_clear_error(sqlite_engine, tmp_path):
     with pytest.raises(PPOError, match="no such model directory or registered policy"):
         resolve_policy(sqlite_engine, str(tmp_path / "missing"))
+
+
+def test_generate_cli_and_job_write_items_named_after_registered_policies(settings, policies, tmp_path):
+    import json
+    import logging
+
+    from typer.testing import CliRunner
+
+    import app.cli_policy  # noqa: F401  (adds the policy commands to the app)
+    from annotation.store import init_db
+    from app.cli import cli
+    from ppo.jobs import generate
+    from reward.registry import register_model
+
+    engine = init_db(settings.db_url)
+    with transaction(engine) as s:
+        register_model(s, kind="policy", name="policy-v3", path=str(policies[1]))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(cli, ["generate", "--policy", "policy-v3", "--prompts", str(prompts), "--project", "r3",
+                                      "--n", "2", "--max-new-tokens", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = items_of(engine, "r3")
+    assert len(rows) == payload["items_added"] >= 1 and all(r[3] == r[4] == "policy-v3" for r in rows)
+
+    class Ctx:
+        job_id, run_dir, log = 9, tmp_path / "job-9", logging.getLogger("test.generate.job")
+
+        def __init__(self, stop):
+            self.engine, self.settings, self.stop = engine, settings, stop
+
+        def progress(self, fraction, message=""):
+            pass
+
+        def cancelled(self):
+            return self.stop
+
+    params = {"policy": str(policies[0]), "policy_b": "policy-v3", "prompts_project": "r3", "project": "r4",
+              "max_new_tokens": 6}
+    from app.jobs import JobCancelled
+
+    with pytest.raises(JobCancelled):
+        generate(params, Ctx(stop=True))
+    assert items_of(engine, "r4") == []
+    done = generate(params, Ctx(stop=False))
+    assert done["items_added"] == len(items_of(engine, "r4")) >= 1
+    assert {(r[3], r[4]) for r in items_of(engine, "r4")} == {("sft-1", "policy-v3")}

@@ -99,3 +99,36 @@ def test_different_tokenizers_are_refused(tok, models):
     other.add_tokens(["zebra"])
     with pytest.raises(PPOError, match="different tokenizers"):
         evaluate_policy((models[0], tok), (models[1], other), count_o, PROMPTS, OPTS)
+
+
+def test_eval_policy_cli_prints_the_json_keys_and_the_side_by_side_table(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    import app.cli_policy  # noqa: F401  (adds the policy commands to the app)
+    import reward.score
+    from app.cli import cli
+    from tiny_lm import save_tiny_policy
+
+    class CountO:
+        def __init__(self, path):
+            self.path = path
+
+        def score(self, prompts, responses, batch_size=32):
+            return count_o(prompts, responses)
+
+    monkeypatch.setattr(reward.score, "load_reward_model", CountO)
+    policy, reference = save_tiny_policy(tmp_path / "pol", seed=1), save_tiny_policy(tmp_path / "ref", seed=0)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n", encoding="utf-8")
+    (tmp_path / "rm").mkdir()
+    args = ["eval-policy", "--policy", str(policy), "--reference", str(reference), "--reward-model", str(tmp_path / "rm"),
+            "--prompts", str(prompts), "--n", "4", "--max-new-tokens", "5", "--samples", "2"]
+    result = CliRunner().invoke(cli, args + ["--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"win_rate", "reward_policy", "reward_reference", "kl", "n_prompts"} <= set(payload)
+    assert payload["n_prompts"] == 4 and len(payload["samples"]) == 2 and "rows" not in payload
+    text = CliRunner().invoke(cli, args)
+    assert text.exit_code == 0 and "win rate of the policy" in text.stdout and "| policy" in text.stdout

@@ -138,3 +138,79 @@ def test_pairs_give_their_chosen_response_as_the_completion():
 
     pairs = [SimpleNamespace(prompt="q1", chosen="good", rejected="bad"), SimpleNamespace(prompt="q2", chosen="  ", rejected="x")]
     assert rows_from_pairs(pairs) == [{"prompt": "q1", "completion": "good"}]
+
+
+class FakeContext:
+    """What a job handler gets from the worker, minus the worker (app.jobs.JobContext's fields)."""
+
+    def __init__(self, engine, settings, run_dir, cancel_after=None):
+        import logging
+
+        self.job_id, self.engine, self.settings, self.run_dir = 7, engine, settings, run_dir
+        self.log = logging.getLogger("test.sft.job")
+        self.calls, self.cancel_after = [], cancel_after
+
+    def progress(self, fraction, message=""):
+        self.calls.append(fraction)
+
+    def cancelled(self):
+        return self.cancel_after is not None and len(self.calls) >= self.cancel_after
+
+
+def test_sft_cli_registers_the_policy_only_when_training_has_finished(settings, base, tmp_path):
+    from typer.testing import CliRunner
+
+    import app.cli_policy  # noqa: F401  (adds the policy commands to the app)
+    from annotation.store import init_db, transaction
+    from app.cli import cli
+    from reward.registry import list_models
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n", encoding="utf-8")
+    out = tmp_path / "cli-sft"
+    result = CliRunner().invoke(cli, ["sft", "--data", str(data), "--output", str(out), "--base", str(base),
+                                      "--max-steps", "3", "--lr", "5e-3", "--batch-size", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    with transaction(init_db(settings.db_url)) as s:
+        rows = list_models(s, kind="policy")
+        assert [(r.id, r.name, r.path, r.data_rows, r.base_model) for r in rows] == [
+            (payload["model_id"], "cli-sft", str(out.resolve()), 2, str(base))]
+        assert rows[0].params["source"] == {"data": str(data)} and rows[0].metrics["steps"] == 3
+    # A second run into the same directory is refused and registers nothing more.
+    again = CliRunner().invoke(cli, ["sft", "--data", str(data), "--output", str(out), "--base", str(base), "--json"])
+    assert isinstance(again.exception, PPOError) and "not empty" in str(again.exception)
+
+
+def test_sft_job_returns_its_policy_for_registration_and_stops_when_cancelled(sqlite_engine, base, tmp_path):
+    from app.jobs import JobCancelled
+    from app.settings import Settings
+    from ppo.jobs import sft
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n", encoding="utf-8")
+    settings = Settings(data_dir=tmp_path / "data")
+    ctx = FakeContext(sqlite_engine, settings, tmp_path / "job-7")
+    result = sft({"data": str(data), "base": str(base), "max_steps": 2, "batch_size": 2}, ctx)
+    (row,) = result["register"]
+    assert row["kind"] == "policy" and row["path"] == str(tmp_path / "job-7" / "policy") and row["name"] == "sft-sft-job7"
+    assert (tmp_path / "job-7" / "policy" / "config.json").exists() and ctx.calls[-1] == pytest.approx(0.99)
+
+    stopped = FakeContext(sqlite_engine, settings, tmp_path / "job-8", cancel_after=2)
+    with pytest.raises(JobCancelled):
+        sft({"data": str(data), "base": str(base), "max_steps": 20, "batch_size": 2}, stopped)
+    assert not (tmp_path / "job-8" / "policy").exists()
+    with pytest.raises(PPOError, match="unknown param"):
+        sft({"data": str(data), "epoch": 2}, ctx)
+
+
+def test_a_bad_sft_file_is_reported_by_the_cli_with_line_and_field_and_exit_code_2(settings, tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": 3}\n', encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "sft", "--data", str(bad), "--output", str(tmp_path / "o"),
+                           "--base", str(tmp_path), "--no-register"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"error: {bad}:2: field 'completion'" in proc.stderr
+    assert not (tmp_path / "o").exists()

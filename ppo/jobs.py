@@ -1,0 +1,129 @@
+"""Job handlers of the policy side for the worker (named in app.jobs.HANDLERS): sft, generate, ppo.
+
+    rlhf jobs submit sft --params-json '{"project": "demo", "epochs": 1, "lora": true}'
+    rlhf jobs submit generate --params-json '{"policy": "runs/job-7/policy", "prompts_project": "demo", "project": "round-2"}'
+
+Each handler is `handler(params, ctx) -> dict`. Models are written under the job's run dir and
+returned in "register"; the job runner inserts the rows when it marks the job succeeded, so a
+failed or cancelled job registers nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ppo.errors import PPOError
+
+SFT_SOURCE_KEYS = ("data", "project", "aggregation", "base", "name", "parent_id")
+GENERATE_KEYS = ("policy", "policy_b", "prompts", "prompts_project", "project", "n", "name", "name_b")
+
+
+def _cancelled_error(ctx):
+    from app.jobs import JobCancelled
+
+    return JobCancelled(f"job {ctx.job_id} cancelled")
+
+
+def _unknown(kind: str, params: dict, known) -> None:
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise PPOError(f"{kind}: unknown param(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+
+
+def project_id_of(engine, project: str | None) -> int | None:
+    if not project:
+        return None
+    from annotation.projects import get_project
+    from annotation.store import transaction
+
+    with transaction(engine) as session:
+        return get_project(session, project).id
+
+
+def registered_policy_id(engine, path: str) -> int | None:
+    """The id of the registered policy stored at `path`, if any (the parent of a model trained from it)."""
+    from annotation.store import transaction
+    from reward.registry import list_models
+
+    target = Path(path).resolve()
+    with transaction(engine) as session:
+        for row in list_models(session, kind="policy"):
+            if Path(row.path).resolve() == target:
+                return row.id
+    return None
+
+
+def sft_rows(engine, data: str | None, project: str | None, aggregation: str = "majority") -> list[dict]:
+    """SFT rows from an instruction file or from a project's chosen responses (exactly one of the two)."""
+    from ppo.sft import read_sft_file, rows_from_pairs
+
+    if bool(data) == bool(project):
+        raise PPOError("give exactly one of --data FILE or --project NAME")
+    if data:
+        return read_sft_file(data)
+    from annotation.io import project_pairs
+
+    rows = rows_from_pairs(project_pairs(engine, project, aggregation=aggregation))
+    if not rows:
+        raise PPOError(f"project '{project}' has no aggregated pairs yet (ties and both-bad are left out); annotate some first")
+    return rows
+
+
+def sft(params: dict, ctx) -> dict:
+    """Supervised fine-tuning; params: data or project, base, name, parent_id, aggregation, and SFTOptions fields."""
+    from ppo.sft import SFTOptions, resolve_base, train_sft
+
+    known = {f.name for f in dataclasses.fields(SFTOptions)}
+    _unknown("sft", params, known | set(SFT_SOURCE_KEYS))
+    options = SFTOptions.from_params({k: v for k, v in params.items() if k in known})
+    base = resolve_base(params.get("base"), ctx.settings.model_dir)
+    project, data = params.get("project"), params.get("data")
+    ctx.progress(0.0, f"reading SFT rows from {'project ' + repr(project) if project else data}")
+    rows = sft_rows(ctx.engine, data, project, params.get("aggregation", "majority"))
+    ctx.log.info("%d SFT rows, base %s", len(rows), base)
+    try:
+        result = train_sft(rows, Path(ctx.run_dir) / "policy", base=base, options=options, log=ctx.log.info,
+                           progress=lambda f, m: ctx.progress(0.02 + 0.97 * f, m), should_stop=ctx.cancelled)
+    except PPOError:
+        if ctx.cancelled():
+            raise _cancelled_error(ctx) from None
+        raise
+    parent_id = params.get("parent_id") or registered_policy_id(ctx.engine, base)
+    name = params.get("name") or f"sft-{project or Path(str(data)).stem}-job{ctx.job_id}"
+    row = result.registration(name=name, project_id=project_id_of(ctx.engine, project), parent_id=parent_id)
+    row["params"] = {**row["params"], "source": {"project": project} if project else {"data": str(data)}}
+    return {"register": [row], "path": str(result.output_dir), "metrics": result.metrics}
+
+
+def generate(params: dict, ctx) -> dict:
+    """New items from the current policy; params: policy, policy_b?, prompts or prompts_project, project, n, and SampleOptions fields."""
+    from ppo.evaluate import SampleOptions
+    from ppo.generate import generate_items, resolve_policy
+    from ppo.prompts import project_prompts, read_prompts
+
+    known = {f.name for f in dataclasses.fields(SampleOptions)}
+    _unknown("generate", params, known | set(GENERATE_KEYS))
+    if not params.get("policy") or not params.get("project"):
+        raise PPOError("generate: params 'policy' and 'project' are required")
+    if bool(params.get("prompts")) == bool(params.get("prompts_project")):
+        raise PPOError("generate: give exactly one of 'prompts' (a file) or 'prompts_project'")
+    options = SampleOptions(**{k: v for k, v in params.items() if k in known}).validate()
+    n = params.get("n")
+    prompts = (read_prompts(params["prompts"], n) if params.get("prompts")
+               else project_prompts(ctx.engine, params["prompts_project"], n))
+    policy, name = resolve_policy(ctx.engine, str(params["policy"]))
+    policy_b, name_b = resolve_policy(ctx.engine, str(params["policy_b"])) if params.get("policy_b") else (None, None)
+    ctx.progress(0.0, f"{len(prompts)} prompts")
+    try:
+        return generate_items(ctx.engine, params["project"], prompts, policy, policy_b=policy_b,
+                              name=params.get("name") or name, name_b=params.get("name_b") or name_b, options=options,
+                              progress=ctx.progress, should_stop=ctx.cancelled)
+    except PPOError:
+        if ctx.cancelled():
+            raise _cancelled_error(ctx) from None
+        raise
+
+
+# --------------------------------------------------------------------------- ppo
+# `ppo(params, ctx)` (the PPO training job) belongs to ppo/train.py's owner and goes below.
