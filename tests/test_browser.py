@@ -1,0 +1,201 @@
+"""The app in a real browser: Playwright driving Debian's chromium against the app served on loopback.
+
+Two annotators log in and each annotates three items with the keyboard alone; a researcher sees
+the six annotations and downloads an export, whose contents are checked; an item carrying
+`<script>` and `<img onerror>` payloads shows them as text and runs nothing. One screenshot per
+page goes to tests/artifacts/ (ignored by git) for a person to look at.
+
+    .venv/bin/pytest tests/test_browser.py -m browser
+
+Skipped, with the reason, where /usr/bin/chromium is absent (`make test` installs it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from browser_helpers import IMG_PAYLOAD, PASSWORD, PROJECT, SCRIPT_PAYLOAD, free_port, prepare_store, start_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "tests" / "artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+WAIT_MS = 30_000  # per step; the machine is shared, a Streamlit rerun can take seconds
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed at /usr/bin/chromium (apt-get install chromium; make test does it)"),
+]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    where = tmp_path_factory.mktemp("browser_app")
+    data_dir, db_url = where / "data", f"sqlite:///{where / 'rlhf.db'}"
+    prepare_store(data_dir, db_url).dispose()
+    port = free_port()
+    proc = start_app(REPO, {"RLHF_DATA_DIR": str(data_dir), "RLHF_DB_URL": db_url, "HF_HUB_OFFLINE": "1"}, port, where / "streamlit.log")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except Exception:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def new_page(browser):
+    # Tall enough that a whole annotation screen fits in one screenshot (Streamlit scrolls inside the page).
+    context = browser.new_context(viewport={"width": 1400, "height": 1900}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    return page
+
+
+def log_in(page, url: str, username: str, screenshot: str | None = None):
+    from playwright.sync_api import expect
+
+    page.goto(url)
+    page.get_by_role("textbox", name="Username").fill(username)
+    page.get_by_role("textbox", name="Password").fill(PASSWORD)
+    if screenshot:
+        page.screenshot(path=str(ARTIFACTS / screenshot))
+    page.keyboard.press("Enter")
+    expect(page.get_by_text(f"Welcome, {username}")).to_be_visible()
+
+
+def go_to(page, title: str):
+    """Open a page from the sidebar menu: a click keeps the Streamlit session (a reload would log out)."""
+    from playwright.sync_api import expect
+
+    page.get_by_test_id("stSidebarNav").get_by_role("link", name=title).click()
+    expect(page.get_by_role("heading", name=title, exact=True)).to_be_visible()
+
+
+def settle(page):
+    """Wait until Streamlit has finished the current script run and the page has drawn it."""
+    page.wait_for_function(
+        "() => document.querySelector('[data-test-script-state]')?.getAttribute('data-test-script-state') === 'notRunning'"
+        " && !document.querySelector('[data-testid=\"stSkeleton\"]')",
+        timeout=WAIT_MS,
+    )
+
+
+def metric_value(page, label: str):
+    return page.get_by_test_id("stMetric").filter(has_text=label).get_by_test_id("stMetricValue")
+
+
+def annotate_three_by_keyboard(page, check_xss: bool, screenshot: str | None) -> int:
+    """Annotate three items pressing only keys: 1 or 2 (whichever side holds the GOOD response), then Enter.
+    Returns how many of the items shown carried the HTML payloads."""
+    from playwright.sync_api import expect
+
+    payload_items = 0
+    for n in range(3):
+        left, right = page.locator(".st-key-ann_left"), page.locator(".st-key-ann_right")
+        expect(left).to_be_visible()
+        settle(page)
+        left_text, right_text = left.inner_text(), right.inner_text()
+        if SCRIPT_PAYLOAD in left_text + right_text:
+            payload_items += 1
+            if check_xss:
+                assert_payloads_inert(page)
+                if screenshot:
+                    page.screenshot(path=str(ARTIFACTS / screenshot))
+        key = "1" if "GOOD" in left_text else "2"
+        assert ("GOOD" in right_text) == (key == "2"), "exactly one side holds the better response"
+        page.keyboard.press(key)
+        expect(page.get_by_text(f"Your choice: Response {key} better")).to_be_visible()
+        page.keyboard.press("Enter")
+        expect(metric_value(page, "My annotations in total")).to_have_text(str(n + 1))
+        expect(page.get_by_text("Your choice:")).to_have_count(0)
+    expect(page.get_by_text("No items left for you in this project")).to_be_visible()
+    return payload_items
+
+
+def assert_payloads_inert(page):
+    from playwright.sync_api import expect
+
+    assert page.evaluate("() => typeof window.__xss") == "undefined", "a payload in item text ran as script"
+    assert page.locator('img[src="x"]').count() == 0, "an <img> from item text reached the DOM"
+    expect(page.get_by_text(SCRIPT_PAYLOAD).first).to_be_visible()
+    expect(page.get_by_text(IMG_PAYLOAD).first).to_be_visible()
+
+
+def test_two_annotators_by_keyboard_then_researcher_exports(app_url, browser, tmp_path):
+    from playwright.sync_api import expect
+
+    # --- annotators: log in, then keys only
+    payload_items = 0
+    for i, username in enumerate(["ann1", "ann2"]):
+        page = new_page(browser)
+        log_in(page, app_url, username, screenshot="01_login.png" if i == 0 else None)
+        if i == 0:
+            page.screenshot(path=str(ARTIFACTS / "02_home_annotator.png"))
+        go_to(page, "Annotate")
+        if i == 0:
+            settle(page)
+            page.screenshot(path=str(ARTIFACTS / "03_annotate.png"))
+        payload_items += annotate_three_by_keyboard(page, check_xss=True, screenshot="04_annotate_payload_item.png" if i == 0 else None)
+        assert page.evaluate("() => typeof window.__xss") == "undefined"
+        # An annotator's menu offers no researcher page.
+        assert page.get_by_test_id("stSidebarNav").get_by_role("link", name="Data").count() == 0
+        page.context.close()
+    assert payload_items == 2, "each annotator met the item with the payloads"
+
+    # --- researcher: six annotations, an export downloaded and read back
+    page = new_page(browser)
+    log_in(page, app_url, "res")
+    go_to(page, "Projects")
+    settle(page)
+    page.screenshot(path=str(ARTIFACTS / "05_projects.png"))
+    go_to(page, "Data")
+    page.get_by_role("tab", name="Annotations").click()
+    expect(page.get_by_text("6 annotations match")).to_be_visible()
+    expect(metric_value(page, "Annotations")).to_have_text("6")
+    settle(page)
+    page.screenshot(path=str(ARTIFACTS / "06_data_annotations.png"))
+    page.get_by_role("tab", name="Export").click()
+    page.get_by_role("button", name="Prepare export").click()
+    download_button = page.get_by_role("button", name=f"Download {PROJECT}-trl.jsonl")
+    expect(download_button).to_be_visible()
+    page.screenshot(path=str(ARTIFACTS / "07_data_export.png"))
+    with page.expect_download() as download_info:
+        download_button.click()
+    download = download_info.value
+    assert download.suggested_filename == f"{PROJECT}-trl.jsonl"
+    saved = tmp_path / download.suggested_filename
+    download.save_as(saved)
+    rows = [json.loads(line) for line in saved.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 3, rows
+    assert all(set(row) >= {"prompt", "chosen", "rejected"} for row in rows)
+    # Both annotators picked the GOOD response of every item, so every pair's chosen side is it.
+    assert all(re.match(r"\s*GOOD", row["chosen"]) and "GOOD" not in row["rejected"] for row in rows), rows
+    assert any(SCRIPT_PAYLOAD in row["chosen"] for row in rows)
+    page.context.close()
+
+    # --- admin: the Users page
+    page = new_page(browser)
+    log_in(page, app_url, "admin")
+    go_to(page, "Users")
+    expect(page.get_by_test_id("stDataFrame")).to_be_visible()
+    settle(page)
+    page.screenshot(path=str(ARTIFACTS / "08_users.png"))
+    page.context.close()
