@@ -131,7 +131,8 @@ def dawid_skene(
     used = np.bincount(wk, minlength=n_ann * n_lab).reshape(n_ann, n_lab) > 0
 
     def m_step(p: np.ndarray) -> np.ndarray:
-        e = np.stack([np.bincount(wk, weights=p[t, c], minlength=n_ann * n_lab) for c in range(n_lab)], axis=1)
+        per_obs = p[t]
+        e = np.stack([np.bincount(wk, weights=per_obs[:, c], minlength=n_ann * n_lab) for c in range(n_lab)], axis=1)
         e = e.reshape(n_ann, n_lab, n_lab)
         e = np.where(used[:, :, None], np.maximum(e, _EPS), 0.0)
         return e / e.sum(axis=1, keepdims=True)
@@ -140,18 +141,17 @@ def dawid_skene(
         with np.errstate(divide="ignore"):
             return np.log(e)[w, k, :]  # n_obs x n_lab; only used (w, k) rows, so finite
 
-    def e_step(pri: np.ndarray, e: np.ndarray) -> np.ndarray:
-        lo = log_errors_per_obs(e)
+    def e_step(pri: np.ndarray, lo: np.ndarray) -> np.ndarray:
         ll = np.stack([np.bincount(t, weights=lo[:, c], minlength=n_items) for c in range(n_lab)], axis=1)
         ll += np.log(np.maximum(pri, _EPS))
         ll -= ll.max(axis=1, keepdims=True)
         p = np.exp(ll)
         return p / p.sum(axis=1, keepdims=True)
 
-    def elbo(p: np.ndarray, pri: np.ndarray, e: np.ndarray) -> float:
+    def elbo(p: np.ndarray, pri: np.ndarray, lo: np.ndarray) -> float:
         # crowd-kit's bound adds the log prior once per annotation (not once per item); we keep its
         # definition because the stopping rule, and so the result, depends on it.
-        joint = float((p[t] * (log_errors_per_obs(e) + np.log(np.maximum(pri, _EPS)))).sum())
+        joint = float((p[t] * (lo + np.log(np.maximum(pri, _EPS)))).sum())
         pc = np.maximum(p, _EPS)
         return (joint - float((pc * np.log(pc)).sum())) / n_obs
 
@@ -160,12 +160,14 @@ def dawid_skene(
     probas = fix_gold(counts / counts.sum(axis=1, keepdims=True))
     priors = probas.mean(axis=0)
     errors = m_step(probas)
+    log_errors = log_errors_per_obs(errors)
     loss, it = -np.inf, 0
     for it in range(1, n_iter + 1):
-        probas = fix_gold(e_step(priors, errors))
+        probas = fix_gold(e_step(priors, log_errors))
         priors = probas.mean(axis=0)
         errors = m_step(probas)
-        new_loss = elbo(probas, priors, errors)
+        log_errors = log_errors_per_obs(errors)
+        new_loss = elbo(probas, priors, log_errors)
         if new_loss - loss < tol:
             break
         loss = new_loss

@@ -319,7 +319,7 @@ class PairTable:
 
 
 def label_pairs(codes: Codes) -> PairTable:
-    order = np.lexsort((codes.w, codes.t))
+    order = np.argsort(codes.t.astype(np.int64) * max(len(codes.annotators), 1) + codes.w, kind="stable")
     t, w, k = codes.t[order], codes.w[order], codes.k[order]
     parts = []
     # labels of one item are adjacent after sorting, so offset d pairs each label with the d-th next one
@@ -358,10 +358,10 @@ def percentile_interval(samples: np.ndarray, confidence: float = 0.95) -> np.nda
 class ItemStats:
     """The per-item sufficient statistics of every metric, for the items with two or more labels.
 
-    `dense` (items x features) holds percent agreement, Fleiss and one coincidence block per alpha
-    level; `pairs` (sparse, items x (annotator pair, value, value)) holds each item's contribution to
-    the Cohen confusion matrices of the pairs that share at least `min_shared` items. `evaluate`
-    turns item weights (how often each item is drawn) into every metric.
+    `dense_features(rows)` (rows x features) holds percent agreement, Fleiss and one coincidence
+    block per alpha level; `pairs` (sparse, items x (annotator pair, value, value)) holds each item's
+    contribution to the Cohen confusion matrices of the pairs that share at least `min_shared`
+    items. `evaluate` turns item weights (how often each item is drawn) into every metric.
     """
 
     def __init__(self, votes: pd.DataFrame, label: str, alpha_levels: Mapping[str, str], min_shared: int):
@@ -378,14 +378,14 @@ class ItemStats:
             level: self.nominal if (column == label and level == "nominal") else encode(votes, column, self.axes)
             for level, column in alpha_levels.items()
         }
-        alpha_counts = {level: codes.counts for level, codes in self.alpha_codes.items()}
-        blocks = [percent_agreement_features(counts), fleiss_features(counts, self.n_raters)]
-        blocks += [coincidence_features(c) for c in alpha_counts.values()]
-        widths = np.cumsum([0] + [blk.shape[1] for blk in blocks])
-        self.slices = dict(zip(["pa", "fleiss", *[f"alpha:{lv}" for lv in alpha_counts]], zip(widths[:-1], widths[1:])))
-        self.dense = np.concatenate(blocks, axis=1)[self.multi]
-        # items with the same label counts have the same features: the bootstrap draws patterns, not items
-        self.dense_key = np.concatenate([counts] + list(alpha_counts.values()), axis=1)[self.multi].astype(np.int64)
+        # label counts per item (items with two or more labels only): everything dense derives from them
+        self.counts = [counts[self.multi]] + [
+            self.nominal_counts_or(codes, counts)[self.multi] for codes in self.alpha_codes.values()
+        ]
+        widths = [2, 2 + counts.shape[1]] + [c.shape[1] ** 2 for c in self.counts[1:]]
+        ends = np.cumsum(widths)
+        names = ["pa", "fleiss", *[f"alpha:{lv}" for lv in self.alpha_codes]]
+        self.slices = dict(zip(names, zip(ends - widths, ends)))
 
         n_ann, n_val = len(self.annotators), len(self.nominal.values)
         pairs = label_pairs(self.nominal)
@@ -406,6 +406,26 @@ class ItemStats:
         rows = np.full((len(self.items), n_ann), -1, dtype=np.int64)
         rows[self.nominal.t, self.nominal.w] = self.nominal.k
         self.pairs_key = rows[self.multi]
+
+    def nominal_counts_or(self, codes: Codes, counts: np.ndarray) -> np.ndarray:
+        return counts if codes is self.nominal else codes.counts
+
+    def dense_features(self, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """Per-item features of the given rows (of the items with two or more labels)."""
+        nominal = self.counts[0][rows]
+        blocks = [percent_agreement_features(nominal), fleiss_features(nominal, self.n_raters)]
+        blocks += [coincidence_features(c[rows]) for c in self.counts[1:]]
+        return np.concatenate(blocks, axis=1)
+
+    def dense_sums(self) -> np.ndarray:
+        """The column sums of `dense_features()` without building it: coincidences as a matrix product."""
+        nominal = self.counts[0]
+        parts = [percent_agreement_features(nominal).sum(0), fleiss_features(nominal, self.n_raters).sum(0)]
+        for c in self.counts[1:]:
+            m = c.sum(1)
+            scaled = c * (np.where(m >= 2, 1.0 / np.maximum(m - 1, 1), 0.0))[:, None]
+            parts.append((c.T @ scaled - np.diag(scaled.sum(0))).ravel())
+        return np.concatenate(parts)
 
     def metrics(self, sums: np.ndarray, conf: np.ndarray) -> dict[str, np.ndarray]:
         """Every metric from summed dense features (..., F) and Cohen confusion counts (..., pairs*K*K)."""
@@ -433,13 +453,13 @@ class ItemStats:
         """Metrics with item i (of the items with two or more labels) counted weights[..., i] times."""
         w2 = np.atleast_2d(weights).astype(float)
         # (F.T @ W.T).T: OpenBLAS is an order of magnitude slower on W @ F for these shapes
-        sums = (self.dense.T @ w2.T).T
+        sums = (self.dense_features().T @ w2.T).T
         conf = np.asarray((self.pairs.T @ w2.T).T)
         out = self.metrics(sums, conf)
         return out if np.ndim(weights) == 2 else {k: v[0] for k, v in out.items()}
 
     def point(self) -> dict[str, np.ndarray]:
-        return self.metrics(self.dense.sum(0), np.asarray(self.pairs.sum(0)).ravel())
+        return self.metrics(self.dense_sums(), np.asarray(self.pairs.sum(0)).ravel())
 
     def bootstrap(self, n_resamples: int, seed: int = 0, chunk: int = 250) -> dict[str, np.ndarray]:
         """Every metric on `n_resamples` resamples of the items (with replacement), stacked on axis 0.
@@ -460,8 +480,9 @@ class ItemStats:
             _, first, freq = np.unique(key, axis=0, return_index=True, return_counts=True)
             return first, freq / n
 
-        dense_first, dense_p = patterns(self.dense_key)
-        dense_u = self.dense[dense_first]
+        # items with the same label counts have the same features: the bootstrap draws patterns, not items
+        dense_first, dense_p = patterns(np.concatenate(self.counts, axis=1).astype(np.int64))
+        dense_u = self.dense_features(dense_first)
         pair_first, pair_p = patterns(self.pairs_key)
         pair_u = sparse.csr_matrix(self.pairs[pair_first]).T.tocsr()
         out: dict[str, list] = {}
