@@ -19,6 +19,10 @@ Convention: every function takes an Engine and runs its own short transaction, s
 holds a transaction open while a person reads an item. Choices are always in A/B terms
 (`a` = response_a); the app maps left/right to A/B with `Task.shown_swapped`.
 
+Speed: the hot path (next_item, submit) runs statements built once at import time on a plain
+Connection, not the ORM, so a request costs a handful of index lookups and little Python;
+benchmarks/assign_bench.py measures it at 100k items.
+
 Concurrency: on SQLite every transaction starts with BEGIN IMMEDIATE (annotation.store), so
 writers are serialised. On PostgreSQL (READ COMMITTED) every check-then-write on an item happens
 under a row lock on that item (SELECT ... FOR UPDATE), so the count check and the insert are
@@ -36,14 +40,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
-from sqlalchemy import delete, exists, func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import and_, bindparam, delete, exists, func, insert, select, update
+from sqlalchemy.engine import Connection, Engine, Row
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.orm import Session
 
 from annotation.errors import AnnotationError
 from annotation.projects import completion
-from annotation.store import CHOICES, Annotation, Assignment, Item, ItemFlag, Project, User, transaction, utcnow
+from annotation.store import Annotation, Assignment, Item, ItemFlag, Project, User, transaction, utcnow
 
 T = TypeVar("T")
 
@@ -74,6 +77,120 @@ class Task:
     is_gold: bool
 
 
+# --------------------------------------------------------------------------- statements
+# Built once: SQLAlchemy then reuses their compiled form, and each request pays only for execution.
+
+items, annotations, assignments, flags = Item.__table__, Annotation.__table__, Assignment.__table__, ItemFlag.__table__
+projects, users = Project.__table__, User.__table__
+_ITEM = (items.c.id, items.c.project_id, items.c.prompt, items.c.response_a, items.c.response_b, items.c.gold_choice, items.c.annotation_count)
+_PROJECT_COLUMNS = (
+    projects.c.name, projects.c.overlap, projects.c.choices, projects.c.criteria, projects.c.gold_rate, projects.c.lease_seconds
+)
+_PROJECT = select(projects.c.id, *_PROJECT_COLUMNS).where(projects.c.id == bindparam("project"))
+_USER = select(users.c.username, users.c.active).where(users.c.id == bindparam("annotator"))
+# The project and the annotator in one round trip. NO KEY UPDATE on the user row serialises one
+# annotator's own requests (two tabs) without blocking foreign-key checks that reference the user.
+_PROJECT_AND_USER_LOCKED = (
+    select(projects.c.id, *_PROJECT_COLUMNS, users.c.username, users.c.active)
+    .select_from(projects.join(users, users.c.id == bindparam("annotator")))
+    .where(projects.c.id == bindparam("project"))
+    .with_for_update(key_share=True, of=users)
+)
+_ITEM_LOCKED = select(*_ITEM).where(items.c.id == bindparam("item")).with_for_update()
+_ITEM_LOCKED_OR_SKIP = select(*_ITEM).where(items.c.id == bindparam("item")).with_for_update(skip_locked=True)
+# An item with its project's settings, the item row locked (submit's first statement).
+_ITEM_AND_PROJECT_LOCKED = (
+    select(*_ITEM, *_PROJECT_COLUMNS)
+    .join(projects, projects.c.id == items.c.project_id)
+    .where(items.c.id == bindparam("item"))
+    .with_for_update(of=items)
+)
+# All of the annotator's leases in the project, live ones first, newest first.
+_MY_LEASES = (
+    select(*_ITEM, assignments.c.shown_swapped, assignments.c.leased_until)
+    .join(items, items.c.id == assignments.c.item_id)
+    .where(assignments.c.annotator_id == bindparam("annotator"), items.c.project_id == bindparam("project"))
+    .order_by((assignments.c.leased_until > bindparam("now")).desc(), assignments.c.created_at.desc(), assignments.c.item_id)
+)
+_PROJECT_ITEM_IDS = select(items.c.id).where(items.c.project_id == bindparam("project"))
+_DROP_EXPIRED = delete(assignments).where(
+    assignments.c.annotator_id == bindparam("annotator"),
+    assignments.c.leased_until <= bindparam("now"),
+    assignments.c.item_id.in_(_PROJECT_ITEM_IDS),
+)
+_DROP_PROJECT_LEASES = delete(assignments).where(
+    assignments.c.annotator_id == bindparam("annotator"), assignments.c.item_id.in_(_PROJECT_ITEM_IDS)
+)
+_UNSEEN = and_(
+    ~exists().where(annotations.c.item_id == items.c.id, annotations.c.annotator_id == bindparam("annotator")),
+    ~exists().where(flags.c.item_id == items.c.id, flags.c.annotator_id == bindparam("annotator")),
+)
+_LIVE_ON_ITEM = (
+    select(func.count())
+    .select_from(assignments)
+    .where(assignments.c.item_id == items.c.id, assignments.c.leased_until > bindparam("now"))
+    .scalar_subquery()
+)
+# One completion level of the queue: an ordered range scan of ix_items_queue (project_id,
+# annotation_count, id) that stops at the first CANDIDATES_PER_LEVEL items this annotator may take.
+_REGULAR_AT_LEVEL = (
+    select(items.c.id)
+    .where(items.c.project_id == bindparam("project"), items.c.annotation_count == bindparam("level"), items.c.gold_choice.is_(None))
+    .where(_UNSEEN, _LIVE_ON_ITEM < bindparam("room"))
+    .order_by(items.c.id)
+    .limit(CANDIDATES_PER_LEVEL)
+)
+# Least-used gold first, so that annotators do not all meet the same few gold items.
+_GOLD = (
+    select(items.c.id)
+    .where(items.c.project_id == bindparam("project"), items.c.gold_choice.is_not(None), _UNSEEN)
+    .order_by(items.c.annotation_count, items.c.id)
+    .limit(CANDIDATES_PER_LEVEL)
+)
+_LIVE_OTHERS = (
+    select(func.count())
+    .select_from(assignments)
+    .where(
+        assignments.c.item_id == bindparam("item"),
+        assignments.c.leased_until > bindparam("now"),
+        assignments.c.annotator_id != bindparam("annotator"),
+    )
+)
+# What submit needs to know about this annotator and item, in one round trip.
+_SUBMIT_STATE = select(
+    users.c.username,
+    users.c.active,
+    exists().where(annotations.c.item_id == bindparam("item"), annotations.c.annotator_id == users.c.id).label("annotated"),
+    select(assignments.c.leased_until)
+    .where(assignments.c.item_id == bindparam("item"), assignments.c.annotator_id == users.c.id)
+    .scalar_subquery()
+    .label("leased_until"),
+    select(assignments.c.shown_swapped)
+    .where(assignments.c.item_id == bindparam("item"), assignments.c.annotator_id == users.c.id)
+    .scalar_subquery()
+    .label("shown_swapped"),
+).where(users.c.id == bindparam("annotator"))
+_DROP_LEASE = delete(assignments).where(assignments.c.item_id == bindparam("item"), assignments.c.annotator_id == bindparam("annotator"))
+_ADD_LEASE = insert(assignments)
+_ADD_ANNOTATION = insert(annotations)
+_FLAG = select(flags.c.id).where(flags.c.item_id == bindparam("item"), flags.c.annotator_id == bindparam("annotator"), flags.c.kind == bindparam("kind"))
+_ADD_FLAG = insert(flags)
+_LAST_ANNOTATION = (
+    select(annotations.c.id, annotations.c.item_id, annotations.c.shown_swapped, annotations.c.created_at)
+    .where(annotations.c.annotator_id == bindparam("annotator"))
+    .order_by(annotations.c.created_at.desc(), annotations.c.id.desc())
+    .limit(1)
+)
+_DROP_ANNOTATION = delete(annotations).where(annotations.c.id == bindparam("annotation"))
+_SET_GOLD = update(items).where(items.c.id == bindparam("item")).values(gold_choice=bindparam("gold"))
+_MINE_IN_PROJECT = (
+    select(func.count())
+    .select_from(annotations.join(items, items.c.id == annotations.c.item_id))
+    .where(annotations.c.annotator_id == bindparam("annotator"), items.c.project_id == bindparam("project"))
+)
+_MINE_SINCE = _MINE_IN_PROJECT.where(annotations.c.created_at >= bindparam("since"))
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -102,12 +219,12 @@ def _retryable(exc: DBAPIError) -> bool:
     return "database is locked" in message or "database is busy" in message
 
 
-def _in_transaction(engine: Engine, work: Callable[[Session], T]) -> T:
+def _in_transaction(engine: Engine, work: Callable[[Connection], T]) -> T:
     """Run `work` in one transaction, again from scratch if the database reports a retryable conflict."""
     for attempt in range(MAX_ATTEMPTS):
         try:
-            with transaction(engine) as session:
-                return work(session)
+            with engine.begin() as conn:
+                return work(conn)
         except DBAPIError as exc:
             if attempt + 1 < MAX_ATTEMPTS and _retryable(exc):
                 time.sleep(_rng.uniform(0, 0.01 * 2**attempt))
@@ -116,54 +233,35 @@ def _in_transaction(engine: Engine, work: Callable[[Session], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def _lock_item(session: Session, item_id: int, *, skip_locked: bool = False) -> Item | None:
-    """The item's current row, locked until the transaction ends (PostgreSQL; SQLite holds the write lock already).
-
-    With skip_locked, None when another transaction holds the lock."""
-    stmt = select(Item).where(Item.id == item_id).with_for_update(skip_locked=skip_locked)
-    return session.scalars(stmt.execution_options(populate_existing=True)).first()
-
-
-def _active_annotator(session: Session, annotator_id: int, *, lock: bool = False) -> User:
-    stmt = select(User).where(User.id == annotator_id)
-    if lock:
-        # NO KEY UPDATE: serialises this annotator's own requests (two tabs) without blocking the
-        # foreign-key checks of inserts that reference the user.
-        stmt = stmt.with_for_update(key_share=True)
-    user = session.scalars(stmt).first()
-    if user is None:
-        raise AnnotationError(f"no user with id {annotator_id}")
-    if not user.active:
-        raise AnnotationError(f"user '{user.username}' is deactivated and cannot annotate")
-    return user
-
-
-def _project(session: Session, project_id: int) -> Project:
-    project = session.get(Project, project_id)
+def _project(conn: Connection, project_id: int) -> Row:
+    project = conn.execute(_PROJECT, {"project": project_id}).first()
     if project is None:
         raise AnnotationError(f"no project with id {project_id}")
     return project
 
 
-def _live_leases(session: Session, item_id: int, now: dt.datetime, *, excluding: int | None = None) -> int:
-    stmt = select(func.count()).select_from(Assignment).where(Assignment.item_id == item_id, Assignment.leased_until > now)
-    if excluding is not None:
-        stmt = stmt.where(Assignment.annotator_id != excluding)
-    return session.scalar(stmt) or 0
+def _check_annotator(conn: Connection, annotator_id: int, row: Row | None = None) -> None:
+    """Refuse unknown and deactivated users; `row` (username, active) saves the lookup when already read."""
+    user = row if row is not None else conn.execute(_USER, {"annotator": annotator_id}).first()
+    if user is None:
+        raise AnnotationError(f"no user with id {annotator_id}")
+    if not user.active:
+        raise AnnotationError(f"user '{user.username}' is deactivated and cannot annotate")
 
 
-def _seen(session: Session, item_id: int, annotator_id: int) -> bool:
-    """Whether the annotator has annotated, skipped or flagged the item."""
-    annotated = exists().where(Annotation.item_id == item_id, Annotation.annotator_id == annotator_id)
-    flagged = exists().where(ItemFlag.item_id == item_id, ItemFlag.annotator_id == annotator_id)
-    return bool(session.scalar(select(annotated | flagged)))
+def _locked_item(conn: Connection, item_id: int) -> Row:
+    """The item's current row, locked until the transaction ends (PostgreSQL; SQLite holds the write lock already)."""
+    item = conn.execute(_ITEM_LOCKED, {"item": item_id}).first()
+    if item is None:
+        raise AnnotationError(f"no item with id {item_id}")
+    return item
 
 
-def _task(item: Item, lease: Assignment) -> Task:
-    left, right = (item.response_b, item.response_a) if lease.shown_swapped else (item.response_a, item.response_b)
+def _task(item: Row, shown_swapped: bool, leased_until: dt.datetime) -> Task:
+    left, right = (item.response_b, item.response_a) if shown_swapped else (item.response_a, item.response_b)
     return Task(
-        item_id=item.id, prompt=item.prompt, left_text=left, right_text=right, shown_swapped=lease.shown_swapped,
-        leased_until=lease.leased_until, is_gold=item.gold_choice is not None,
+        item_id=item.id, prompt=item.prompt, left_text=left, right_text=right, shown_swapped=bool(shown_swapped),
+        leased_until=leased_until, is_gold=item.gold_choice is not None,
     )
 
 
@@ -175,110 +273,71 @@ def next_item(engine: Engine, project_id: int, annotator_id: int, *, now: dt.dat
 
     Returns the annotator's live lease in this project if there is one, so a refresh shows the same item."""
     now = _naive_utc(now)
-    return _in_transaction(engine, lambda s: _next_item(s, project_id, annotator_id, now))
+    return _in_transaction(engine, lambda conn: _next_item(conn, project_id, annotator_id, now))
 
 
-def _next_item(session: Session, project_id: int, annotator_id: int, now: dt.datetime) -> Task | None:
-    project = _project(session, project_id)
-    _active_annotator(session, annotator_id, lock=True)
+def _next_item(conn: Connection, project_id: int, annotator_id: int, now: dt.datetime) -> Task | None:
+    me = {"annotator": annotator_id, "project": project_id, "now": now}
+    project = conn.execute(_PROJECT_AND_USER_LOCKED, me).first()
+    if project is None:
+        _project(conn, project_id)  # raises the right message for whichever is missing
+        _check_annotator(conn, annotator_id)
+    _check_annotator(conn, annotator_id, project)
 
-    held = session.execute(
-        select(Assignment, Item)
-        .join(Item, Item.id == Assignment.item_id)
-        .where(Assignment.annotator_id == annotator_id, Assignment.leased_until > now, Item.project_id == project_id)
-        .order_by(Assignment.created_at.desc(), Assignment.item_id)
-        .limit(1)
-    ).first()
-    if held is not None:
-        lease, item = held
-        return _task(item, lease)
+    leases = conn.execute(_MY_LEASES, me).all()
+    if leases and leases[0].leased_until > now:
+        return _task(leases[0], leases[0].shown_swapped, leases[0].leased_until)
+    if leases:
+        # The annotator moved on: leases they let expire here go back to the pool for good.
+        conn.execute(_DROP_EXPIRED, me)
 
-    # The annotator moved on: leases they let expire here go back to the pool for good.
-    session.execute(
-        delete(Assignment)
-        .where(Assignment.annotator_id == annotator_id, Assignment.leased_until <= now)
-        .where(Assignment.item_id.in_(select(Item.id).where(Item.project_id == project_id)))
-        .execution_options(synchronize_session=False)
-    )
-
-    regular = _regular_candidates(session, project, annotator_id, now)
+    regular = _regular_candidates(conn, project, me)
+    sources = [regular]
     if project.gold_rate > 0 and _rng.random() < project.gold_rate:
-        order = [_gold_candidates(session, project, annotator_id), regular]
-    else:
-        order = [regular]
-    for candidates in order:
+        sources.insert(0, conn.execute(_GOLD, me).scalars().all())
+    for candidates in sources:
         for item_id in candidates:
-            task = _try_lease(session, project, item_id, annotator_id, now)
+            task = _try_lease(conn, project, item_id, annotator_id, now)
             if task is not None:
                 return task
     return None
 
 
-def _unseen_by(annotator_id: int):
-    return ~exists().where(Annotation.item_id == Item.id, Annotation.annotator_id == annotator_id) & ~exists().where(
-        ItemFlag.item_id == Item.id, ItemFlag.annotator_id == annotator_id
-    )
-
-
-def _regular_candidates(session: Session, project: Project, annotator_id: int, now: dt.datetime):
+def _regular_candidates(conn: Connection, project: Row, me: dict):
     """Non-gold item ids this annotator may take, closest to completion first, then lowest id.
 
-    One short query per completion level, each an ordered range scan of ix_items_queue
-    (project_id, annotation_count, id) that stops after CANDIDATES_PER_LEVEL hits; lazily, so
-    the common case (an item in progress is free) runs one query."""
+    Lazily, one query per completion level, so the common case (an item in progress is free) runs one."""
     k = project.overlap
-    live = (
-        select(func.count())
-        .select_from(Assignment)
-        .where(Assignment.item_id == Item.id, Assignment.leased_until > now)
-        .scalar_subquery()
-    )
     for level in range(k - 1, -1, -1):
-        ids = session.scalars(
-            select(Item.id)
-            .where(Item.project_id == project.id, Item.annotation_count == level, Item.gold_choice.is_(None))
-            .where(_unseen_by(annotator_id))
-            .where(live < k - level)
-            .order_by(Item.id)
-            .limit(CANDIDATES_PER_LEVEL)
-        ).all()
-        yield from ids
+        yield from conn.execute(_REGULAR_AT_LEVEL, {**me, "level": level, "room": k - level}).scalars().all()
 
 
-def _gold_candidates(session: Session, project: Project, annotator_id: int) -> list[int]:
-    # Least-used gold first, so that annotators do not all meet the same few gold items.
-    return session.scalars(
-        select(Item.id)
-        .where(Item.project_id == project.id, Item.gold_choice.is_not(None))
-        .where(_unseen_by(annotator_id))
-        .order_by(Item.annotation_count, Item.id)
-        .limit(CANDIDATES_PER_LEVEL)
-    ).all()
-
-
-def _try_lease(session: Session, project: Project, item_id: int, annotator_id: int, now: dt.datetime) -> Task | None:
-    item = _lock_item(session, item_id, skip_locked=True)
+def _try_lease(conn: Connection, project: Row, item_id: int, annotator_id: int, now: dt.datetime) -> Task | None:
+    key = {"item": item_id, "annotator": annotator_id, "now": now}
+    item = conn.execute(_ITEM_LOCKED_OR_SKIP, key).first()
     if item is None:
         return None  # another annotator's transaction holds it right now: take the next candidate
-    # Recheck under the lock: the candidate query ran before it, on data that may have moved.
-    if item.gold_choice is None and item.annotation_count + _live_leases(session, item_id, now, excluding=annotator_id) >= project.overlap:
+    # On PostgreSQL the candidate query ran before the lock, and another transaction may have leased
+    # or completed the item in between: recheck under the lock. SQLite needs no recheck: BEGIN
+    # IMMEDIATE gave this transaction the database's write lock before its first read. Nor does
+    # "unseen by me" need one: this annotator's requests are serialised by the lock on their user row,
+    # and their own expired leases in the project were dropped above.
+    if (
+        item.gold_choice is None
+        and conn.dialect.name != "sqlite"
+        and item.annotation_count + conn.execute(_LIVE_OTHERS, key).scalar_one() >= project.overlap
+    ):
         return None
-    if _seen(session, item_id, annotator_id):
-        return None
-    session.execute(delete(Assignment).where(Assignment.item_id == item_id, Assignment.annotator_id == annotator_id))
-    lease = Assignment(
-        item_id=item_id, annotator_id=annotator_id, leased_until=now + dt.timedelta(seconds=project.lease_seconds),
-        shown_swapped=shown_swapped_for(annotator_id, item_id), created_at=now,
-    )
-    session.add(lease)
-    session.flush()
-    return _task(item, lease)
+    swapped = shown_swapped_for(annotator_id, item_id)
+    until = now + dt.timedelta(seconds=project.lease_seconds)
+    conn.execute(_ADD_LEASE, {"item_id": item_id, "annotator_id": annotator_id, "leased_until": until, "shown_swapped": swapped, "created_at": now})
+    return _task(item, swapped, until)
 
 
 # --------------------------------------------------------------------------- submit
 
 
-def _validate_answer(project: Project, choice: str, strength, criteria, rationale, duration_ms) -> tuple:
+def _validate_answer(project: Row, choice: str, strength, criteria, rationale, duration_ms) -> tuple[dict, str | None]:
     allowed = list(project.choices)
     if choice not in allowed:
         raise AnnotationError(f"choice '{choice}' is not allowed in project '{project.name}'; allowed: {', '.join(allowed)}")
@@ -289,10 +348,10 @@ def _validate_answer(project: Project, choice: str, strength, criteria, rational
     if not isinstance(criteria, dict):
         raise AnnotationError(f"criteria must be a mapping of criterion to choice; got {type(criteria).__name__}")
     criteria = {key: value for key, value in criteria.items() if value is not None}
-    unknown = [key for key in criteria if key not in project.criteria]
+    unknown = [str(key) for key in criteria if key not in project.criteria]
     if unknown:
         known = ", ".join(project.criteria) or "none"
-        raise AnnotationError(f"unknown criteria {', '.join(map(str, unknown))} for project '{project.name}'; its criteria: {known}")
+        raise AnnotationError(f"unknown criteria {', '.join(unknown)} for project '{project.name}'; its criteria: {known}")
     for key, value in criteria.items():
         if value not in allowed:
             raise AnnotationError(f"criterion '{key}': choice '{value}' is not allowed; allowed: {', '.join(allowed)}")
@@ -321,43 +380,49 @@ def submit(
 ) -> int:
     """Record the annotator's judgement of a leased item (choice in A/B terms) and return the annotation id.
 
-    Accepted with a live lease; with an expired one only while the item still has room that no
-    other annotator's live lease has reserved. Refused (AnnotationError) for a second annotation
-    of the same item by the same annotator, a full item, or an item never leased to them."""
+    Accepted with a live lease; with an expired one only while the item has room that no other
+    annotator's live lease has reserved. Refused (AnnotationError) for a second annotation of the
+    same item by the same annotator, a full item, or an item not leased to them."""
     now = _naive_utc(now)
 
-    def work(session: Session) -> int:
-        item = _lock_item(session, item_id)
+    def work(conn: Connection) -> int:
+        key = {"item": item_id, "annotator": annotator_id, "now": now}
+        item = conn.execute(_ITEM_AND_PROJECT_LOCKED, key).first()
         if item is None:
             raise AnnotationError(f"no item with id {item_id}")
-        project = _project(session, item.project_id)
-        _active_annotator(session, annotator_id)
+        project = item  # the row carries the project's settings too
         clean_criteria, clean_rationale = _validate_answer(project, choice, strength, criteria, rationale, duration_ms)
-        if session.scalar(select(exists().where(Annotation.item_id == item_id, Annotation.annotator_id == annotator_id))):
+        lease = conn.execute(_SUBMIT_STATE, key).first()
+        _check_annotator(conn, annotator_id, lease)
+        if lease.annotated:
             raise AnnotationError(f"you have already annotated item {item_id}; use undo to change a recent answer")
-        lease = session.get(Assignment, (item_id, annotator_id), populate_existing=True)
-        if lease is None:
-            raise AnnotationError(f"item {item_id} is not assigned to you (never handed out, skipped, or handed over after your lease expired); ask for the next item")
+        if lease.leased_until is None:
+            raise AnnotationError(
+                f"item {item_id} is not assigned to you (never handed out, skipped, or released after your lease "
+                "expired); ask for the next item"
+            )
         if item.gold_choice is None:
             if lease.leased_until > now:
                 if item.annotation_count >= project.overlap:
                     raise AnnotationError(f"item {item_id} already has its {project.overlap} annotations; your answer was not saved")
             else:
-                others = _live_leases(session, item_id, now, excluding=annotator_id)
+                others = conn.execute(_LIVE_OTHERS, key).scalar_one()
                 if item.annotation_count + others >= project.overlap:
                     raise AnnotationError(
                         f"your lease on item {item_id} expired at {lease.leased_until:%H:%M:%S} UTC and the item no longer "
                         f"needs you ({item.annotation_count} of {project.overlap} annotations, {others} more reserved by "
                         "other annotators); your answer was not saved"
                     )
-        annotation = Annotation(
-            item_id=item_id, annotator_id=annotator_id, choice=choice, strength=strength, criteria=clean_criteria,
-            rationale=clean_rationale, shown_swapped=lease.shown_swapped, duration_ms=duration_ms, created_at=now,
+        result = conn.execute(
+            _ADD_ANNOTATION,
+            {
+                "item_id": item_id, "annotator_id": annotator_id, "choice": choice, "strength": strength,
+                "criteria": clean_criteria, "rationale": clean_rationale, "shown_swapped": bool(lease.shown_swapped),
+                "duration_ms": duration_ms, "created_at": now,
+            },
         )
-        session.add(annotation)
-        session.delete(lease)
-        session.flush()
-        return annotation.id
+        conn.execute(_DROP_LEASE, key)
+        return result.inserted_primary_key[0]
 
     try:
         return _in_transaction(engine, work)
@@ -369,38 +434,33 @@ def submit(
 # --------------------------------------------------------------------------- skip, flag, undo
 
 
-def _write_flag(engine: Engine, annotator_id: int, item_id: int, kind: str, note: str | None) -> int:
-    def work(session: Session) -> int:
-        item = _lock_item(session, item_id)
-        if item is None:
-            raise AnnotationError(f"no item with id {item_id}")
-        _active_annotator(session, annotator_id)
-        session.execute(delete(Assignment).where(Assignment.item_id == item_id, Assignment.annotator_id == annotator_id))
-        existing = session.scalars(
-            select(ItemFlag).where(ItemFlag.item_id == item_id, ItemFlag.annotator_id == annotator_id, ItemFlag.kind == kind)
-        ).first()
+def _write_flag(engine: Engine, annotator_id: int, item_id: int, kind: str, note: str | None, now: dt.datetime) -> int:
+    def work(conn: Connection) -> int:
+        _locked_item(conn, item_id)
+        _check_annotator(conn, annotator_id)
+        key = {"item": item_id, "annotator": annotator_id, "kind": kind}
+        conn.execute(_DROP_LEASE, key)
+        existing = conn.execute(_FLAG, key).scalar()
         if existing is not None:  # a double click: one flag is enough
-            return existing.id
-        flag = ItemFlag(item_id=item_id, annotator_id=annotator_id, kind=kind, note=note)
-        session.add(flag)
-        session.flush()
-        return flag.id
+            return existing
+        result = conn.execute(_ADD_FLAG, {"item_id": item_id, "annotator_id": annotator_id, "kind": kind, "note": note, "created_at": now})
+        return result.inserted_primary_key[0]
 
     return _in_transaction(engine, work)
 
 
-def skip(engine: Engine, annotator_id: int, item_id: int) -> int:
+def skip(engine: Engine, annotator_id: int, item_id: int, *, now: dt.datetime | None = None) -> int:
     """Pass on an item: its lease is released and it is not offered to this annotator again. Returns the flag id."""
-    return _write_flag(engine, annotator_id, item_id, "skip", None)
+    return _write_flag(engine, annotator_id, item_id, "skip", None, _naive_utc(now))
 
 
-def flag(engine: Engine, annotator_id: int, item_id: int, kind: str, note: str | None = None) -> int:
+def flag(engine: Engine, annotator_id: int, item_id: int, kind: str, note: str | None = None, *, now: dt.datetime | None = None) -> int:
     """Report an item as broken or unsafe: released, never offered to this annotator again. Returns the flag id."""
     if kind not in FLAG_CHOICES:
         raise AnnotationError(f"flag kind must be one of {', '.join(FLAG_CHOICES)}; got '{kind}'")
     if note is not None:
         note = str(note).strip()[:MAX_RATIONALE_CHARS] or None
-    return _write_flag(engine, annotator_id, item_id, kind, note)
+    return _write_flag(engine, annotator_id, item_id, kind, note, _naive_utc(now))
 
 
 def undo_last(engine: Engine, annotator_id: int, *, window_seconds: float = 30, now: dt.datetime | None = None) -> int | None:
@@ -408,31 +468,23 @@ def undo_last(engine: Engine, annotator_id: int, *, window_seconds: float = 30, 
     back to them (so `next_item` shows it again) and return the item id; None when there is nothing to undo."""
     now = _naive_utc(now)
 
-    def work(session: Session) -> int | None:
-        last = session.scalars(
-            select(Annotation).where(Annotation.annotator_id == annotator_id).order_by(Annotation.created_at.desc(), Annotation.id.desc()).limit(1)
-        ).first()
+    def work(conn: Connection) -> int | None:
+        last = conn.execute(_LAST_ANNOTATION, {"annotator": annotator_id}).first()
         if last is None or last.created_at < now - dt.timedelta(seconds=window_seconds):
             return None
-        item = _lock_item(session, last.item_id)
-        project = _project(session, item.project_id)
-        swapped, item_id = last.shown_swapped, last.item_id
-        session.delete(last)
+        item = _locked_item(conn, last.item_id)
+        project = _project(conn, item.project_id)
+        conn.execute(_DROP_ANNOTATION, {"annotation": last.id})
         # The item handed out after the undone one goes back to the pool: the undone one comes first.
-        session.execute(
-            delete(Assignment)
-            .where(Assignment.annotator_id == annotator_id)
-            .where(Assignment.item_id.in_(select(Item.id).where(Item.project_id == project.id)))
-            .execution_options(synchronize_session=False)
+        conn.execute(_DROP_PROJECT_LEASES, {"annotator": annotator_id, "project": project.id})
+        conn.execute(
+            _ADD_LEASE,
+            {
+                "item_id": last.item_id, "annotator_id": annotator_id, "shown_swapped": bool(last.shown_swapped),
+                "leased_until": now + dt.timedelta(seconds=project.lease_seconds), "created_at": now,
+            },
         )
-        session.add(
-            Assignment(
-                item_id=item_id, annotator_id=annotator_id, leased_until=now + dt.timedelta(seconds=project.lease_seconds),
-                shown_swapped=swapped, created_at=now,
-            )
-        )
-        session.flush()
-        return item_id
+        return last.item_id
 
     return _in_transaction(engine, work)
 
@@ -444,35 +496,27 @@ def progress(engine: Engine, project_id: int, annotator_id: int, *, now: dt.date
     """The annotator's annotations in this project today (UTC) and in total, and the project's completion (0..1)."""
     now = _naive_utc(now)
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-
-    def work(session: Session) -> dict:
-        project = _project(session, project_id)
-        mine = (
-            select(func.count())
-            .select_from(Annotation)
-            .join(Item, Item.id == Annotation.item_id)
-            .where(Annotation.annotator_id == annotator_id, Item.project_id == project_id)
-        )
+    key = {"annotator": annotator_id, "project": project_id, "since": midnight}
+    with transaction(engine) as session:
+        project = session.get(Project, project_id)
+        if project is None:
+            raise AnnotationError(f"no project with id {project_id}")
         return {
-            "today": session.scalar(mine.where(Annotation.created_at >= midnight)) or 0,
-            "total": session.scalar(mine) or 0,
+            "today": session.execute(_MINE_SINCE, key).scalar_one(),
+            "total": session.execute(_MINE_IN_PROJECT, key).scalar_one(),
             "project_completion": completion(session, project)["completion"],
         }
-
-    return _in_transaction(engine, work)
 
 
 def set_gold(engine: Engine, item_id: int, choice: str | None) -> None:
     """Give an item a known answer (A/B terms), making it a gold item; None makes it a normal item again."""
 
-    def work(session: Session) -> None:
-        item = _lock_item(session, item_id)
-        if item is None:
-            raise AnnotationError(f"no item with id {item_id}")
+    def work(conn: Connection) -> None:
+        item = _locked_item(conn, item_id)
         if choice is not None:
-            allowed = [c for c in _project(session, item.project_id).choices if c in CHOICES]
+            allowed = list(_project(conn, item.project_id).choices)
             if choice not in allowed:
                 raise AnnotationError(f"gold choice '{choice}' is not allowed for item {item_id}; allowed: {', '.join(allowed)}")
-        item.gold_choice = choice
+        conn.execute(_SET_GOLD, {"item": item_id, "gold": choice})
 
     _in_transaction(engine, work)
