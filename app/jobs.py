@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from annotation.errors import AnnotationError
 from annotation.store import JOB_KINDS, JOB_STATUSES, Job, User, is_sqlite, make_engine, transaction, utcnow
@@ -109,6 +110,8 @@ def _validate_params(kind: str, params: Any) -> dict:
         missing = [k for k in ("project", "format") if not params.get(k)]
         if missing:
             raise JobError(f"an export job needs param(s) {', '.join(missing)} (e.g. --param project=NAME --param format=trl)")
+        if "filename" in params:
+            _export_filename(params["filename"])
     return _json_safe(params, "job params")
 
 
@@ -443,23 +446,29 @@ def run_claimed(engine: Engine, settings, job: dict, *, poll: float = 1.0, grace
     last_beat = last_check = time.monotonic()
     try:
         while proc.poll() is None:
-            time.sleep(min(0.1, check_every))
+            time.sleep(0.1)
             now = time.monotonic()
-            if now - last_check < check_every:
-                pass
-            else:
-                write = now - last_beat >= heartbeat
-                cancel, running = _beat(engine, job_id, write)
-                last_check = now
-                last_beat = now if write else last_beat
-                if (cancel or not running) and term_at is None:
-                    log(f"job {job_id}: {'cancel requested' if cancel else 'no longer running'}, stopping it")
-                    _signal_group(proc, signal.SIGTERM)
-                    term_at = now
-            if term_at is not None and time.monotonic() - term_at > grace:
+            if term_at is not None and now - term_at > grace:
                 log(f"job {job_id}: still alive {grace:g}s after SIGTERM, killing it")
                 _signal_group(proc, signal.SIGKILL)
                 term_at = float("inf")
+            if now - last_check < check_every:
+                continue
+            last_check = now
+            write = now - last_beat >= heartbeat
+            try:
+                cancel, running = _beat(engine, job_id, write)
+            except SQLAlchemyError as exc:
+                # A database hiccup must not kill a long job: retry at the next check; if it
+                # lasts, the heartbeat goes stale and the next worker start marks the job failed.
+                log(f"job {job_id}: heartbeat failed ({type(exc).__name__}: {exc}); retrying")
+                continue
+            if write:
+                last_beat = now
+            if (cancel or not running) and term_at is None:
+                log(f"job {job_id}: {'cancel requested' if cancel else 'no longer running'}, stopping it")
+                _signal_group(proc, signal.SIGTERM)
+                term_at = now
     except BaseException:
         # The worker itself is stopping (Ctrl-C, SIGTERM): take the job down with it, and say so.
         _signal_group(proc, signal.SIGTERM)
@@ -503,7 +512,13 @@ def run_worker(settings=None, *, once: bool = False, poll: float = 1.0, grace: f
     log(f"worker {worker_id} waiting for jobs on {engine.url.render_as_string(hide_password=True)}")
     try:
         while True:
-            job = claim_next(engine, worker_id)
+            try:
+                job = claim_next(engine, worker_id)
+            except SQLAlchemyError as exc:
+                log(f"worker {worker_id}: cannot claim a job ({type(exc).__name__}: {exc}); retrying in {poll:g}s")
+                job = None
+                if once:
+                    raise
             if job is None:
                 if once:
                     break
@@ -538,18 +553,25 @@ def threading_is_main() -> bool:
 # --------------------------------------------------------------------------- built-in handlers
 
 
+def _export_filename(filename) -> str:
+    # Only a name: the job writes inside its own run dir, never where a submitter points it.
+    filename = str(filename)
+    if Path(filename).name != filename or not filename.endswith((".jsonl", ".parquet")):
+        raise JobError(f"export param filename={filename!r}: expected a plain file name ending .jsonl or .parquet")
+    return filename
+
+
 def export_job(params: dict, ctx: JobContext) -> dict:
-    """Export a project's pairs or annotations (params: project, format, optional out_path and filters)."""
+    """Export a project into the job's run dir (params: project, format, optional filename — a plain
+    name ending .jsonl or .parquet — and export's filters: aggregation, min_agreement, split, ...)."""
     from annotation.io import export
 
     params = dict(params)
     project, fmt = params.pop("project"), params.pop("format")
-    out = params.pop("out_path", None)
-    suffix = ".parquet" if str(out or "").endswith(".parquet") else ".jsonl"
-    out_path = Path(out) if out else ctx.run_dir / f"{project}-{fmt}{suffix}"
+    filename = _export_filename(params.pop("filename", f"{project}-{fmt}.jsonl"))
+    out_path = ctx.run_dir / filename
     ctx.progress(0.0, f"exporting project '{project}' as {fmt}")
     report = export(ctx.engine, project, fmt, out_path, **params)
-    ctx.raise_if_cancelled()
     summary = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(vars(report))
     ctx.log.info("export written to %s: %s", out_path, summary)
     return _json_safe({"path": str(out_path), "report": summary}, "export report")

@@ -295,3 +295,28 @@ def test_param_options_parse_json_values_and_refuse_malformed_pairs():
         _params(["novalue"], None)
     with pytest.raises(jobs.JobError, match="must be a JSON object"):
         _params([], "[1]")
+
+
+def test_export_job_writes_the_projects_pairs_into_its_run_dir(jset, tmp_path):
+    from annotation.io import import_file
+
+    s, eng = jset
+    data = tmp_path / "labelled.jsonl"
+    rows = [{"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    import_file(eng, data, "p", format="trl")
+    ok = jobs.submit_job(eng, "export", {"project": "p", "format": "trl", "filename": "p.jsonl"})
+    with pytest.raises(jobs.JobError, match="plain file name"):
+        jobs.submit_job(eng, "export", {"project": "p", "format": "trl", "filename": "../../elsewhere.jsonl"})
+    missing = jobs.submit_job(eng, "export", {"project": "nope", "format": "trl"})
+    jobs.run_worker(s, once=True, poll=0.2, log=quiet)
+    jobs.run_worker(s, once=True, poll=0.2, log=quiet)
+    job = jobs.get_job(eng, ok)
+    assert job["status"] == "succeeded", job["message"]
+    out = Path(job["result"]["path"])
+    assert out == jobs.job_run_dir(s, ok) / "p.jsonl"
+    pairs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(p["chosen"] for p in pairs) == sorted(r["chosen"] for r in rows)
+    assert job["result"]["report"]["exported"] == 6 and models(eng) == []
+    failed = jobs.get_job(eng, missing)
+    assert failed["status"] == "failed" and failed["message"].startswith("no project named 'nope'")
