@@ -45,10 +45,13 @@ VOTE_COLUMNS = ["item_id", "annotator", "choice", "strength", "shown_swapped", "
 CSV_COLUMNS = ("item_id", "annotator", "label")
 DEFAULT_MIN_SHARED = 10
 DEFAULT_RESAMPLES = 1000
-# Robust z-score beyond which an annotator is marked (Iglewicz & Hoaglin's 3.5), and the smallest
-# difference from the median that counts at all, so that a tight team does not flag noise.
-OUTLIER_Z = 3.5
-OUTLIER_MIN_GAP = 0.10
+# An annotator is marked when a rate is this far on the wrong side of the other annotators' median
+# (agreement or gold accuracy below, tie rate above), when their median time is under this share of
+# the others', or when their left-choice rate is off 0.5 by OUTLIER_GAP with a binomial p below
+# POSITION_BIAS_P. Fixed gaps rather than z-scores: teams are small (3-10), where a robust z of 3.5
+# flags nothing and tiny spreads would make a z-score flag noise.
+OUTLIER_GAP = 0.15
+OUTLIER_FAST = 0.5
 POSITION_BIAS_P = 0.001
 BOOTSTRAP_CHUNK = 50
 
@@ -644,16 +647,17 @@ def labels_report(labels: pd.DataFrame, level: str = "nominal", **kwargs) -> dic
 # --------------------------------------------------------------------------- per annotator, per item
 
 
-def _robust_z(x: pd.Series) -> pd.Series:
-    ok = x.dropna()
-    if len(ok) < 3:
-        return pd.Series(0.0, index=x.index)
-    med = ok.median()
-    mad = (ok - med).abs().median()
-    scale = mad / 0.6745 if mad > 0 else 1.253314 * (ok - med).abs().mean()
-    if scale <= 0:
-        return pd.Series(0.0, index=x.index)
-    return ((x - med) / scale).fillna(0.0)
+def _others_median(x: pd.Series) -> pd.Series:
+    """For each annotator, the median of the other annotators' values (NaN with fewer than two others:
+    with one other there is no telling which of the two is off)."""
+    vals = x.to_numpy(float)
+    out = np.full(len(vals), np.nan)
+    for i in range(len(vals)):
+        rest = np.delete(vals, i)
+        rest = rest[np.isfinite(rest)]
+        if len(rest) >= 2:
+            out[i] = np.median(rest)
+    return pd.Series(out, index=x.index)
 
 
 def annotator_table(votes: pd.DataFrame, label: str = "choice", codes: Codes | None = None) -> pd.DataFrame:
@@ -720,21 +724,19 @@ def annotator_table(votes: pd.DataFrame, label: str = "choice", codes: Codes | N
         table["median_duration_ms"] = np.nan
 
     reasons: list[list[str]] = [[] for _ in annotators]
-    med = table.median(numeric_only=True)
     checks = (
-        ("loo_agreement", -1, "low agreement with the others", OUTLIER_MIN_GAP),
-        ("gold_accuracy", -1, "low gold accuracy", OUTLIER_MIN_GAP),
-        ("tie_rate", +1, "many ties", OUTLIER_MIN_GAP),
-        # time: at least half the team's median faster
-        ("median_duration_ms", -1, "much faster than the others", None),
+        ("loo_agreement", -1, "low agreement with the others"),
+        ("gold_accuracy", -1, "low gold accuracy"),
+        ("tie_rate", +1, "many ties"),
     )
-    for col, sign, why, gap in checks:
-        z = _robust_z(table[col]) * sign
-        diff = (table[col] - med.get(col, np.nan)).abs()
-        min_gap = gap if gap is not None else 0.5 * abs(med.get(col, 0.0) or 0.0)
-        for i in np.flatnonzero((z > OUTLIER_Z).to_numpy() & (diff >= min_gap).to_numpy()):
+    for col, sign, why in checks:
+        gap = (table[col] - _others_median(table[col])) * sign
+        for i in np.flatnonzero((gap >= OUTLIER_GAP).to_numpy()):
             reasons[i].append(why)
-    biased = (table["position_p"] < POSITION_BIAS_P) & ((table["left_rate"] - 0.5).abs() >= OUTLIER_MIN_GAP)
+    others = _others_median(table["median_duration_ms"])
+    for i in np.flatnonzero((table["median_duration_ms"] < OUTLIER_FAST * others).to_numpy()):
+        reasons[i].append("much faster than the others")
+    biased = (table["position_p"] < POSITION_BIAS_P) & ((table["left_rate"] - 0.5).abs() >= OUTLIER_GAP)
     for i in np.flatnonzero(biased.to_numpy()):
         reasons[i].append("position bias")
     table["outlier"] = [bool(r) for r in reasons]
