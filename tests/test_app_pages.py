@@ -536,3 +536,81 @@ def test_short_password_is_refused(store):
     at.text_input(key="users_new_password").input("short")
     at.button(key="FormSubmitter:users_create-Create user").click().run()
     assert any("password too short" in e.value for e in at.error)
+
+
+# ----------------------------------------------------------------------------- the functions behind the pages, both databases
+
+def test_browse_filters_on_both_databases(db_url, tmp_path):
+    from annotation import assign, browse
+
+    engine = prepare_store(tmp_path / "data", db_url)
+    try:
+        annotate_all(engine, "ann1")
+        project = browse.list_projects(engine)[0]
+        ids = {row.external_id: row.id for row in item_by_marker(engine).values()}
+        assign.next_item(engine, project.id, user_id(engine, "ann2"))
+        assign.flag(engine, user_id(engine, "ann2"), ids["egg"], "unsafe", note="worrying")
+        assign.set_gold(engine, ids["haiku"], "b")
+
+        def external(**filters):
+            frame, total = browse.items_frame(engine, project.id, **filters)
+            assert total == len(frame)
+            return sorted(frame["external_id"])
+
+        assert external() == ["egg", "haiku", "xss"]
+        assert external(search="BOIL") == ["egg"]          # text prompt, case-insensitive
+        assert external(search="say hi") == ["xss"]        # chat-message prompt
+        assert external(search="gutters") == ["haiku"]     # a response
+        assert external(min_annotations=1) == ["egg", "haiku", "xss"]
+        assert external(max_annotations=0) == []
+        assert external(flagged=True) == ["egg"] and external(flagged=False) == ["haiku", "xss"]
+        assert external(gold=True) == ["haiku"]
+        frame, total = browse.items_frame(engine, project.id, limit=2)
+        assert (len(frame), total) == (2, 3)
+
+        annotations, total = browse.annotations_frame(engine, project.id)
+        assert total == 3 and set(annotations["annotator"]) == {"ann1"}
+        assert browse.annotations_frame(engine, project.id, annotator="ann2")[1] == 0
+        assert browse.annotations_frame(engine, project.id, item_id=ids["xss"])[1] == 1
+        assert browse.annotator_names(engine, project.id) == ["ann1"]
+        detail = browse.item_detail(engine, project.id, ids["egg"])
+        assert [(f["kind"], f["note"], f["annotator"]) for f in detail["flags"]] == [("unsafe", "worrying", "ann2")]
+        assert detail["source_a"] == "model-alpha"
+    finally:
+        engine.dispose()
+
+
+def test_chat_turns():
+    from annotation.browse import chat_turns
+
+    assert chat_turns("\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and?\n\nAssistant:") == [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"}]
+    assert chat_turns("Write a poem about Human: nature") is None
+    assert chat_turns([{"role": "system", "content": "be brief"}, {"role": "user", "content": "x"}])[0]["role"] == "system"
+
+
+def test_user_management_checks_the_actor_on_the_server(engine):
+    from annotation import users
+    from annotation.auth import create_user
+    from annotation.errors import AnnotationError
+    from annotation.store import transaction
+
+    with transaction(engine) as session:
+        admin = create_user(session, "root", PASSWORD, "admin")
+        researcher = create_user(session, "rita", PASSWORD, "researcher")
+    for action, args in [(users.add_user, ("eve", PASSWORD)), (users.set_role, ("rita", "admin")),
+                         (users.set_active, ("root", False)), (users.reset_password, ("root", "new-password-1"))]:
+        with pytest.raises(AnnotationError, match="permission denied"), transaction(engine) as session:
+            action(session, researcher, *args)
+    with transaction(engine) as session:
+        users.set_role(session, admin, "rita", "admin")
+    # rita's page still holds her old researcher User object: the check re-reads her role, now admin.
+    with transaction(engine) as session:
+        users.set_active(session, researcher, "root", False)
+    with transaction(engine) as session:
+        assert [u["active"] for u in users.list_users(session, researcher)] == [True, False]
+        with pytest.raises(AnnotationError, match="last active admin"):
+            users.set_role(session, researcher, "rita", "annotator")
+    # ...and a deactivated admin can do nothing any more.
+    with pytest.raises(AnnotationError, match="not logged in"), transaction(engine) as session:
+        users.list_users(session, admin)

@@ -103,11 +103,19 @@ def _submit(project) -> None:
     _drop_task()
 
 
+def _report(action, message: str) -> None:
+    try:
+        action()
+    except AnnotationError as exc:
+        state["ann_flash"] = ("error", str(exc))
+    else:
+        state["ann_flash"] = ("info", message)
+
+
 def _skip() -> None:
     task = state.get("ann_task")
     if task is not None:
-        assign.skip(engine, user.id, task.item_id)
-        state["ann_flash"] = ("info", "Skipped.")
+        _report(lambda: assign.skip(engine, user.id, task.item_id), "Skipped.")
     _drop_task()
 
 
@@ -115,13 +123,17 @@ def _flag(kind: str) -> None:
     task = state.get("ann_task")
     if task is not None:
         note = (state.get(f"ann_rationale_{task.item_id}") or "").strip() or None
-        assign.flag(engine, user.id, task.item_id, kind, note=note)
-        state["ann_flash"] = ("info", f"Flagged as {kind}. Thank you; a researcher will look at it.")
+        _report(lambda: assign.flag(engine, user.id, task.item_id, kind, note=note),
+                f"Flagged as {kind}. Thank you; a researcher will look at it.")
     _drop_task()
 
 
 def _undo() -> None:
-    item_id = assign.undo_last(engine, user.id, window_seconds=UNDO_WINDOW_S)
+    try:
+        item_id = assign.undo_last(engine, user.id, window_seconds=UNDO_WINDOW_S)
+    except AnnotationError as exc:
+        state["ann_flash"] = ("error", f"Could not undo: {exc}")
+        return
     if item_id is None:
         state["ann_flash"] = ("warning", f"Nothing to undo: only your last submission, within {UNDO_WINDOW_S} s, can be undone.")
         return
