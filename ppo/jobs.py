@@ -127,3 +127,7 @@ def generate(params: dict, ctx) -> dict:
 
 # --------------------------------------------------------------------------- ppo
 # `ppo(params, ctx)` (the PPO training job) belongs to ppo/train.py's owner and goes below.
+# The PPO page (app/pages/6_PPO.py) submits params {"policy": dir, "reward_model": dir,
+# "prompts": file | "prompts_project": name, "name"?: str, and PPOConfig fields by name}, and
+# reads the run's metrics.jsonl from the job's run dir or a folder up to two levels below it
+# (ppo.runs.find_run_dir), or from result["output_dir"].
