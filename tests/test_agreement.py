@@ -488,3 +488,80 @@ def test_cli_project_text_and_errors(tmp_path, settings, capsys, monkeypatch):
     bad = write(tmp_path, "item_id,annotator,label\n1,x,a\n1,x,b\n", "bad.csv")
     rc, out, err = rlhf_in_process(capsys, monkeypatch, "agreement", "--labels", str(bad))
     assert rc == 2 and f"{bad}:3" in err and "annotator" in err
+
+
+# --------------------------------------------------------------------------- Quality page
+
+
+@pytest.fixture
+def quality_store(tmp_path, monkeypatch):
+    """A SQLite store with a researcher, an annotator and project 'agree' with 40 items x 3 annotators."""
+    from annotation.auth import create_user
+    from annotation.store import Annotation, Item, init_db, transaction
+    from app import settings as settings_mod
+
+    db_url = f"sqlite:///{tmp_path / 'rlhf.db'}"
+    monkeypatch.setenv("RLHF_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("RLHF_DB_URL", db_url)
+    monkeypatch.delenv("RLHF_CONFIG", raising=False)
+    settings_mod.get_settings.cache_clear()
+    engine = init_db(db_url)
+    seed_project(engine)
+    rng = np.random.default_rng(0)
+    with transaction(engine) as s:
+        from annotation.projects import get_project
+
+        project = get_project(s, "agree")
+        people = [create_user(s, name, None) for name in ("cat", "dan", "eve")]
+        ids = {u.username: u.id for u in people}
+        ids["res"] = create_user(s, "res", "pw-research", "researcher").id
+        ids["ann1"] = create_user(s, "ann1", "pw-annotate", "annotator").id
+        for i in range(40):
+            item = Item(project_id=project.id, prompt=f"<script>alert({i})</script> question {i}", response_a="yes",
+                        response_b="no", content_hash=f"q{i}")
+            s.add(item)
+            s.flush()
+            truth = "a" if i % 2 else "b"
+            for who in ("cat", "dan", "eve"):
+                choice = truth if rng.random() < 0.8 else str(rng.choice(["a", "b", "tie"]))
+                s.add(Annotation(item_id=item.id, annotator_id=ids[who], choice=choice, strength=int(rng.integers(1, 4)),
+                                 shown_swapped=bool(rng.random() < 0.5), duration_ms=int(rng.integers(2000, 9000)),
+                                 created_at=dt.datetime(2026, 1, 1 + i % 5, 10)))
+    yield engine, ids
+    settings_mod.get_settings.cache_clear()
+    engine.dispose()
+
+
+def open_quality(user_id):
+    from streamlit.testing.v1 import AppTest
+
+    from annotation.store import utcnow
+
+    at = AppTest.from_file(str(ag.Path(__file__).resolve().parent.parent / "app" / "pages" / "4_Quality.py"), default_timeout=60)
+    at.session_state["user_id"] = user_id
+    at.session_state["login_expires"] = utcnow() + dt.timedelta(hours=1)
+    return at.run()
+
+
+def test_quality_page_for_researchers(quality_store):
+    engine, ids = quality_store
+    at = open_quality(ids["res"])
+    assert not at.exception, at.exception
+    report = ag.project_report(ag.load_votes(engine, "agree"), bootstrap=1000)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Percent agreement"] == f"{report['percent_agreement']:.3f}"
+    assert metrics["Krippendorff α ordinal"] == f"{report['krippendorff_alpha']['ordinal']:.3f}"
+    frames = [f.value for f in at.dataframe]
+    annotators = next(f for f in frames if "Agrees with others" in f.columns)
+    assert set(annotators["Annotator"]) == {"ann", "bob", "cat", "dan", "eve"}
+    disputed = next(f for f in frames if "votes" in f.columns)
+    assert disputed["agreement"].iloc[0] == min(d["agreement"] for d in ag.disputed_items(ag.load_votes(engine, "agree"), top=50))
+    # item text is shown as plain text, script tags and all, never as HTML
+    assert any("<script>alert(" in t.value for t in at.text)
+    assert not any("<script>" in (m.value or "") for m in at.markdown)
+
+
+def test_quality_page_refuses_annotators(quality_store):
+    _, ids = quality_store
+    at = open_quality(ids["ann1"])
+    assert len(at.error) == 1 and "This page is for researchers" in at.error[0].value and not at.metric

@@ -1,0 +1,182 @@
+"""Quality: can a project's labels be trusted, and which annotators and items need a look.
+
+Agreement metrics with bootstrap intervals, a heatmap of pairwise Cohen's kappa, the per-annotator
+table with outliers marked, position-bias and tie-rate charts, agreement over time and the most
+disputed items with their votes. Every figure comes from annotation.agreement, the same functions
+as `rlhf agreement`; this page only renders them.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app.settings import get_settings
+from app.ui import get_engine, page_user, user_caption
+
+user = page_user("researcher")
+
+import altair as alt  # noqa: E402  (after the role check)
+import pandas as pd  # noqa: E402
+
+from annotation import agreement as ag  # noqa: E402
+from annotation.browse import list_projects, prompt_text  # noqa: E402
+
+DISPUTED_SHOWN = 10
+CACHE_SECONDS = 60
+
+engine = get_engine()
+
+st.title("Quality")
+user_caption(user)
+
+
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
+def project_quality(db_url: str, project: str, resamples: int) -> tuple[pd.DataFrame, dict]:
+    # Cached for a minute per (store, project, resamples): reruns from widget clicks reuse it.
+    votes = ag.load_votes(get_engine(), project)
+    return votes, ag.project_report(votes, bootstrap=resamples)
+
+
+projects = list_projects(engine)
+if not projects:
+    st.info("No projects yet: create one on the Projects page.")
+    st.stop()
+c1, c2 = st.columns([3, 1])
+name = c1.selectbox("Project", [p.name for p in projects], key="quality_project")
+resamples = c2.number_input("Bootstrap resamples", min_value=0, max_value=5000, value=1000, step=500, key="quality_resamples")
+with st.spinner("Computing agreement…"):
+    votes, report = project_quality(get_settings().db_url, name, int(resamples))
+
+if report["n_labels"] == 0:
+    st.info("No annotations in this project yet.")
+    st.stop()
+
+
+def show(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def interval(ci) -> str | None:
+    return None if not ci else f"95% CI [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+st.caption(
+    f"{report['n_items']} items ({report['n_items_multi']} with two or more labels), "
+    f"{report['n_annotators']} annotators, {report['n_labels']} labels"
+)
+ci = report["intervals"]
+m = st.columns(5)
+m[0].metric("Percent agreement", show(report["percent_agreement"]), help=interval(ci["percent_agreement"]))
+m[1].metric("Cohen's kappa (mean)", show(report["cohen_kappa"]["mean"]), help=interval(ci["cohen_kappa"]))
+m[2].metric("Fleiss' kappa", show(report["fleiss_kappa"]), help=interval(ci["fleiss_kappa"]))
+m[3].metric("Krippendorff α nominal", show(report["krippendorff_alpha"]["nominal"]), help=interval(ci["krippendorff_alpha"]["nominal"]))
+m[4].metric("Krippendorff α ordinal", show(report["krippendorff_alpha"]["ordinal"]), help=interval(ci["krippendorff_alpha"]["ordinal"]))
+intervals = {
+    "percent agreement": ci["percent_agreement"], "Cohen's kappa": ci["cohen_kappa"], "Fleiss' kappa": ci["fleiss_kappa"],
+    "alpha nominal": ci["krippendorff_alpha"]["nominal"], "alpha ordinal": ci["krippendorff_alpha"]["ordinal"],
+}
+shown = [f"{k} [{v[0]:.3f}, {v[1]:.3f}]" for k, v in intervals.items() if v]
+if shown:
+    st.caption(f"95% bootstrap intervals ({report['bootstrap']['resamples']} resamples of items): " + "; ".join(shown))
+for key, note in report["notes"].items():
+    st.info(f"{key}: {note}")
+st.caption(
+    f"Ordinal scale: {report['ordinal_scale']['values']}; {report['ordinal_scale']['excluded']} labels left out "
+    f"({report['ordinal_scale']['excluded_why']})."
+)
+
+annotators_tab, time_tab, disputed_tab = st.tabs(["Annotators", "Over time", "Disputed items"])
+
+# ----------------------------------------------------------------------------- annotators
+
+with annotators_tab:
+    table = pd.DataFrame(report["annotators"])
+    st.subheader("Per annotator")
+    flagged = table[table["outlier"]]
+    if len(flagged):
+        st.warning("Marked: " + "; ".join(f"{r.annotator} ({r.outlier_reasons})" for r in flagged.itertuples()))
+    columns = {
+        "annotator": "Annotator", "outlier_reasons": "Marked", "count": "Labels", "loo_agreement": "Agrees with others",
+        "gold_accuracy": "Gold accuracy", "n_gold": "Gold items", "left_rate": "Chose left", "position_p": "Left bias p",
+        "tie_rate": "Ties", "median_duration_ms": "Median ms",
+    }
+    st.dataframe(
+        table.sort_values(["outlier", "loo_agreement"], ascending=[False, True])[list(columns)].rename(columns=columns),
+        hide_index=True, width="stretch", key="quality_annotators",
+    )
+
+    pairs = pd.DataFrame(report["cohen_kappa"]["pairs"])
+    st.subheader("Cohen's kappa between annotators")
+    if pairs.empty or pairs["kappa"].isna().all():
+        st.info(report["notes"].get("cohen_kappa", "No pair of annotators shares enough items."))
+    else:
+        both = pd.concat([pairs, pairs.rename(columns={"annotator_1": "annotator_2", "annotator_2": "annotator_1"})])
+        base = alt.Chart(both).encode(
+            x=alt.X("annotator_1:N", title=None), y=alt.Y("annotator_2:N", title=None),
+            tooltip=["annotator_1", "annotator_2", alt.Tooltip("kappa:Q", format=".3f"), "n_items"],
+        )
+        heat = base.mark_rect().encode(color=alt.Color("kappa:Q", scale=alt.Scale(domain=[-1, 1], scheme="redblue")))
+        labels = base.mark_text(fontSize=11).encode(text=alt.Text("kappa:Q", format=".2f"))
+        st.altair_chart(heat + labels, width="stretch")
+        st.caption(f"Pairs sharing at least {report['cohen_kappa']['min_shared']} items.")
+
+    left, right = st.columns(2)
+    bars = alt.Chart(table).encode(
+        y=alt.Y("annotator:N", title=None),
+        color=alt.condition("datum.outlier", alt.value("#d62728"), alt.value("#4c78a8")),
+    )
+    with left:
+        st.subheader("Position bias")
+        half = alt.Chart(pd.DataFrame({"x": [0.5]})).mark_rule(strokeDash=[4, 4]).encode(x="x:Q")
+        chart = bars.mark_bar().encode(
+            x=alt.X("left_rate:Q", title="share of A/B choices for the left response", scale=alt.Scale(domain=[0, 1])),
+            tooltip=["annotator", alt.Tooltip("left_rate:Q", format=".3f"), "n_sided", alt.Tooltip("position_p:Q", format=".2g")],
+        )
+        st.altair_chart(chart + half, width="stretch")
+    with right:
+        st.subheader("Tie rate")
+        chart = bars.mark_bar().encode(
+            x=alt.X("tie_rate:Q", title="share of labels that are ties", scale=alt.Scale(domain=[0, 1])),
+            tooltip=["annotator", alt.Tooltip("tie_rate:Q", format=".3f"), "count"],
+        )
+        st.altair_chart(chart, width="stretch")
+
+# ----------------------------------------------------------------------------- over time
+
+with time_tab:
+    freq = st.radio("Period", ["day", "week"], horizontal=True, key="quality_freq")
+    series = ag.agreement_over_time(votes, {"day": "D", "week": "W"}[freq])
+    if series.empty:
+        st.info("No item has two or more labels yet.")
+    else:
+        line = alt.Chart(series).mark_line(point=True).encode(
+            x=alt.X("period:T", title=None),
+            y=alt.Y("agreement:Q", title="agreement with the others on the item", scale=alt.Scale(domain=[0, 1])),
+            tooltip=[alt.Tooltip("period:T"), alt.Tooltip("agreement:Q", format=".3f"), "n_labels"],
+        )
+        st.altair_chart(line, width="stretch")
+        st.caption("Each label counts by when it was given: the share of the other annotators of that item who chose the same.")
+
+# ----------------------------------------------------------------------------- disputed items
+
+with disputed_tab:
+    disputed = ag.disputed_items(votes, "choice", DISPUTED_SHOWN)
+    if not disputed:
+        st.info("No item has two or more labels yet.")
+    else:
+        st.dataframe(pd.DataFrame(disputed), hide_index=True, width="stretch", key="quality_disputed")
+        details = ag.load_items(engine, [d["item_id"] for d in disputed])
+        vote_columns = ["annotator", "choice", "strength", "shown_swapped", "duration_ms", "created_at"]
+        for row in disputed:
+            item_id = row["item_id"]
+            with st.expander(f"Item {item_id}: agreement {row['agreement']:.2f}, votes {row['votes']}"):
+                if item_id in details.index:
+                    item = details.loc[item_id]
+                    # item text is untrusted: plain text only, never HTML or markdown
+                    st.text("Prompt:\n" + prompt_text(item["prompt"]))
+                    a, b = st.columns(2)
+                    a.text("Response A:\n" + str(item["response_a"]))
+                    b.text("Response B:\n" + str(item["response_b"]))
+                    if item["gold_choice"]:
+                        st.caption(f"Gold: {item['gold_choice']}")
+                st.dataframe(votes.loc[votes["item_id"] == item_id, vote_columns], hide_index=True, width="stretch")
