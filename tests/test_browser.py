@@ -17,7 +17,9 @@ import re
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
+from annotation.store import Annotation, User, make_engine, session_factory
 from browser_helpers import IMG_PAYLOAD, PASSWORD, PROJECT, SCRIPT_PAYLOAD, free_port, prepare_store, start_app
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -25,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "tests" / "artifacts"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
+STRENGTH_NAMES = {"Q": "slight", "W": "clear", "E": "strong"}
 WAIT_MS = 30_000  # per step; the machine is shared, a Streamlit rerun can take seconds
 
 pytestmark = [
@@ -34,10 +37,17 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app_db(tmp_path_factory) -> str:
     where = tmp_path_factory.mktemp("browser_app")
-    data_dir, db_url = where / "data", f"sqlite:///{where / 'rlhf.db'}"
-    prepare_store(data_dir, db_url).dispose()
+    db_url = f"sqlite:///{where / 'rlhf.db'}"
+    prepare_store(where / "data", db_url).dispose()
+    return db_url
+
+
+@pytest.fixture(scope="module")
+def app_url(app_db):
+    where = Path(app_db.split("///", 1)[1]).parent
+    data_dir, db_url = where / "data", app_db
     port = free_port()
     proc = start_app(REPO, {"RLHF_DATA_DIR": str(data_dir), "RLHF_DB_URL": db_url, "HF_HUB_OFFLINE": "1"}, port, where / "streamlit.log")
     try:
@@ -102,13 +112,14 @@ def metric_value(page, label: str):
     return page.get_by_test_id("stMetric").filter(has_text=label).get_by_test_id("stMetricValue")
 
 
-def annotate_three_by_keyboard(page, check_xss: bool, screenshot: str | None) -> int:
-    """Annotate three items pressing only keys: 1 or 2 (whichever side holds the GOOD response), then Enter.
-    Returns how many of the items shown carried the HTML payloads."""
+def annotate_by_keyboard(page, n_items: int, done_before: int, strength_key: str | None,
+                         check_xss: bool = False, screenshot: str | None = None) -> int:
+    """Annotate items pressing only keys: 1 or 2 (whichever side holds the GOOD response), optionally a
+    strength key (Q/W/E), then Enter. Returns how many of the items shown carried the HTML payloads."""
     from playwright.sync_api import expect
 
     payload_items = 0
-    for n in range(3):
+    for n in range(done_before, done_before + n_items):
         left, right = page.locator(".st-key-ann_left"), page.locator(".st-key-ann_right")
         expect(left).to_be_visible()
         settle(page)
@@ -123,10 +134,12 @@ def annotate_three_by_keyboard(page, check_xss: bool, screenshot: str | None) ->
         assert ("GOOD" in right_text) == (key == "2"), "exactly one side holds the better response"
         page.keyboard.press(key)
         expect(page.get_by_text(f"Your choice: Response {key} better")).to_be_visible()
+        if strength_key:
+            page.keyboard.press(strength_key)
+            expect(page.get_by_text(f"Your choice: Response {key} better, {STRENGTH_NAMES[strength_key]}")).to_be_visible()
         page.keyboard.press("Enter")
         expect(metric_value(page, "My annotations in total")).to_have_text(str(n + 1))
         expect(page.get_by_text("Your choice:")).to_have_count(0)
-    expect(page.get_by_text("No items left for you in this project")).to_be_visible()
     return payload_items
 
 
@@ -139,7 +152,7 @@ def assert_payloads_inert(page):
     expect(page.get_by_text(IMG_PAYLOAD).first).to_be_visible()
 
 
-def test_two_annotators_by_keyboard_then_researcher_exports(app_url, browser, tmp_path):
+def test_two_annotators_by_keyboard_then_researcher_exports(app_url, app_db, browser, tmp_path):
     from playwright.sync_api import expect
 
     # --- annotators: log in, then keys only
@@ -153,12 +166,30 @@ def test_two_annotators_by_keyboard_then_researcher_exports(app_url, browser, tm
         if i == 0:
             settle(page)
             page.screenshot(path=str(ARTIFACTS / "03_annotate.png"))
-        payload_items += annotate_three_by_keyboard(page, check_xss=True, screenshot="04_annotate_payload_item.png" if i == 0 else None)
+        payload_items += annotate_by_keyboard(page, 3, 0, "W" if username == "ann1" else None, check_xss=True,
+                                              screenshot="04_annotate_payload_item.png" if i == 0 else None)
+        expect(page.get_by_text("No items left for you in this project")).to_be_visible()
+        if username == "ann2":
+            # Undo by key: the last item comes back and is answered again, still without the mouse.
+            page.keyboard.press("Z")
+            expect(page.get_by_text("Your last annotation was undone")).to_be_visible()
+            expect(metric_value(page, "My annotations in total")).to_have_text("2")
+            annotate_by_keyboard(page, 1, 2, "E")
+            expect(page.get_by_text("No items left for you in this project")).to_be_visible()
         assert page.evaluate("() => typeof window.__xss") == "undefined"
         # An annotator's menu offers no researcher page.
         assert page.get_by_test_id("stSidebarNav").get_by_role("link", name="Data").count() == 0
         page.context.close()
     assert payload_items == 2, "each annotator met the item with the payloads"
+    engine = make_engine(app_db)
+    with session_factory(engine)() as session:
+        rows = session.execute(select(User.username, Annotation).join(Annotation, Annotation.annotator_id == User.id)
+                               .order_by(Annotation.id)).all()
+    engine.dispose()
+    assert len(rows) == 6
+    assert [a.strength for name, a in rows if name == "ann1"] == [2, 2, 2]
+    assert [a.strength for name, a in rows if name == "ann2"] == [None, None, 3]  # the redone item last
+    assert all(a.duration_ms > 0 for _, a in rows)
 
     # --- researcher: six annotations, an export downloaded and read back
     page = new_page(browser)
