@@ -442,7 +442,7 @@ def run_claimed(engine: Engine, settings, job: dict, *, poll: float = 1.0, grace
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
-    term_at = None
+    term_at = stray_since = None
     last_beat = last_check = time.monotonic()
     try:
         while proc.poll() is None:
@@ -465,8 +465,10 @@ def run_claimed(engine: Engine, settings, job: dict, *, poll: float = 1.0, grace
                 continue
             if write:
                 last_beat = now
-            if (cancel or not running) and term_at is None:
-                log(f"job {job_id}: {'cancel requested' if cancel else 'no longer running'}, stopping it")
+            if not running and stray_since is None:
+                stray_since = now  # finished by the job itself (it is exiting) or marked lost by a reaper
+            if term_at is None and (cancel or (stray_since is not None and now - stray_since > grace)):
+                log(f"job {job_id}: {'cancel requested' if cancel else 'no longer running but its process is'}, stopping it")
                 _signal_group(proc, signal.SIGTERM)
                 term_at = now
     except BaseException:

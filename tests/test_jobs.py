@@ -297,6 +297,7 @@ def test_param_options_parse_json_values_and_refuse_malformed_pairs():
         _params([], "[1]")
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # export itself is tested on both DBs in test_io
 def test_export_job_writes_the_projects_pairs_into_its_run_dir(jset, tmp_path):
     from annotation.io import import_file
 
