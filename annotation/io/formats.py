@@ -154,14 +154,28 @@ def prompt_as_hh(prompt: str | list[dict]) -> str:
 
 
 def canonical_json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    """Compact JSON text. Keys keep their order (not sorted): the importer rebuilds every chat
+    message as {"role", "content"}, so equal prompts give equal text, and stored metadata keeps the
+    order its author wrote."""
+    if type(value) is str:
+        return _encode_str(value)
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def item_hash(prompt: str | list[dict], response_1: str, response_2: str) -> str:
+# json's own (C) string encoder for ensure_ascii=False: the same text as json.dumps gives a str.
+_encode_str = json.encoder.encode_basestring
+
+
+def item_hash(prompt: str | list[dict], response_1: str, response_2: str, prompt_json: str | None = None) -> str:
     """Content hash of an item; the order of the two responses does not matter, so the same
-    comparison imported with its sides swapped is the same item."""
-    lo, hi = sorted((response_1, response_2))
-    return hashlib.sha256(canonical_json([prompt, lo, hi]).encode("utf-8")).hexdigest()
+    comparison imported with its sides swapped is the same item. `prompt_json`, when the caller
+    has it, is canonical_json(prompt) (the import stores that text, so it is encoded once)."""
+    lo, hi = (response_1, response_2) if response_1 <= response_2 else (response_2, response_1)
+    if prompt_json is None:
+        prompt_json = canonical_json(prompt)
+    # Same text as canonical_json([prompt, lo, hi]), built from the parts.
+    text = "[" + prompt_json + "," + _encode_str(lo) + "," + _encode_str(hi) + "]"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def prompt_hash(prompt: str | list[dict]) -> str:
@@ -224,7 +238,8 @@ def detect_format(obj: dict) -> str | None:
     if "response_a" in obj or "response_b" in obj:
         return "pairs"
     if "chosen" in obj or "rejected" in obj:
-        if any(isinstance(obj.get(k), list) for k in ("prompt", "chosen", "rejected")):
+        get = obj.get
+        if type(get("chosen")) is list or type(get("rejected")) is list or type(get("prompt")) is list:
             return "trl-conversational"
         if "prompt" in obj:
             return "trl"
