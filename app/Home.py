@@ -18,17 +18,19 @@ DEFAULT_MODELS = ("SmolLM2-135M-Instruct", "all-MiniLM-L6-v2")
 
 
 def _login_form() -> None:
-    st.title("RLHF Studio")
-    st.write("Log in to annotate or to manage projects.")
-    with st.form("login", enter_to_submit=True):
-        username = st.text_input("Username", key="login_username")
-        password = st.text_input("Password", type="password", key="login_password")
-        submitted = st.form_submit_button("Log in", type="primary")
-    if submitted:
-        if try_log_in(username, password) is None:
-            st.error(WRONG_LOGIN_MESSAGE)
-        else:
-            st.rerun()
+    _, middle, _ = st.columns([1, 1.3, 1])
+    with middle:
+        st.title("RLHF Studio")
+        st.write("Log in to annotate or to manage projects.")
+        with st.form("login", enter_to_submit=True):
+            username = st.text_input("Username", key="login_username")
+            password = st.text_input("Password", type="password", key="login_password")
+            submitted = st.form_submit_button("Log in", type="primary")
+        if submitted:
+            if try_log_in(username, password) is None:
+                st.error(WRONG_LOGIN_MESSAGE)
+            else:
+                st.rerun()
 
 
 def _status() -> None:

@@ -111,6 +111,21 @@ def test_page_refuses_wrong_role_or_no_login(store, page, username):
     assert expected in at.error[0].value
 
 
+ALL_PAGES = sorted((APP / "pages").glob("[0-9]*_*.py"))
+
+
+@pytest.mark.parametrize("path", ALL_PAGES, ids=[p.stem for p in ALL_PAGES])
+def test_every_page_refuses_by_the_menu_roles(store, path):
+    """Every page file, whoever wrote it, refuses a visitor who is not logged in and each role that the
+    menu (app.ui.PAGE_ROLES) does not offer it to: an opened URL shows nothing but the refusal."""
+    from app.ui import allowed_pages
+
+    assert refused(open_page(path))
+    for username, role in (("ann1", "annotator"), ("res", "researcher")):
+        if path not in allowed_pages(role):
+            assert refused(open_page(path, store, username)), f"{path.name} did not refuse a {role}"
+
+
 @pytest.mark.parametrize("page,username", [("annotate", "ann1"), ("annotate", "res"), ("projects", "res"), ("data", "res"),
                                            ("users", "admin"), ("projects", "admin"), ("data", "admin")])
 def test_page_opens_for_allowed_role(store, page, username):
