@@ -473,13 +473,15 @@ def run_claimed(engine: Engine, settings, job: dict, *, poll: float = 1.0, grace
                 term_at = now
     except BaseException:
         # The worker itself is stopping (Ctrl-C, SIGTERM): take the job down with it, and say so.
+        # Marked first, so the job's own "cancelled" on SIGTERM does not hide why it stopped.
+        with contextlib.suppress(SQLAlchemyError):
+            _finish(engine, job_id, "failed", "the worker was stopped while the job ran; nothing was registered")
         _signal_group(proc, signal.SIGTERM)
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             _signal_group(proc, signal.SIGKILL)
             proc.wait()
-        _finish(engine, job_id, "failed", "the worker was stopped while the job ran; nothing was registered")
         raise
     rc = proc.returncode
     # The child normally records its own outcome; if it could not (killed, crashed), do it here.

@@ -225,6 +225,24 @@ def test_worker_killed_mid_job_leaves_the_job_failed_on_next_start_and_nothing_r
     assert models(eng) == []
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_worker_stopped_with_sigterm_stops_its_job_and_marks_it_failed(jset):
+    s, eng = jset
+    job_id = jobs.submit_job(eng, "t_loop", {"seconds": 30})
+    worker = subprocess.Popen(CLI + ["worker", "--poll", "0.2"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (j := jobs.get_job(eng, job_id))["status"] == "running" and j["progress"] > 0, timeout=60)
+        child_pid = int((jobs.job_run_dir(s, job_id) / "pid").read_text())
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    job = jobs.get_job(eng, job_id)
+    assert job["status"] == "failed" and job["message"].startswith("the worker was stopped") and models(eng) == []
+    assert pid_gone(child_pid)
+
+
 def test_stale_heartbeat_from_another_host_is_reaped_and_a_fresh_one_is_not(jset):
     import datetime as dt
 
