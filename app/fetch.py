@@ -112,6 +112,9 @@ def install_atomically(model_dir: Path, name: str, source: dict, build: Callable
         info = build(tmp)
         marker = {**source, **(info or {}), "files": _file_sizes(tmp),
                   "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                path.chmod(0o644)  # save_pretrained writes some files 0600; the app may run as another user
         # The marker is written last: a directory without one is never taken as complete.
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         if target.exists():

@@ -55,7 +55,6 @@ EXTRA_HANDLERS_ENV = "RLHF_EXTRA_JOB_HANDLERS"
 CANCEL_GRACE_SECONDS = 10.0
 """How long a job may take to stop after SIGTERM before the worker sends SIGKILL."""
 LOG_NAME = "job.log"
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 class JobError(AnnotationError):
