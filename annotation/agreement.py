@@ -783,19 +783,24 @@ def disputed_items(votes: pd.DataFrame, label: str = "choice", top: int = 10) ->
     return [{k: _clean(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
 
 
-def agreement_over_time(votes: pd.DataFrame, freq: str = "D", label: str = "choice") -> pd.DataFrame:
-    """Per period of created_at: labels given and their mean agreement with the other labels on the same
-    item (share of the other annotators who chose the same), over items with two or more labels."""
+def agreement_over_time(votes: pd.DataFrame, freq: str = "D", label: str = "choice", by_annotator: bool = False) -> pd.DataFrame:
+    """Per period of created_at (and annotator, with `by_annotator`): labels given and their mean
+    agreement with the other labels on the same item (the share of the item's other annotators who
+    chose the same), over items with two or more labels."""
+    columns = ["period", *(["annotator"] if by_annotator else []), "n_labels", "agreement"]
     votes = votes[votes[label].notna()]
     if votes.empty or "created_at" not in votes.columns:
-        return pd.DataFrame(columns=["period", "n_labels", "agreement"])
+        return pd.DataFrame(columns=columns)
     codes = encode(votes, label)
     counts = codes.counts
     n = counts.sum(1)[codes.t]
     same = counts[codes.t, codes.k] - 1
     multi = n >= 2
-    frame = pd.DataFrame(
-        {"period": pd.to_datetime(votes["created_at"]).dt.to_period(freq).dt.start_time.to_numpy()[multi],
-         "agreement": (same / np.maximum(n - 1, 1))[multi]}
-    )
-    return frame.groupby("period").agg(n_labels=("agreement", "size"), agreement=("agreement", "mean")).reset_index()
+    frame = pd.DataFrame({
+        "period": pd.to_datetime(votes["created_at"]).dt.to_period(freq).dt.start_time.to_numpy()[multi],
+        "annotator": votes["annotator"].to_numpy(dtype=object)[multi],
+        "agreement": (same / np.maximum(n - 1, 1))[multi],
+    })
+    keys = ["period", "annotator"] if by_annotator else ["period"]
+    out = frame.groupby(keys).agg(n_labels=("agreement", "size"), agreement=("agreement", "mean")).reset_index()
+    return out[columns]

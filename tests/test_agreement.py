@@ -330,6 +330,9 @@ def test_item_table_sorts_most_disputed_first_and_time_series():
     assert [d["item_id"] for d in ag.disputed_items(votes, top=3)] == [2, 3, 1]
     series = ag.agreement_over_time(votes, "D")
     assert series["agreement"].tolist() == [1.0, 0.0] and series["n_labels"].tolist() == [3, 5]
+    per = ag.agreement_over_time(votes, "D", by_annotator=True).set_index(["period", "annotator"])
+    assert per.loc[(pd.Timestamp("2026-01-02"), "x"), "agreement"] == 0.0 and per.loc[(pd.Timestamp("2026-01-02"), "x"), "n_labels"] == 2
+    assert per.loc[(pd.Timestamp("2026-01-01"), "z"), "agreement"] == 1.0
 
 
 # --------------------------------------------------------------------------- CSV

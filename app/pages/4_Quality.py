@@ -100,9 +100,20 @@ with annotators_tab:
         "gold_accuracy": "Gold accuracy", "n_gold": "Gold items", "left_rate": "Chose left", "position_p": "Left bias p",
         "tie_rate": "Ties", "median_duration_ms": "Median ms",
     }
+    rate = st.column_config.NumberColumn(format="%.3f")
     st.dataframe(
         table.sort_values(["outlier", "loo_agreement"], ascending=[False, True])[list(columns)].rename(columns=columns),
         hide_index=True, width="stretch", key="quality_annotators",
+        column_config={
+            "Agrees with others": rate, "Gold accuracy": rate, "Chose left": rate, "Ties": rate,
+            "Left bias p": st.column_config.NumberColumn(format="%.1e"),
+            "Median ms": st.column_config.NumberColumn(format="%d"),
+        },
+    )
+    st.caption(
+        "Agrees with others: share of labels equal to the majority of the item's other annotators (items where "
+        "they tie left out). Chose left: share of A/B choices for the response shown on the left; "
+        "Left bias p: binomial test against 0.5."
     )
 
     pairs = pd.DataFrame(report["cohen_kappa"]["pairs"])
@@ -117,19 +128,23 @@ with annotators_tab:
         )
         heat = base.mark_rect().encode(color=alt.Color("kappa:Q", scale=alt.Scale(domain=[-1, 1], scheme="redblue")))
         labels = base.mark_text(fontSize=11).encode(text=alt.Text("kappa:Q", format=".2f"))
-        st.altair_chart(heat + labels, width="stretch")
+        st.altair_chart((heat + labels).properties(height=36 * report["n_annotators"] + 40), width="stretch")
         st.caption(f"Pairs sharing at least {report['cohen_kappa']['min_shared']} items.")
 
     left, right = st.columns(2)
-    bars = alt.Chart(table).encode(
-        y=alt.Y("annotator:N", title=None),
-        color=alt.condition("datum.outlier", alt.value("#d62728"), alt.value("#4c78a8")),
-    )
+    table["biased"] = table["outlier_reasons"].str.contains("position bias")
+    table["many_ties"] = table["outlier_reasons"].str.contains("many ties")
+
+    def marked(flag: str) -> alt.Color:
+        return alt.condition(f"datum.{flag}", alt.value("#d62728"), alt.value("#4c78a8"))
+
+    bars = alt.Chart(table).encode(y=alt.Y("annotator:N", title=None))
     with left:
         st.subheader("Position bias")
         half = alt.Chart(pd.DataFrame({"x": [0.5]})).mark_rule(strokeDash=[4, 4]).encode(x="x:Q")
         chart = bars.mark_bar().encode(
             x=alt.X("left_rate:Q", title="share of A/B choices for the left response", scale=alt.Scale(domain=[0, 1])),
+            color=marked("biased"),
             tooltip=["annotator", alt.Tooltip("left_rate:Q", format=".3f"), "n_sided", alt.Tooltip("position_p:Q", format=".2g")],
         )
         st.altair_chart(chart + half, width="stretch")
@@ -137,23 +152,30 @@ with annotators_tab:
         st.subheader("Tie rate")
         chart = bars.mark_bar().encode(
             x=alt.X("tie_rate:Q", title="share of labels that are ties", scale=alt.Scale(domain=[0, 1])),
+            color=marked("many_ties"),
             tooltip=["annotator", alt.Tooltip("tie_rate:Q", format=".3f"), "count"],
         )
         st.altair_chart(chart, width="stretch")
+    st.caption("Red: marked for this reason.")
 
 # ----------------------------------------------------------------------------- over time
 
 with time_tab:
-    freq = st.radio("Period", ["day", "week"], horizontal=True, key="quality_freq")
-    series = ag.agreement_over_time(votes, {"day": "D", "week": "W"}[freq])
+    t1, t2 = st.columns(2)
+    freq = t1.radio("Period", ["day", "week"], horizontal=True, key="quality_freq")
+    per_annotator = t2.checkbox("One line per annotator", key="quality_per_annotator")
+    series = ag.agreement_over_time(votes, {"day": "D", "week": "W"}[freq], by_annotator=per_annotator)
     if series.empty:
         st.info("No item has two or more labels yet.")
     else:
         line = alt.Chart(series).mark_line(point=True).encode(
             x=alt.X("period:T", title=None),
             y=alt.Y("agreement:Q", title="agreement with the others on the item", scale=alt.Scale(domain=[0, 1])),
-            tooltip=[alt.Tooltip("period:T"), alt.Tooltip("agreement:Q", format=".3f"), "n_labels"],
+            tooltip=[alt.Tooltip("period:T"), *(["annotator"] if per_annotator else []),
+                     alt.Tooltip("agreement:Q", format=".3f"), "n_labels"],
         )
+        if per_annotator:
+            line = line.encode(color="annotator:N")
         st.altair_chart(line, width="stretch")
         st.caption("Each label counts by when it was given: the share of the other annotators of that item who chose the same.")
 
