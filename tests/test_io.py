@@ -310,13 +310,28 @@ def test_parquet_export_holds_the_same_rows_as_jsonl(engine, tmp_path):
         assert table == rows and report.exported == len(rows) > 0
 
 
+def test_fast_jsonl_lines_are_exactly_the_json_of_the_rows():
+    from annotation.io import Pair
+
+    chat = [{"role": "system", "content": "Be \"brief\"."}, {"role": "user", "content": "Café?\n\u2028"}]
+    meta = {"item_id": 3, "external_id": 'x"1\\', "n_annotations": 3, "agreement": 1 / 3, "confidence": 2 / 3}
+    for prompt in ("\n\nHuman: hi é\n\nAssistant:", chat, "plain \t text"):
+        for margin in (None, 1 / 3):
+            pair = Pair(prompt, " yes \x01", "no", margin, meta)
+            for fmt in ("trl", "trl-conversational", "hh"):
+                for with_margin in (False, True):
+                    line = exporter_mod._pair_line(fmt, pair, with_margin)
+                    row = exporter_mod._pair_row(fmt, pair, with_margin)
+                    assert line == json.dumps(row, ensure_ascii=False), (fmt, prompt, margin, with_margin)
+
+
 def test_failed_export_leaves_the_previous_file_and_no_temporary(engine, tmp_path, monkeypatch):
     make_voted_project(engine, [["a"]] * 10)
     (tmp_path / "exports").mkdir()
     out = tmp_path / "exports" / "out.jsonl"
     out.write_text("previous export\n")
     calls = {"n": 0}
-    real = exporter_mod._pair_row
+    real = exporter_mod._pair_line
 
     def crash_after_three(*args):
         calls["n"] += 1
@@ -324,7 +339,7 @@ def test_failed_export_leaves_the_previous_file_and_no_temporary(engine, tmp_pat
             raise RuntimeError("disk on fire")
         return real(*args)
 
-    monkeypatch.setattr(exporter_mod, "_pair_row", crash_after_three)
+    monkeypatch.setattr(exporter_mod, "_pair_line", crash_after_three)
     with pytest.raises(RuntimeError):
         export(engine, "v", "trl", out)
     assert out.read_text() == "previous export\n" and [p.name for p in out.parent.iterdir()] == ["out.jsonl"]

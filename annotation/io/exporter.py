@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pandas as pd
-from sqlalchemy import func, select
+from sqlalchemy import Text, func, select, type_coerce
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
@@ -32,6 +32,7 @@ EXPORT_FORMATS = ("trl", "trl-conversational", "hh", "annotations")
 MARGIN_FROM = ("none", "confidence")
 DEFAULT_TEST_FRACTION = 0.1
 STREAM_ROWS = 5_000
+_scanstring = json.decoder.scanstring
 
 _items = Item.__table__
 _annotations = Annotation.__table__
@@ -118,8 +119,12 @@ def _labels(conn: Connection, project_id: int, aggregation: str) -> dict[int, tu
 def _iter_pairs(conn: Connection, project_id: int, report: ExportReport, *, aggregation: str, min_agreement, min_confidence,
                 split, test_fraction, margin_from) -> Iterator[Pair]:
     labels = _labels(conn, project_id, aggregation)
+    # SQLite hands JSON back as text and SQLAlchemy decodes it with json.loads: a third of the
+    # export time. Most prompts are one JSON string, which json's C scanner decodes directly.
+    raw_json = conn.dialect.name == "sqlite"
+    prompt_col = type_coerce(_items.c.prompt, Text) if raw_json else _items.c.prompt
     query = (
-        select(_items.c.id, _items.c.external_id, _items.c.prompt, _items.c.response_a, _items.c.response_b, _items.c.content_hash)
+        select(_items.c.id, _items.c.external_id, prompt_col, _items.c.response_a, _items.c.response_b, _items.c.content_hash)
         .where(_items.c.project_id == project_id)
         .order_by(_items.c.id)
     )
@@ -146,6 +151,8 @@ def _iter_pairs(conn: Connection, project_id: int, report: ExportReport, *, aggr
         if split is not None and split_of(content_hash, test_fraction) != split:
             report.other_split += 1
             continue
+        if raw_json:
+            prompt = _scanstring(prompt, 1)[0] if prompt[:1] == '"' else json.loads(prompt)
         chosen, rejected = (response_a, response_b) if label == "a" else (response_b, response_a)
         meta = {"item_id": item_id, "external_id": external_id, "n_annotations": n, "agreement": agreement, "confidence": confidence}
         yield Pair(prompt, chosen, rejected, margin_of(confidence), meta, 0)
@@ -250,13 +257,38 @@ def _atomic_path(out_path: Path) -> Iterator[Path]:
         raise
 
 
-def _write_jsonl(path: Path, rows: Iterator[dict]) -> int:
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
+_str = json.encoder.encode_basestring  # json's C string encoder (ensure_ascii=False)
+
+
+def _pair_line(fmt: str, pair: Pair, with_margin: bool) -> str:
+    """The JSONL line of _pair_row(fmt, pair, with_margin), without building the dict: the same
+    text json would write, in about half the time (export speed is mostly this line)."""
+    if fmt == "trl-conversational":
+        return _dumps(_pair_row(fmt, pair, with_margin))
+    m = pair.metadata
+    meta = '{"item_id": %d, "external_id": %s, "n_annotations": %d, "agreement": %r, "confidence": %r}' % (
+        m["item_id"], "null" if m["external_id"] is None else _str(m["external_id"]), m["n_annotations"], m["agreement"], m["confidence"],
+    )
+    margin = (', "margin": ' + ("null" if pair.margin is None else repr(pair.margin))) if with_margin else ""
+    if fmt == "trl":
+        if isinstance(pair.prompt, str):
+            head = '{"prompt": ' + _str(pair.prompt) + ', "chosen": ' + _str(pair.chosen) + ', "rejected": ' + _str(pair.rejected)
+        else:
+            head = ('{"prompt": ' + _str(pair_text(pair.prompt)) + ', "chosen": ' + _str(_standard_response(pair.prompt, pair.chosen))
+                    + ', "rejected": ' + _str(_standard_response(pair.prompt, pair.rejected)))
+    else:  # hh
+        prompt = prompt_as_hh(pair.prompt)
+        head = '{"chosen": ' + _str(pair_text(prompt, pair.chosen)) + ', "rejected": ' + _str(pair_text(prompt, pair.rejected))
+    return head + margin + ', "metadata": ' + meta + "}"
+
+
+def _write_jsonl(path: Path, lines: Iterator[str]) -> int:
     n = 0
-    dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode
     with open(path, "w", encoding="utf-8", newline="\n") as fh:
         buf: list[str] = []
-        for row in rows:
-            buf.append(dumps(row))
+        for line in lines:
+            buf.append(line)
             n += 1
             if len(buf) >= STREAM_ROWS:
                 fh.write("\n".join(buf) + "\n")
@@ -347,10 +379,17 @@ def export(
         pid = _project_id(conn, project)
         if fmt == "annotations":
             rows = _iter_annotation_rows(conn, pid, report, split, test_fraction, flat=parquet)
+            if parquet:
+                report.exported = _write_parquet(tmp, rows, _parquet_schema(fmt, with_margin))
+            else:
+                report.exported = _write_jsonl(tmp, map(_dumps, rows))
         else:
             pairs = _iter_pairs(conn, pid, report, aggregation=aggregation, min_agreement=min_agreement,
                                 min_confidence=min_confidence, split=split, test_fraction=test_fraction, margin_from=margin_from)
-            rows = (_pair_row(fmt, p, with_margin) for p in pairs)
-        report.exported = _write_parquet(tmp, rows, _parquet_schema(fmt, with_margin)) if parquet else _write_jsonl(tmp, rows)
+            if parquet:
+                rows = (_pair_row(fmt, p, with_margin) for p in pairs)
+                report.exported = _write_parquet(tmp, rows, _parquet_schema(fmt, with_margin))
+            else:
+                report.exported = _write_jsonl(tmp, (_pair_line(fmt, p, with_margin) for p in pairs))
         report.sha256 = _file_sha256(tmp)
     return report
