@@ -1,0 +1,234 @@
+"""Loading the models PPO trains: the policy (a causal LM, left-padded), its value model (a
+scalar head on a copy of a backbone), LoRA adapters, and the dtype each device trains well in.
+
+    from ppo.models import load_policy
+    model, tokenizer = load_policy("data/models/SmolLM2-135M-Instruct", lora=True)
+
+With LoRA the reference policy is the same model with its adapters switched off
+(`with model.disable_adapter():`), so no second copy of the weights is kept in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ppo.errors import PPOError
+
+# Adapters on every linear layer of the blocks adapt more than attention-only adapters for the
+# same rank (QLoRA paper); r=16, alpha=32 is the common starting point for 100M-1B models.
+DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """bf16 where the hardware computes in it natively (recent GPUs, CPUs with AVX512-BF16/AMX),
+    float32 otherwise: emulated bf16 on a plain x86 CPU is several times slower than fp32."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+    return torch.float32
+
+
+def lora_config(lora: Any, task_type: str = "CAUSAL_LM"):
+    """A peft LoraConfig from True (defaults), a dict of LoraConfig fields, or a LoraConfig."""
+    from peft import LoraConfig
+
+    if isinstance(lora, LoraConfig):
+        return lora
+    fields = dict(DEFAULT_LORA)
+    if isinstance(lora, dict):
+        fields.update(lora)
+    elif lora is not True:
+        raise PPOError(f"lora must be True, a dict of LoraConfig fields or a LoraConfig, got {lora!r}")
+    try:
+        return LoraConfig(task_type=task_type, **fields)
+    except TypeError as exc:
+        raise PPOError(f"bad LoRA option: {exc}") from None
+
+
+def is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    # Prompts of different lengths must end at the same column so that generation continues
+    # every row from its last prompt token.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(path_or_hub_id: str | Path, dtype: torch.dtype | None = None, lora: Any = None):
+    """(model, tokenizer) for a causal LM directory or hub id; a LoRA adapter directory is loaded
+    on its base and merged. `lora` (True, a dict of LoraConfig fields or a LoraConfig) wraps the
+    model in fresh trainable adapters. The tokenizer pads on the left."""
+    from transformers import AutoModelForCausalLM
+
+    path = str(path_or_hub_id)
+    local = Path(path)
+    if (local.exists() or path.startswith((".", "/"))) and not (local / "config.json").exists() and not (
+        local / "adapter_config.json"
+    ).exists():
+        raise PPOError(f"policy {path}: not a model directory (no config.json or adapter_config.json)")
+    dtype = dtype or pick_dtype()
+    adapter_cfg = local / "adapter_config.json"
+    try:
+        if adapter_cfg.exists():
+            from peft import PeftModel
+
+            base_path = json.loads(adapter_cfg.read_text(encoding="utf-8"))["base_model_name_or_path"]
+            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+            model = PeftModel.from_pretrained(base, path).merge_and_unload()
+            tokenizer = _load_tokenizer(path if (local / "tokenizer_config.json").exists() else base_path)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            tokenizer = _load_tokenizer(path)
+    except OSError as exc:
+        raise PPOError(f"policy {path}: cannot load: {exc}") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if lora:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(lora))
+    return model, tokenizer
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    if is_peft(model):
+        model = model.get_base_model()
+    return getattr(model, model.base_model_prefix)
+
+
+def _head(model: nn.Module) -> nn.Module:
+    if is_peft(model):
+        model = model.get_base_model()
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise PPOError(f"value model {type(model).__name__} has no scalar head (score/classifier/v_head)")
+
+
+def load_value_model(path: str | Path, dtype: torch.dtype | None = None):
+    """A sequence-classification model with one output (a reward model directory, typically),
+    used per token as PPO's value model."""
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype or pick_dtype())
+    except (OSError, ValueError) as exc:
+        raise PPOError(f"value model {path}: cannot load as a sequence classifier: {exc}") from None
+    _head(model)
+    return model
+
+
+def value_model_from_policy(policy: nn.Module) -> nn.Module:
+    """A value model whose backbone is a copy of the policy's and whose scalar head starts at
+    zero, so the first values are 0 rather than noise the advantages would have to undo."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(policy.config)
+    config.num_labels = 1
+    dtype = next(policy.parameters()).dtype
+    value = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    _backbone(value).load_state_dict(_base_weights(_backbone(policy).state_dict()))
+    head = _head(value)
+    nn.init.zeros_(head.weight)
+    if getattr(head, "bias", None) is not None:
+        nn.init.zeros_(head.bias)
+    return value
+
+
+def _base_weights(state: dict) -> dict:
+    """A LoRA-wrapped module's state dict as the plain module's: adapters dropped, base names."""
+    out = {}
+    for key, tensor in state.items():
+        if "lora_" in key or ".modules_to_save." in key:
+            continue
+        out[key.replace(".base_layer", "").replace(".original_module", "")] = tensor
+    return out
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers map text to the same ids (then a reward model can be a value model)."""
+    return a.get_vocab() == b.get_vocab()
+
+
+def get_lora_policy(model: nn.Module, lora: Any) -> nn.Module:
+    """The policy wrapped in fresh trainable LoRA adapters (the base weights stay frozen)."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(lora))
+
+
+def add_value_lora(value: nn.Module, lora: Any) -> nn.Module:
+    """LoRA adapters on the value model's backbone; its scalar head stays fully trainable."""
+    from peft import get_peft_model
+
+    cfg = copy.deepcopy(lora_config(lora, task_type="SEQ_CLS"))
+    return get_peft_model(value, cfg)
+
+
+class PolicyAndValue(nn.Module):
+    """Both trained models behind one forward, so that one DDP wrapper syncs both and one
+    optimizer steps both (as TRL and CleanRL's shared-trunk agents do)."""
+
+    def __init__(self, policy: nn.Module, value: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value = value
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        logits = self.policy(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).logits
+        values = values_forward(self.value, input_ids, attention_mask, position_ids)
+        return logits, values
+
+
+def values_forward(value: nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """Per-token scalar values `[B, S]` from a sequence-classification model's backbone and head."""
+    hidden = _backbone(value)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    return _head(value)(hidden).squeeze(-1).float()
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that training changes (all of them, or only adapters and heads with LoRA)."""
+    return {name: p.detach().cpu().clone() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(module.named_parameters())
+    missing = sorted(set(state) - set(params))
+    if missing:
+        raise PPOError(f"checkpoint does not match the model: unknown parameters {missing[:3]}...")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor.to(params[name].device, params[name].dtype))

@@ -1,0 +1,796 @@
+"""PPO for language models on a reward model (Ziegler et al. 2019; Huang et al. 2024), one file
+that reads top to bottom like CleanRL's ppo.py: rollout, rewards and advantages, update, log.
+
+    from ppo.train import PPOConfig, train
+    result = train(PPOConfig(steps=100), load_policy(path), reward_fn, prompts, "runs/ppo-1")
+
+`run_ppo(...)` does the same from paths (policy dir, reward model dir, prompts); the CLI
+(`rlhf ppo`) and the job handler (`ppo.jobs.ppo`) call it. A run directory holds
+metrics.jsonl (one line per step), samples.jsonl, config.yaml, checkpoints/step-N/state.pt
+(everything needed to resume exactly), and, at the end, policy/ and value/ model directories.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from ppo import core
+from ppo.errors import PPOError
+
+logger = logging.getLogger("ppo.train")
+
+
+class TrainingCancelled(Exception):
+    """Raised between steps when the caller's `cancelled()` turns true; the last checkpoint stays."""
+
+
+@dataclass
+class PPOConfig:
+    """Every PPO hyperparameter, with the names TRL and lm-human-preferences use."""
+
+    # --- run
+    steps: int = 100
+    """PPO steps; each samples batch_size prompts, scores the responses and updates once."""
+    seed: int = 0
+    """Seed for prompt order, sampling, mini-batch shuffles and initialisation."""
+    # --- batch arithmetic
+    batch_size: int = 16
+    """Episodes (prompt + sampled response) per PPO step, summed over all processes."""
+    mini_batch_size: int = 4
+    """Episodes per optimiser step; batch_size / mini_batch_size optimiser steps per PPO epoch."""
+    gradient_accumulation_steps: int = 1
+    """Forward/backward passes per optimiser step; a pass sees mini_batch_size / this episodes."""
+    ppo_epochs: int = 4
+    """Passes over each batch of episodes."""
+    # --- optimiser
+    learning_rate: float = 1e-5
+    """AdamW learning rate at the top of the schedule."""
+    lr_scheduler: str = "linear"
+    """Learning-rate schedule over PPO steps: constant, linear (to 0) or cosine."""
+    warmup_steps: int = 0
+    """PPO steps of linear warm-up before the schedule."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip per optimiser step."""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (1e-5 as in CleanRL and lm-human-preferences)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    # --- sampling
+    max_prompt_length: int = 256
+    """Prompt tokens kept (the end of longer prompts)."""
+    max_new_tokens: int = 53
+    """Longest response in tokens; responses without EOS by then are cut there."""
+    temperature: float = 0.7
+    """Sampling temperature; the training log-probs use the same temperature."""
+    use_chat_template: bool = True
+    """Wrap prompts in the policy tokenizer's chat template when it has one."""
+    # --- reward
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of responses that end without EOS (0: off)."""
+    normalize_reward: bool = False
+    """Normalise scores by the running mean and std of all scores so far."""
+    ensemble_spread_coef: float = 0.0
+    """With a reward-model ensemble: reward = mean - this * spread across members."""
+    # --- KL penalty
+    kl_penalty: str = "k1"
+    """Per-token KL estimator in the reward: k1 (log ratio) or k3 (non-negative, lower variance)."""
+    init_kl_coef: float = 0.05
+    """KL coefficient (beta) at the start; fixed when adap_kl_ctrl is false."""
+    adap_kl_ctrl: bool = True
+    """Adapt the KL coefficient towards `target` (Ziegler et al.'s controller)."""
+    target: float = 6.0
+    """KL target per response, in nats, for the adaptive controller."""
+    horizon: int = 10000
+    """Episodes over which the adaptive controller corrects a KL error."""
+    kl_hard_limit: float = 0.0
+    """KL per response (nats) above which diagnostics flag divergence; 0: 3 x target."""
+    # --- PPO
+    cliprange: float = 0.2
+    """Policy ratio clip epsilon."""
+    cliprange_value: float = 0.2
+    """How far the value prediction may move from the rollout's value before it is clipped."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss."""
+    gamma: float = 1.0
+    """Discount per token."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Whiten advantages over each batch's response tokens."""
+    approx_kl_stop: Optional[float] = None
+    """Stop a step's update early once a mini-batch's approx KL to the rollout policy exceeds this."""
+    value_init: str = "policy"
+    """Value model from the policy's backbone or from the reward model (when it shares the tokenizer)."""
+    # --- LoRA
+    lora: bool = False
+    """Train LoRA adapters instead of all weights; the reference is the policy with adapters off."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA alpha (scale = alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA path."""
+    lora_target_modules: str = "all-linear"
+    """Modules given adapters: 'all-linear' or a comma-separated list of names."""
+    # --- output
+    save_every: int = 0
+    """Write a checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    samples_every: int = 10
+    """Write sample responses to samples.jsonl every N steps."""
+    tensorboard: bool = True
+    """Also log to TensorBoard under tb/ when the tensorboard package is installed."""
+    mlflow: bool = False
+    """Also log to MLflow when the mlflow package is installed."""
+
+    # ----------------------------------------------------------------------------------
+    def validate(self) -> "PPOConfig":
+        """Raise PPOError naming every field that is out of range or inconsistent."""
+        problems = []
+
+        def need(ok: bool, message: str):
+            if not ok:
+                problems.append(message)
+
+        for name in ("steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
+                     "max_new_tokens", "max_prompt_length", "horizon", "keep_checkpoints", "samples_every", "lora_r"):
+            need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("save_every", "warmup_steps", "missing_eos_penalty", "ensemble_spread_coef", "weight_decay",
+                     "init_kl_coef", "vf_coef", "kl_hard_limit", "lora_dropout"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("learning_rate", "temperature", "cliprange", "cliprange_value", "max_grad_norm", "adam_eps", "target"):
+            need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        need(0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}")
+        need(0 <= self.lam <= 1, f"lam must be in [0, 1], got {self.lam}")
+        need(self.kl_penalty in ("k1", "k3"), f"kl_penalty must be 'k1' or 'k3', got {self.kl_penalty!r}")
+        need(self.lr_scheduler in ("constant", "linear", "cosine"),
+             f"lr_scheduler must be constant, linear or cosine, got {self.lr_scheduler!r}")
+        need(self.value_init in ("policy", "reward"), f"value_init must be 'policy' or 'reward', got {self.value_init!r}")
+        need(self.approx_kl_stop is None or self.approx_kl_stop > 0,
+             f"approx_kl_stop must be > 0 or null (off), got {self.approx_kl_stop}")
+        if self.batch_size >= 1 and self.mini_batch_size >= 1 and self.batch_size % self.mini_batch_size:
+            problems.append(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size ({self.mini_batch_size})")
+        if self.mini_batch_size >= 1 and self.gradient_accumulation_steps >= 1 and self.mini_batch_size % self.gradient_accumulation_steps:
+            problems.append(f"mini_batch_size ({self.mini_batch_size}) must be a multiple of "
+                            f"gradient_accumulation_steps ({self.gradient_accumulation_steps})")
+        if problems:
+            raise PPOError("invalid PPO config: " + "; ".join(problems))
+        return self
+
+    def sizes(self, num_processes: int = 1) -> "Sizes":
+        """The batch arithmetic, worked out once (exact divisions or an error)."""
+        self.validate()
+        local = exact_div(self.batch_size, num_processes, "batch_size", "the number of processes")
+        mini = exact_div(self.mini_batch_size, num_processes, "mini_batch_size", "the number of processes")
+        return Sizes(
+            local_batch_size=local,
+            local_mini_batch_size=mini,
+            num_mini_batches=exact_div(self.batch_size, self.mini_batch_size, "batch_size", "mini_batch_size"),
+            micro_batch_size=exact_div(mini, self.gradient_accumulation_steps, "mini_batch_size per process",
+                                       "gradient_accumulation_steps"),
+        )
+
+    @property
+    def kl_limit(self) -> float:
+        return self.kl_hard_limit or 3.0 * self.target
+
+    def lora_options(self) -> dict:
+        modules = self.lora_target_modules
+        targets = modules if modules == "all-linear" else [m.strip() for m in modules.split(",") if m.strip()]
+        return {"r": self.lora_r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout, "target_modules": targets}
+
+    # ----------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "PPOConfig":
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in fields:
+                raise PPOError(f"{source}: unknown key '{key}'; known keys: {', '.join(sorted(fields))}")
+            kwargs[key] = _coerce(key, value, hints[key], source)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "PPOConfig":
+        """A config from a YAML mapping of field names, then `key=value` overrides (CLI --set)."""
+        import yaml
+
+        values: dict = {}
+        if path is not None:
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise PPOError(f"config {path}: cannot read: {exc.strerror}") from None
+            try:
+                loaded = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                mark = getattr(exc, "problem_mark", None)
+                where = f" line {mark.line + 1}" if mark else ""
+                raise PPOError(f"config {path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+            if loaded is None:
+                loaded = {}
+            if not isinstance(loaded, dict):
+                raise PPOError(f"config {path}: expected a mapping of PPO options (key: value), got {type(loaded).__name__}")
+            values.update(cls.from_dict(loaded, f"config {path}").to_dict_subset(loaded))
+        for item in overrides or []:
+            if "=" not in item:
+                raise PPOError(f"--set {item!r}: expected key=value, e.g. --set learning_rate=3e-6")
+            key, raw = item.split("=", 1)
+            key = key.strip()
+            try:
+                parsed = yaml.safe_load(raw) if raw.strip() else raw
+            except yaml.YAMLError:
+                parsed = raw
+            values.update(cls.from_dict({key: parsed}, f"--set {key}").to_dict_subset({key: parsed}))
+        return cls(**values).validate()
+
+    def to_dict_subset(self, keys) -> dict:
+        return {k: getattr(self, k) for k in keys}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    local_batch_size: int
+    """Episodes per PPO step on this process."""
+    local_mini_batch_size: int
+    """Episodes per optimiser step on this process."""
+    num_mini_batches: int
+    """Optimiser steps per PPO epoch."""
+    micro_batch_size: int
+    """Episodes per forward/backward pass."""
+
+
+def exact_div(a: int, b: int, a_name: str, b_name: str) -> int:
+    if b <= 0 or a % b:
+        raise PPOError(f"{a_name} ({a}) must be a multiple of {b_name} ({b})")
+    return a // b
+
+
+def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise PPOError(f"{source}: '{key}' cannot be empty; expected {base.__name__}")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise PPOError(f"{source}: '{key}' must be true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise PPOError(f"{source}: '{key}' must be a whole number, got {value!r}")
+        return int(value)
+    if base is float:
+        if isinstance(value, bool):
+            raise PPOError(f"{source}: '{key}' must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise PPOError(f"{source}: '{key}' must be a number, got {value!r}") from None
+    if base is str:
+        if not isinstance(value, str):
+            raise PPOError(f"{source}: '{key}' must be text, got {value!r}")
+        return value
+    return value
+
+
+def lr_factor(config: PPOConfig, completed_steps: int) -> float:
+    """Multiplier of the learning rate for the PPO step after `completed_steps` steps."""
+    if completed_steps < config.warmup_steps:
+        return (completed_steps + 1) / config.warmup_steps
+    progress = (completed_steps - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    if config.lr_scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    if config.lr_scheduler == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class PromptSampler:
+    """Which prompts each step uses: a fresh seeded shuffle of all prompts per pass over them, so
+    step s's batch depends only on (seed, s) and a resumed run samples the same prompts."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def indices(self, step: int, batch_size: int) -> list[int]:
+        out = []
+        for i in range((step - 1) * batch_size, step * batch_size):
+            epoch = i // self.n
+            if epoch not in self._perms:
+                g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+                self._perms = {epoch: torch.randperm(self.n, generator=g).tolist()}
+            out.append(self._perms[epoch][i % self.n])
+        return out
+
+
+class MetricsLog:
+    """metrics.jsonl plus, when installed and asked for, TensorBoard and MLflow."""
+
+    def __init__(self, out: Path, config: PPOConfig, keep_until: int):
+        self.path = out / "metrics.jsonl"
+        kept = []
+        if keep_until and self.path.exists():
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= keep_until]
+        self.history = [json.loads(line) for line in kept]
+        self.fh = open(self.path, "w", encoding="utf-8")
+        for line in kept:
+            self.fh.write(line + "\n")
+        self.fh.flush()
+        self.tb = self.mlflow = None
+        if config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"))
+            except ImportError:
+                pass
+        if config.mlflow:
+            try:
+                import mlflow
+
+                self.mlflow = mlflow
+                mlflow.log_params({k: v for k, v in config.to_dict().items()})
+            except ImportError:
+                logger.warning("mlflow=true but the mlflow package is not installed; logging to metrics.jsonl only")
+
+    def write(self, row: dict) -> None:
+        self.history.append(row)
+        self.fh.write(json.dumps(row) + "\n")
+        self.fh.flush()
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, row["step"])
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(scalars, step=row["step"])
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ======================================================================================
+def train(
+    config: PPOConfig,
+    policy,
+    reward_fn: Callable,
+    prompts: list,
+    output_dir: str | Path,
+    progress: Callable[[float, str], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+    *,
+    value_model=None,
+    ref_model=None,
+    resume: str | Path | bool | None = None,
+) -> dict:
+    """Run PPO and return a summary (paths, final metrics, diagnostics).
+
+    policy: (model, tokenizer) as from ppo.models.load_policy; the model should be freshly
+    loaded (with resume, the same initial weights as the interrupted run). value_model: a
+    sequence-classification model sharing the policy's tokenizer, or None for one built from
+    the policy. ref_model: the frozen reference, or None for a copy of the initial policy (no
+    copy with LoRA: adapters off). resume: True for the newest checkpoint in output_dir, or a
+    checkpoint directory.
+    """
+    from accelerate import Accelerator
+
+    from ppo import diagnostics
+    from ppo.models import (PolicyAndValue, add_value_lora, get_lora_policy, is_peft, load_trainable_state,
+                            trainable_state, value_model_from_policy)
+    from ppo.rollout import collect, encode_prompts, ensemble_reward_fn, sequence_inputs, response_slice
+
+    config.validate()
+    model, tokenizer = policy
+    if not prompts:
+        raise PPOError("no prompts to train on")
+    accelerator = Accelerator()
+    sizes = config.sizes(accelerator.num_processes)
+    device = accelerator.device
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(config.seed)
+    if hasattr(reward_fn, "score_with_spread") and config.ensemble_spread_coef > 0:
+        reward_fn = ensemble_reward_fn(reward_fn, config.ensemble_spread_coef)
+    elif hasattr(reward_fn, "score") and not callable(reward_fn):
+        reward_fn = reward_fn.score
+
+    # --- Models: policy, value, reference; one optimiser over everything trainable
+    if value_model is None:
+        value_model = value_model_from_policy(model.get_base_model() if is_peft(model) else model)
+    if config.lora and not is_peft(model):
+        model = get_lora_policy(model, config.lora_options())
+    if is_peft(model) and not is_peft(value_model):
+        value_model = add_value_lora(value_model, config.lora_options())
+    if ref_model is None and not is_peft(model):
+        ref_model = copy.deepcopy(model)
+    if ref_model is not None:
+        ref_model.requires_grad_(False).eval().to(device)
+    # Dropout off everywhere: the rollout's log-probs and values must be what the update sees.
+    model.eval()
+    value_model.eval()
+    wrapped = PolicyAndValue(model, value_model)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, eps=config.adam_eps, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
+    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+    inner = accelerator.unwrap_model(wrapped)
+    kl_ctl = (core.AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
+              if config.adap_kl_ctrl else core.FixedKLController(config.init_kl_coef))
+    reward_moments = core.RunningMoments()
+
+    prompt_rows = encode_prompts(tokenizer, prompts, config.max_prompt_length, config.use_chat_template)
+    sampler = PromptSampler(len(prompts), config.seed)
+    ckpt_root = out / "checkpoints"
+
+    # --- Resume: weights, optimiser, schedule, KL coefficient, reward moments, RNG
+    start_step = 0
+    if resume:
+        ckpt = latest_checkpoint(ckpt_root) if resume is True else Path(resume)
+        if ckpt is None:
+            raise PPOError(f"resume: no checkpoint under {ckpt_root}")
+        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        if state["config"] != _resumable(config.to_dict(), state["config"]):
+            changed = sorted(k for k, v in state["config"].items() if config.to_dict().get(k) != v and k not in RESUME_MAY_CHANGE)
+            raise PPOError(f"resume {ckpt}: config differs from the checkpoint's in {', '.join(changed)}")
+        load_trainable_state(inner.policy, state["policy"])
+        load_trainable_state(inner.value, state["value"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        kl_ctl.load_state_dict(state["kl_ctl"])
+        reward_moments.load_state_dict(state["reward_moments"])
+        set_rng_state(state["rng"])
+        start_step = int(state["step"])
+    (out / "config.yaml").write_text(_yaml(config.to_dict()), encoding="utf-8")
+    log = MetricsLog(out, config, keep_until=start_step)
+    warned: set[str] = set()
+
+    for step in range(start_step + 1, config.steps + 1):
+        if cancelled is not None and cancelled():
+            log.close()
+            raise TrainingCancelled(f"cancelled before step {step}")
+        t_step = time.perf_counter()
+        lr_now = optimizer.param_groups[0]["lr"]
+
+        # --- Rollout: sample, score, and the per-token numbers of the frozen models
+        batch = sampler.indices(step, config.batch_size)
+        batch = batch[accelerator.process_index * sizes.local_batch_size:][: sizes.local_batch_size]
+        ro = collect(
+            inner, ref_model, tokenizer, [prompts[i] for i in batch], [prompt_rows[i] for i in batch], reward_fn,
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature, device=device,
+        )
+        mask = ro.response_mask.float()
+
+        # --- Rewards: score (normalised, EOS penalty) on the last token, KL penalty on every token
+        scores = ro.scores.clone()
+        if config.normalize_reward:
+            reward_moments.update(accelerator.gather(scores))
+            scores = reward_moments.normalise(scores)
+        scores = scores - config.missing_eos_penalty * (~ro.contains_eos).float()
+        kl_tokens = core.kl_per_token(ro.logprobs, ro.ref_logprobs, config.kl_penalty) * mask
+        rewards, non_score = core.penalised_rewards(scores, kl_tokens, kl_ctl.value, mask)
+
+        # --- Advantages: GAE over the response tokens, then whitened over the batch
+        advantages, returns = core.gae(ro.values, rewards, mask, config.gamma, config.lam)
+        if config.whiten_advantages:
+            advantages = core.masked_whiten(advantages, mask)
+
+        # --- Update: ppo_epochs passes over shuffled mini-batches, gradient accumulation inside
+        t_update = time.perf_counter()
+        shuffle = torch.Generator().manual_seed(config.seed * 104729 + step)
+        P, T = ro.prompt_ids.shape[1], ro.response_ids.shape[1]
+        stats = {k: [] for k in ("policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl",
+                                 "ratio", "grad_norm")}
+        early_stopped, optimizer_steps = False, 0
+        wrapped.train(False)
+        for _epoch in range(config.ppo_epochs):
+            order = torch.randperm(sizes.local_batch_size, generator=shuffle)
+            for mb in range(sizes.num_mini_batches):
+                mb_idx = order[mb * sizes.local_mini_batch_size:(mb + 1) * sizes.local_mini_batch_size]
+                mb_stats = {k: 0.0 for k in stats if k != "grad_norm"}
+                for micro in range(config.gradient_accumulation_steps):
+                    idx = mb_idx[micro * sizes.micro_batch_size:(micro + 1) * sizes.micro_batch_size].to(device)
+                    m = mask[idx]
+                    sync = micro == config.gradient_accumulation_steps - 1
+                    ctx = accelerator.no_sync(wrapped) if not sync else _null()
+                    with ctx:
+                        inputs = sequence_inputs(ro.prompt_ids[idx], ro.prompt_mask[idx], ro.response_ids[idx], ro.response_mask[idx])
+                        logits, values_all = wrapped(*inputs)
+                        logits = response_slice(logits, P, T).float() / config.temperature
+                        new_logprobs = core.logprobs_from_logits(logits, ro.response_ids[idx])
+                        new_values = response_slice(values_all, P, T)
+                        pg_loss, pg_clip, approx_kl = core.policy_loss(
+                            new_logprobs, ro.logprobs[idx], advantages[idx], m, config.cliprange)
+                        vf_loss, vf_clip = core.value_loss(new_values, ro.values[idx], returns[idx], m, config.cliprange_value)
+                        loss = pg_loss + config.vf_coef * vf_loss
+                        accelerator.backward(loss / config.gradient_accumulation_steps)
+                    ratio = core.masked_mean(torch.exp(new_logprobs - ro.logprobs[idx]), m)
+                    for k, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("policy_clipfrac", pg_clip),
+                                 ("value_clipfrac", vf_clip), ("approx_kl", approx_kl), ("ratio", ratio)):
+                        mb_stats[k] += v.item() / config.gradient_accumulation_steps
+                grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                optimizer_steps += 1
+                for k, v in mb_stats.items():
+                    stats[k].append(v)
+                stats["grad_norm"].append(float(grad_norm))
+                if config.approx_kl_stop is not None and _mean_all(accelerator, mb_stats["approx_kl"]) > config.approx_kl_stop:
+                    early_stopped = True
+                    break
+            if early_stopped:
+                break
+        scheduler.step()
+        t_end = time.perf_counter()
+
+        # --- KL controller and logging
+        kl_k1 = accelerator.gather((core.kl_per_token(ro.logprobs, ro.ref_logprobs, "k1") * mask).sum(1))
+        kl_k3 = accelerator.gather((core.kl_per_token(ro.logprobs, ro.ref_logprobs, "k3") * mask).sum(1))
+        mean_kl = (kl_k1 if config.kl_penalty == "k1" else kl_k3).mean().item()
+        kl_coef_used = kl_ctl.value
+        kl_ctl.update(mean_kl, n_steps=config.batch_size)
+        all_scores = accelerator.gather(ro.scores)
+        lengths = accelerator.gather(ro.response_mask.sum(1).float())
+        eos = accelerator.gather(ro.contains_eos.float())
+        row = {
+            "step": step,
+            "episodes": step * config.batch_size,
+            "reward_mean": all_scores.mean().item(),
+            "reward_std": all_scores.std().item() if all_scores.numel() > 1 else 0.0,
+            "reward_penalised_mean": accelerator.gather(scores).mean().item(),
+            "rlhf_reward_mean": accelerator.gather(scores + non_score.sum(1)).mean().item(),
+            "kl": mean_kl,
+            "kl_k1": kl_k1.mean().item(),
+            "kl_k3": kl_k3.mean().item(),
+            "kl_coef": kl_coef_used,
+            "entropy": _mean_all(accelerator, core.masked_mean(ro.entropy, mask).item()),
+            "approx_kl": _avg(stats["approx_kl"]),
+            "policy_clipfrac": _avg(stats["policy_clipfrac"]),
+            "value_clipfrac": _avg(stats["value_clipfrac"]),
+            "policy_loss": _avg(stats["policy_loss"]),
+            "value_loss": _avg(stats["value_loss"]),
+            "ratio": _avg(stats["ratio"]),
+            "grad_norm": _avg(stats["grad_norm"]),
+            "value_mean": _mean_all(accelerator, core.masked_mean(ro.values, mask).item()),
+            "advantage_std": core.masked_var(advantages, mask).sqrt().item() if mask.sum() > 1 else 0.0,
+            "response_length": lengths.mean().item(),
+            "eos_fraction": eos.mean().item(),
+            "truncated_fraction": 1.0 - eos.mean().item(),
+            "optimizer_steps": optimizer_steps,
+            "early_stopped": early_stopped,
+            "lr": lr_now,
+            "time_generate": ro.time_generate,
+            "time_score": ro.time_score,
+            "time_forward": ro.time_forward,
+            "time_update": t_end - t_update,
+            "time_step": t_end - t_step,
+        }
+        if accelerator.is_main_process:
+            log.write(row)
+            if step % config.samples_every == 0 or step == 1:
+                _write_samples(out, step, ro)
+            for w in diagnostics.check(log.history, config):
+                if w["code"] not in warned:
+                    warned.add(w["code"])
+                    logger.warning("step %d: %s %s", step, w["message"], w["suggestion"])
+        if progress is not None:
+            progress(step / config.steps, f"step {step}/{config.steps}: reward {row['reward_mean']:.3f}, KL {row['kl']:.2f}")
+
+        # --- Checkpoint
+        if (config.save_every and step % config.save_every == 0) or step == config.steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(ckpt_root, step, config, inner, optimizer, scheduler, kl_ctl, reward_moments,
+                                trainable_state)
+
+    log.close()
+    result = {"output_dir": str(out), "steps": config.steps, "config": config.to_dict()}
+    if accelerator.is_main_process:
+        result.update(_save_final(out, inner, tokenizer))
+        result["metrics"] = summary_metrics(log.history)
+        result["diagnostics"] = diagnostics.check(log.history, config)
+        (out / "summary.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    return result
+
+
+# Fields a resumed run may change without breaking "the same next step" for the steps so far.
+RESUME_MAY_CHANGE = {"steps", "save_every", "keep_checkpoints", "samples_every", "tensorboard", "mlflow"}
+
+
+def _resumable(current: dict, saved: dict) -> dict:
+    merged = dict(current)
+    for k in RESUME_MAY_CHANGE:
+        if k in saved:
+            merged[k] = saved[k]
+    return merged
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _avg(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _mean_all(accelerator, x: float) -> float:
+    if accelerator.num_processes == 1:
+        return x
+    return accelerator.gather(torch.tensor([x], device=accelerator.device)).mean().item()
+
+
+def _yaml(d: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def _write_samples(out: Path, step: int, ro, n: int = 4) -> None:
+    with open(out / "samples.jsonl", "a", encoding="utf-8") as fh:
+        for i in range(min(n, len(ro.responses_text))):
+            prompt = ro.prompts[i]
+            fh.write(json.dumps({"step": step, "prompt": prompt, "response": ro.responses_text[i],
+                                 "score": ro.scores[i].item(), "ended_with_eos": bool(ro.contains_eos[i])}) + "\n")
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = sorted(root.glob("step-*/state.pt")) if root.exists() else []
+    return found[-1].parent if found else None
+
+
+def save_checkpoint(root: Path, step, config, inner, optimizer, scheduler, kl_ctl, reward_moments, trainable_state) -> Path:
+    """Everything the next step depends on, written atomically (temp file, then rename)."""
+    path = root / f"step-{step:06d}"
+    path.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step,
+        "config": config.to_dict(),
+        "policy": trainable_state(inner.policy),
+        "value": trainable_state(inner.value),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "kl_ctl": kl_ctl.state_dict(),
+        "reward_moments": reward_moments.state_dict(),
+        "rng": rng_state(),
+    }
+    tmp = path / "state.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path / "state.pt")
+    for old in sorted(root.glob("step-*"))[: -config.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _save_final(out: Path, inner, tokenizer) -> dict:
+    """policy/ and value/ as plain model directories (LoRA merged in), loadable by load_policy."""
+    from ppo.models import is_peft
+
+    paths = {}
+    for name, module in (("policy", inner.policy), ("value", inner.value)):
+        target = out / name
+        if is_peft(module):
+            # Merge into a copy so the caller's in-memory model keeps its adapters.
+            module = copy.deepcopy(module).merge_and_unload()
+        module.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        paths[f"{name}_path"] = str(target)
+    return paths
+
+
+SUMMARY_KEYS = ("reward_mean", "reward_std", "kl", "kl_coef", "entropy", "response_length", "value_loss")
+
+
+def summary_metrics(history: list[dict], last: int = 5) -> dict:
+    """Final metrics averaged over the last few steps (one step is noisy), plus the first step's
+    reward for comparison."""
+    if not history:
+        return {}
+    tail = history[-last:]
+    summary = {k: sum(r[k] for r in tail) / len(tail) for k in SUMMARY_KEYS}
+    summary["reward_mean_first"] = history[0]["reward_mean"]
+    summary["steps"] = history[-1]["step"]
+    return summary
+
+
+# ======================================================================================
+def run_ppo(
+    reward_model: str | Path,
+    prompts: list,
+    output_dir: str | Path,
+    *,
+    policy: str | Path,
+    config: PPOConfig | None = None,
+    progress=None,
+    cancelled=None,
+    resume=None,
+) -> dict:
+    """PPO from paths: load the policy (LoRA per config), the reward model (reward.score), and the
+    value model (from the reward model when config.value_init == 'reward' and it shares the
+    policy's tokenizer, else from the policy); then train()."""
+    from ppo.models import load_policy, load_value_model, same_tokenizer
+
+    config = (config or PPOConfig()).validate()
+    try:
+        from reward.score import load_reward_model
+    except ImportError:
+        raise PPOError("reward.score is not available; cannot load a reward model") from None
+    scorer = load_reward_model(str(reward_model))
+    model, tokenizer = load_policy(policy)
+    value_model = None
+    if config.value_init == "reward":
+        try:
+            from transformers import AutoTokenizer
+
+            if same_tokenizer(AutoTokenizer.from_pretrained(str(reward_model)), tokenizer):
+                value_model = load_value_model(reward_model, dtype=next(model.parameters()).dtype)
+        except (OSError, PPOError, ValueError):
+            value_model = None
+        if value_model is None:
+            logger.warning("value_init=reward: %s does not share the policy's tokenizer; value model built from the policy",
+                           reward_model)
+    if config.ensemble_spread_coef > 0 and hasattr(scorer, "score_with_spread"):
+        reward_fn = scorer
+    else:
+        reward_fn = scorer.score
+    result = train(config, (model, tokenizer), reward_fn, prompts, output_dir, progress, cancelled,
+                   value_model=value_model, resume=resume)
+    result.update({"policy_base": str(policy), "reward_model": str(reward_model)})
+    return result

@@ -1,0 +1,326 @@
+"""PPO end to end on a tiny Llama-style policy built here (32-token word vocabulary, hidden 32,
+2 layers) with a rule-based reward (the share of the word "yes" in the response), plus LoRA,
+exact resume, config validation, rollout details and diagnostics."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from ppo import diagnostics
+from ppo.errors import PPOError
+from ppo.train import PPOConfig, train
+
+WORDS = ["yes", "no"] + [f"w{i}" for i in range(28)]
+PAD, EOS = 0, 1
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The test machine is shared by many processes; one thread is ~30x faster than two
+    # threads fighting over oversubscribed cores for a model this small.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": PAD, "<eos>": EOS, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<pad>")
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def tiny_policy(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS,
+        # Untied, so that a LoRA adapter on lm_head does not also move the input embeddings when merged.
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config), tiny_tokenizer()
+
+
+def share_of_yes(prompts, responses):
+    """Rule-based reward: the share of the words in a response that are "yes" (0 for empty)."""
+    out = []
+    for text in responses:
+        words = text.split()
+        out.append(sum(w == "yes" for w in words) / max(len(words), 1))
+    return torch.tensor(out)
+
+
+def tiny_prompts(n=32, seed=0):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS[2:]) for _ in range(rng.randint(2, 5))) for _ in range(n)]
+
+
+def small_config(**over):
+    base = dict(batch_size=32, mini_batch_size=32, ppo_epochs=4, max_new_tokens=8, temperature=1.0,
+                lr_scheduler="constant", init_kl_coef=0.05, target=6.0, tensorboard=False, samples_every=5)
+    base.update(over)
+    return PPOConfig(**base)
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_ppo_raises_reward_while_kl_stays_under_target(tmp_path):
+    config = small_config(steps=10, learning_rate=5e-3)
+    result = train(config, tiny_policy(), share_of_yes, tiny_prompts(), tmp_path / "run")
+    history = rows(tmp_path / "run")
+    assert [r["step"] for r in history] == list(range(1, 11))
+    first, last = mean([r["reward_mean"] for r in history[:3]]), mean([r["reward_mean"] for r in history[-3:]])
+    # Chance level is about 1/31 per word; the policy must clearly learn to say "yes".
+    assert first < 0.08 and last > first + 0.2, (first, last)
+    assert max(r["kl"] for r in history) < config.target
+    # KL stayed under target, so the adaptive controller lowered the coefficient.
+    assert history[-1]["kl_coef"] < history[0]["kl_coef"] == config.init_kl_coef
+    # The KL starts at exactly 0: the rollout and reference forwards agree before any update.
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    # A saved policy directory that load_policy can read back, and the same outputs.
+    from ppo.models import load_policy
+
+    model, tok = load_policy(result["policy_path"], dtype=torch.float32)
+    assert tok.padding_side == "left"
+    for key in ("reward_mean", "kl", "entropy", "approx_kl", "policy_clipfrac", "value_clipfrac", "value_loss",
+                "response_length", "kl_coef", "time_generate", "time_score", "time_update"):
+        assert key in history[-1]
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"step", "prompt", "response", "score"} <= set(samples[0])
+
+
+def test_ppo_with_lora_raises_reward_and_keeps_base_weights(tmp_path):
+    from ppo.models import get_lora_policy
+
+    model, tok = tiny_policy()
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # On a random 32-wide model, adapters inside the blocks barely move the output
+    # distribution; an adapter on lm_head (untied here) lets the policy learn within the budget.
+    config = small_config(steps=12, learning_rate=1e-2, lora=True, lora_r=8, lora_alpha=16,
+                          lora_target_modules="q_proj,v_proj,o_proj,down_proj,lm_head")
+    lora_model = get_lora_policy(model, config.lora_options())
+    result = train(config, (lora_model, tok), share_of_yes, tiny_prompts(), tmp_path / "run")
+    history = rows(tmp_path / "run")
+    first, last = mean([r["reward_mean"] for r in history[:3]]), mean([r["reward_mean"] for r in history[-3:]])
+    assert last > first + 0.15, (first, last)
+    assert max(r["kl"] for r in history) < config.target
+    # Only adapters trained: the base weights under them are untouched, which is what makes
+    # "adapters off" a faithful reference.
+    for name, p in lora_model.get_base_model().named_parameters():
+        plain = name.replace(".base_layer", "")
+        if "lora_" not in name and plain in base_before:
+            assert torch.equal(p, base_before[plain]), name
+    # The merged policy on disk differs from the base (the adapters were merged in).
+    from ppo.models import load_policy
+
+    merged, _ = load_policy(result["policy_path"], dtype=torch.float32)
+    assert not torch.equal(merged.lm_head.weight, base_before["lm_head.weight"])
+
+
+def test_resume_from_checkpoint_gives_the_same_next_step(tmp_path):
+    config = small_config(steps=3, save_every=2, learning_rate=2e-3)
+    first = train(config, tiny_policy(), share_of_yes, tiny_prompts(), tmp_path / "a")
+    full = rows(tmp_path / "a")
+    assert (tmp_path / "a" / "checkpoints" / "step-000002" / "state.pt").exists()
+    # A second directory that starts from the step-2 checkpoint of the first run.
+    import shutil
+
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-000002", tmp_path / "b" / "checkpoints" / "step-000002")
+    (tmp_path / "b" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:2]))
+    # Burn some random numbers: the checkpoint must restore the RNG, not rely on a fresh seed.
+    torch.rand(1000)
+    resumed = train(config, tiny_policy(), share_of_yes, tiny_prompts(), tmp_path / "b", resume=True)
+    again = rows(tmp_path / "b")
+    assert [r["step"] for r in again] == [1, 2, 3]
+    untimed = lambda r: {k: v for k, v in r.items() if not k.startswith("time_")}
+    assert untimed(again[2]) == untimed(full[2])
+    from ppo.models import load_policy
+
+    a, _ = load_policy(first["policy_path"], dtype=torch.float32)
+    b, _ = load_policy(resumed["policy_path"], dtype=torch.float32)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), name
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    train(small_config(steps=1, learning_rate=2e-3), tiny_policy(), share_of_yes, tiny_prompts(), tmp_path / "a")
+    with pytest.raises(PPOError, match="learning_rate"):
+        train(small_config(steps=2, learning_rate=1e-3), tiny_policy(), share_of_yes, tiny_prompts(), tmp_path / "a",
+              resume=True)
+
+
+# ---------------------------------------------------------------------------------- config
+def test_config_validation_names_every_bad_field():
+    with pytest.raises(PPOError, match=r"batch_size \(10\) must be a multiple of mini_batch_size \(4\)"):
+        PPOConfig(batch_size=10, mini_batch_size=4).validate()
+    with pytest.raises(PPOError, match=r"mini_batch_size \(4\) must be a multiple of gradient_accumulation_steps \(3\)"):
+        PPOConfig(batch_size=8, mini_batch_size=4, gradient_accumulation_steps=3).validate()
+    with pytest.raises(PPOError) as err:
+        PPOConfig(kl_penalty="k2", gamma=1.5, learning_rate=0).validate()
+    message = str(err.value)
+    assert "kl_penalty must be 'k1' or 'k3'" in message and "gamma must be in (0, 1]" in message
+    assert "learning_rate must be > 0" in message
+    sizes = PPOConfig(batch_size=16, mini_batch_size=8, gradient_accumulation_steps=2).sizes(num_processes=2)
+    assert (sizes.local_batch_size, sizes.num_mini_batches, sizes.local_mini_batch_size, sizes.micro_batch_size) == (8, 2, 4, 2)
+
+
+def test_config_from_yaml_with_overrides_and_clear_errors(tmp_path):
+    path = tmp_path / "ppo.yaml"
+    path.write_text("learning_rate: 3.0e-6\nbatch_size: 32\nmini_batch_size: 8\nkl_penalty: k3\napprox_kl_stop: null\n")
+    config = PPOConfig.from_yaml(path, ["steps=7", "adap_kl_ctrl=false", "approx_kl_stop=0.1"])
+    assert (config.learning_rate, config.batch_size, config.kl_penalty, config.steps) == (3e-6, 32, "k3", 7)
+    assert config.adap_kl_ctrl is False and config.approx_kl_stop == 0.1
+    path.write_text("learning_rate: 1e-5\nlearnin_rate: 2\n")
+    with pytest.raises(PPOError, match=rf"config {path}: unknown key 'learnin_rate'"):
+        PPOConfig.from_yaml(path)
+    path.write_text("batch_size: lots\n")
+    with pytest.raises(PPOError, match=rf"config {path}: 'batch_size' must be a whole number, got 'lots'"):
+        PPOConfig.from_yaml(path)
+    with pytest.raises(PPOError, match=r"--set gama: unknown key 'gama'"):
+        PPOConfig.from_yaml(None, ["gama=0.9"])
+    with pytest.raises(PPOError, match=r"batch_size \(12\) must be a multiple of mini_batch_size \(8\)"):
+        PPOConfig.from_yaml(None, ["batch_size=12", "mini_batch_size=8"])
+    path.write_text("- a list\n")
+    with pytest.raises(PPOError, match="expected a mapping"):
+        PPOConfig.from_yaml(path)
+
+
+# ---------------------------------------------------------------------------------- rollout
+def test_truncate_after_first_eos():
+    from ppo.rollout import truncate_after_eos
+
+    ids = torch.tensor([[5, EOS, 7, EOS], [5, 6, 7, 8], [EOS, 9, 9, 9]])
+    out, mask, has_eos = truncate_after_eos(ids, [EOS], PAD)
+    assert out.tolist() == [[5, EOS, PAD, PAD], [5, 6, 7, 8], [EOS, PAD, PAD, PAD]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert has_eos.tolist() == [True, False, True]
+
+
+def test_rollout_logprobs_match_the_sampling_distribution():
+    """Left padding must not shift positions: the log-probs the rollout recomputes equal the ones
+    generate() sampled from (same temperature, no top-k/top-p)."""
+    from ppo.models import PolicyAndValue, value_model_from_policy
+    from ppo.rollout import collect, encode_prompts
+
+    model, tok = tiny_policy()
+    prompts = ["w1 w2", "w3 w4 w5 w6 w7", "yes"]
+    rows_ = encode_prompts(tok, prompts, 32)
+    wrapped = PolicyAndValue(model, value_model_from_policy(model)).eval()
+    seen = {}
+    original = model.generate
+
+    def spy(**kwargs):
+        out = original(**kwargs, output_logits=True, return_dict_in_generate=True)
+        seen["logits"] = torch.stack(out.logits, 1)
+        return out.sequences
+
+    model.generate = spy
+    torch.manual_seed(3)
+    ro = collect(wrapped, model, tok, prompts, rows_, share_of_yes, max_new_tokens=6, temperature=0.7, device=torch.device("cpu"))
+    sampled = torch.log_softmax(seen["logits"].float() / 0.7, -1).gather(-1, ro.response_ids.unsqueeze(-1)).squeeze(-1)
+    m = ro.response_mask.bool()
+    assert torch.allclose(ro.logprobs[m], sampled[m], atol=1e-4)
+    # The reference here is the policy itself, so KL is 0 and values start at 0 (zero head).
+    assert torch.allclose(ro.ref_logprobs[m], ro.logprobs[m])
+    assert torch.all(ro.values == 0)
+    assert ro.scores.shape == (3,) and len(ro.responses_text) == 3
+
+
+def test_missing_eos_penalty_lowers_the_score_of_unfinished_responses(tmp_path):
+    # EOS can never be sampled when its logit is -inf-like, so every response is cut.
+    model, tok = tiny_policy()
+    with torch.no_grad():
+        model.lm_head.weight[EOS] = 0
+        model.lm_head.bias = None
+    bias = torch.zeros(32)
+    bias[EOS] = -1e4
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
+    config = small_config(steps=1, ppo_epochs=1, missing_eos_penalty=2.0, learning_rate=1e-9)
+    train(config, (model, tok), share_of_yes, tiny_prompts(), tmp_path / "run")
+    row = rows(tmp_path / "run")[0]
+    assert row["truncated_fraction"] == 1.0 and row["response_length"] == 8
+    assert row["reward_penalised_mean"] == pytest.approx(row["reward_mean"] - 2.0, abs=1e-5)
+
+
+def test_value_model_from_policy_copies_the_backbone_and_zeroes_the_head():
+    from ppo.models import pick_dtype, value_model_from_policy
+
+    model, _ = tiny_policy()
+    value = value_model_from_policy(model)
+    assert torch.equal(value.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert value.model.embed_tokens.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert torch.all(value.score.weight == 0)
+    assert pick_dtype("cpu") in (torch.float32, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------- diagnostics
+def history_of(n, **series):
+    out = []
+    for i in range(n):
+        row = {"step": i + 1, "reward_mean": 0.0, "reward_std": 1.0, "kl": 1.0, "truncated_fraction": 0.0, "value_loss": 0.1}
+        for key, values in series.items():
+            row[key] = values[i]
+        out.append(row)
+    return out
+
+
+def test_diagnostics_reward_hacking():
+    rising = [0.1 * i for i in range(10)]
+    kl_up = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    w = diagnostics.reward_hacking(history_of(10, reward_mean=rising, kl=kl_up), target=6.0)
+    assert w and w["code"] == "reward_hacking" and "init_kl_coef" in w["suggestion"]
+    # Same reward rise with KL under its target: a healthy run.
+    assert diagnostics.reward_hacking(history_of(10, reward_mean=rising, kl=[0.5 * k for k in kl_up]), target=6.0) is None
+    # KL high but reward flat: not hacking (other checks cover divergence).
+    assert diagnostics.reward_hacking(history_of(10, kl=kl_up), target=6.0) is None
+
+
+def test_diagnostics_divergence():
+    assert diagnostics.divergence(history_of(3, kl=[1, 2, 25]), kl_limit=18.0)["code"] == "divergence"
+    assert diagnostics.divergence(history_of(3, kl=[1, 2, 17]), kl_limit=18.0) is None
+    assert diagnostics.divergence(history_of(1, kl=[float("nan")]), kl_limit=18.0) is not None
+
+
+def test_diagnostics_mode_collapse():
+    shrinking = [1.0] * 5 + [0.05] * 5
+    assert diagnostics.mode_collapse(history_of(10, reward_std=shrinking))["code"] == "mode_collapse"
+    assert diagnostics.mode_collapse(history_of(10, reward_std=[1.0] * 5 + [0.5] * 5)) is None
+
+
+def test_diagnostics_length_limit():
+    w = diagnostics.length_limit(history_of(5, truncated_fraction=[0.9] * 5), max_new_tokens=53)
+    assert w["code"] == "length_limit" and "53 tokens" in w["message"] and "missing_eos_penalty" in w["suggestion"]
+    assert diagnostics.length_limit(history_of(5, truncated_fraction=[0.2] * 5)) is None
+
+
+def test_diagnostics_value_loss_exploding():
+    w = diagnostics.value_loss_exploding(history_of(10, value_loss=[0.1] * 5 + [5.0] * 5))
+    assert w["code"] == "value_loss_exploding"
+    assert diagnostics.value_loss_exploding(history_of(10, value_loss=[0.1] * 5 + [0.3] * 5)) is None
+    assert diagnostics.value_loss_exploding(history_of(2, value_loss=[0.1, float("inf")])) is not None
+
+
+def test_diagnostics_check_runs_all_with_a_config():
+    cfg = PPOConfig(target=6.0)
+    assert diagnostics.check(history_of(10), cfg) == []
+    codes = {w["code"] for w in diagnostics.check(history_of(10, kl=[30.0] * 10, truncated_fraction=[1.0] * 10), cfg)}
+    assert codes == {"divergence", "length_limit"}
