@@ -53,7 +53,8 @@ DEFAULT_RESAMPLES = 1000
 OUTLIER_GAP = 0.15
 OUTLIER_FAST = 0.5
 POSITION_BIAS_P = 0.001
-BOOTSTRAP_CHUNK = 50
+# Above this many items x annotators the bootstrap stops looking for repeated rows of labels.
+MAX_PATTERN_CELLS = 20_000_000
 
 
 # --------------------------------------------------------------------------- loading
@@ -383,7 +384,7 @@ class ItemStats:
         }
         # label counts per item (items with two or more labels only): everything dense derives from them
         self.counts = [counts[self.multi]] + [
-            self.nominal_counts_or(codes, counts)[self.multi] for codes in self.alpha_codes.values()
+            (counts if codes is self.nominal else codes.counts)[self.multi] for codes in self.alpha_codes.values()
         ]
         widths = [2, 2 + counts.shape[1]] + [c.shape[1] ** 2 for c in self.counts[1:]]
         ends = np.cumsum(widths)
@@ -405,13 +406,12 @@ class ItemStats:
         self.pairs = sparse.csr_matrix(
             (np.ones(len(cols)), (row_of_item[pairs.t[sel]], cols)), shape=(len(self.multi), max(self.pair_width, 1))
         )
-        # an item's Cohen contribution is fixed by who gave which label: its row of labels is its pattern
-        rows = np.full((len(self.items), n_ann), -1, dtype=np.int64)
-        rows[self.nominal.t, self.nominal.w] = self.nominal.k
-        self.pairs_key = rows[self.multi]
 
-    def nominal_counts_or(self, codes: Codes, counts: np.ndarray) -> np.ndarray:
-        return counts if codes is self.nominal else codes.counts
+    def pair_patterns(self) -> np.ndarray:
+        """Items x annotators label codes (-1: none): an item's Cohen contribution is fixed by this row."""
+        rows = np.full((len(self.items), len(self.annotators)), -1, dtype=np.int64)
+        rows[self.nominal.t, self.nominal.w] = self.nominal.k
+        return rows[self.multi]
 
     def dense_features(self, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
         """Per-item features of the given rows (of the items with two or more labels)."""
@@ -486,7 +486,10 @@ class ItemStats:
         # items with the same label counts have the same features: the bootstrap draws patterns, not items
         dense_first, dense_p = patterns(np.concatenate(self.counts, axis=1).astype(np.int64))
         dense_u = self.dense_features(dense_first)
-        pair_first, pair_p = patterns(self.pairs_key)
+        if len(self.annotators) * n <= MAX_PATTERN_CELLS:
+            pair_first, pair_p = patterns(self.pair_patterns())
+        else:  # many annotators: items rarely share a row of labels, so draw items themselves
+            pair_first, pair_p = np.arange(n), np.full(n, 1.0 / n)
         pair_u = sparse.csr_matrix(self.pairs[pair_first]).T.tocsr()
         out: dict[str, list] = {}
         for start in range(0, n_resamples, chunk):

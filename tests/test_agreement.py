@@ -9,6 +9,7 @@ import itertools
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import krippendorff
 import numpy as np
@@ -21,6 +22,7 @@ from annotation import agreement as ag
 from annotation.errors import AnnotationError, InputError
 
 CHOICES = np.array(["a", "b", "tie", "both_bad"])
+QUALITY_PAGE = Path(__file__).resolve().parent.parent / "app" / "pages" / "4_Quality.py"
 
 # Fleiss (1971), "Measuring nominal scale agreement among many raters", as tabulated on Wikipedia's
 # "Fleiss' kappa" page: 10 subjects, 14 raters each, 5 categories; published kappa = 0.210.
@@ -180,6 +182,17 @@ def test_bootstrap_intervals_agree_with_a_naive_item_bootstrap():
     assert ours[0] < report["krippendorff_alpha"]["nominal"] < ours[1]
     # two Monte Carlo estimates of the same interval: equal up to resampling noise
     assert ours == pytest.approx(list(naive), abs=0.02)
+
+
+def test_bootstrap_without_pattern_compression_gives_the_same_intervals(monkeypatch):
+    """Many annotators: items are drawn one by one instead of by label pattern; same distribution."""
+    votes = random_votes(n_items=300, seed=9)
+    packed = ag.agreement_report(votes, "choice", bootstrap=600, seed=2)
+    monkeypatch.setattr(ag, "MAX_PATTERN_CELLS", 0)
+    plain = ag.agreement_report(votes, "choice", bootstrap=600, seed=3)
+    assert plain["intervals"]["cohen_kappa"] == pytest.approx(packed["intervals"]["cohen_kappa"], abs=0.02)
+    for a, b in zip(plain["cohen_kappa"]["pairs"], packed["cohen_kappa"]["pairs"]):
+        assert a["interval"] == pytest.approx(b["interval"], abs=0.03)
 
 
 def test_intervals_contain_the_estimate_and_shrink_with_more_items():
@@ -540,7 +553,7 @@ def open_quality(user_id):
 
     from annotation.store import utcnow
 
-    at = AppTest.from_file(str(ag.Path(__file__).resolve().parent.parent / "app" / "pages" / "4_Quality.py"), default_timeout=60)
+    at = AppTest.from_file(str(QUALITY_PAGE), default_timeout=60)
     at.session_state["user_id"] = user_id
     at.session_state["login_expires"] = utcnow() + dt.timedelta(hours=1)
     return at.run()
