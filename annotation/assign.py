@@ -55,8 +55,6 @@ T = TypeVar("T")
 
 MAX_ATTEMPTS = 6
 """Transactions tried at most this often when the database reports a retryable conflict."""
-CANDIDATES_PER_LEVEL = 16
-"""Items fetched per completion level; under contention some are locked by other annotators."""
 MAX_RATIONALE_CHARS = 20_000
 FLAG_CHOICES = ("broken", "unsafe")
 # PostgreSQL SQLSTATEs worth retrying: serialization failure, deadlock, lock not available.
@@ -100,11 +98,17 @@ _PROJECT_AND_USER_LOCKED = (
     .with_for_update(key_share=True, of=users)
 )
 _ITEM_LOCKED = select(*_ITEM).where(items.c.id == bindparam("item")).with_for_update()
-_ITEM_LOCKED_OR_SKIP = select(*_ITEM).where(items.c.id == bindparam("item")).with_for_update(skip_locked=True)
-# An item with its project's settings, the item row locked (submit's first statement).
-_ITEM_AND_PROJECT_LOCKED = (
-    select(*_ITEM, *_PROJECT_COLUMNS)
-    .join(projects, projects.c.id == items.c.project_id)
+# Submit's first statement: the item row, locked, with its project's settings, the annotator, and
+# whether they annotated it already.
+_SUBMIT_LOCK = (
+    select(
+        *_ITEM,
+        *_PROJECT_COLUMNS,
+        users.c.username,
+        users.c.active,
+        exists().where(annotations.c.item_id == items.c.id, annotations.c.annotator_id == users.c.id).label("annotated"),
+    )
+    .select_from(items.join(projects, projects.c.id == items.c.project_id).join(users, users.c.id == bindparam("annotator")))
     .where(items.c.id == bindparam("item"))
     .with_for_update(of=items)
 )
@@ -135,20 +139,24 @@ _LIVE_ON_ITEM = (
     .scalar_subquery()
 )
 # One completion level of the queue: an ordered range scan of ix_items_queue (project_id,
-# annotation_count, id) that stops at the first CANDIDATES_PER_LEVEL items this annotator may take.
+# annotation_count, id) that stops at the first item this annotator may take, locking it. On
+# PostgreSQL, SKIP LOCKED passes over items that other annotators' transactions hold right now
+# instead of queueing behind them (the job-queue pattern); SQLite ignores the clause.
 _REGULAR_AT_LEVEL = (
-    select(items.c.id)
+    select(*_ITEM)
     .where(items.c.project_id == bindparam("project"), items.c.annotation_count == bindparam("level"), items.c.gold_choice.is_(None))
     .where(_UNSEEN, _LIVE_ON_ITEM < bindparam("room"))
     .order_by(items.c.id)
-    .limit(CANDIDATES_PER_LEVEL)
+    .limit(1)
+    .with_for_update(skip_locked=True, of=items)
 )
-# Least-used gold first, so that annotators do not all meet the same few gold items.
+# Least-used gold first, so that annotators do not all meet the same few gold items. Gold has no
+# cap, so there is nothing to lock.
 _GOLD = (
-    select(items.c.id)
+    select(*_ITEM)
     .where(items.c.project_id == bindparam("project"), items.c.gold_choice.is_not(None), _UNSEEN)
     .order_by(items.c.annotation_count, items.c.id)
-    .limit(CANDIDATES_PER_LEVEL)
+    .limit(1)
 )
 _LIVE_OTHERS = (
     select(func.count())
@@ -159,21 +167,9 @@ _LIVE_OTHERS = (
         assignments.c.annotator_id != bindparam("annotator"),
     )
 )
-# What submit needs to know about this annotator and item, in one round trip.
-_SUBMIT_STATE = select(
-    users.c.username,
-    users.c.active,
-    exists().where(annotations.c.item_id == bindparam("item"), annotations.c.annotator_id == users.c.id).label("annotated"),
-    select(assignments.c.leased_until)
-    .where(assignments.c.item_id == bindparam("item"), assignments.c.annotator_id == users.c.id)
-    .scalar_subquery()
-    .label("leased_until"),
-    select(assignments.c.shown_swapped)
-    .where(assignments.c.item_id == bindparam("item"), assignments.c.annotator_id == users.c.id)
-    .scalar_subquery()
-    .label("shown_swapped"),
-).where(users.c.id == bindparam("annotator"))
 _DROP_LEASE = delete(assignments).where(assignments.c.item_id == bindparam("item"), assignments.c.annotator_id == bindparam("annotator"))
+# Submit takes the lease and learns what it was in one round trip; a refusal rolls the delete back.
+_TAKE_LEASE = _DROP_LEASE.returning(assignments.c.leased_until, assignments.c.shown_swapped)
 _ADD_LEASE = insert(assignments)
 _ADD_ANNOTATION = insert(annotations)
 _FLAG = select(flags.c.id).where(flags.c.item_id == bindparam("item"), flags.c.annotator_id == bindparam("annotator"), flags.c.kind == bindparam("kind"))
@@ -314,47 +310,47 @@ def _next_item(conn: Connection, project_id: int, annotator_id: int, now: dt.dat
         # The annotator moved on: leases they let expire here go back to the pool for good.
         conn.execute(_DROP_EXPIRED, me)
 
-    regular = _regular_candidates(conn, project, me)
-    sources = [regular]
+    item = None
     if project.gold_rate > 0 and _rng.random() < project.gold_rate:
-        sources.insert(0, conn.execute(_GOLD, me).scalars().all())
-    for candidates in sources:
-        for item_id in candidates:
-            task = _try_lease(conn, project, item_id, annotator_id, now)
-            if task is not None:
-                return task
-    return None
+        item = conn.execute(_GOLD, me).first()
+    if item is None:
+        item = _next_regular(conn, project, me)
+    if item is None:
+        return None
+    swapped = shown_swapped_for(annotator_id, item.id)
+    until = now + dt.timedelta(seconds=project.lease_seconds)
+    conn.execute(_ADD_LEASE, {"item_id": item.id, "annotator_id": annotator_id, "leased_until": until, "shown_swapped": swapped, "created_at": now})
+    return _task(item, swapped, until)
 
 
-def _regular_candidates(conn: Connection, project: Row, me: dict):
-    """Non-gold item ids this annotator may take, closest to completion first, then lowest id.
+RECHECKS_PER_LEVEL = 4
+"""On PostgreSQL, candidates at one level that may turn out taken after locking before moving on."""
 
-    Lazily, one query per completion level, so the common case (an item in progress is free) runs one."""
+
+def _next_regular(conn: Connection, project: Row, me: dict) -> Row | None:
+    """The non-gold item this annotator should take, locked: closest to completion first, then lowest id.
+
+    One short query per completion level, highest first, so the common case (an item in progress is
+    free) runs one."""
     k = project.overlap
     for level in range(k - 1, -1, -1):
-        yield from conn.execute(_REGULAR_AT_LEVEL, {**me, "level": level, "room": k - level}).scalars().all()
-
-
-def _try_lease(conn: Connection, project: Row, item_id: int, annotator_id: int, now: dt.datetime) -> Task | None:
-    key = {"item": item_id, "annotator": annotator_id, "now": now}
-    item = conn.execute(_ITEM_LOCKED_OR_SKIP, key).first()
-    if item is None:
-        return None  # another annotator's transaction holds it right now: take the next candidate
-    # On PostgreSQL the candidate query ran before the lock, and another transaction may have leased
-    # or completed the item in between: recheck under the lock. SQLite needs no recheck: BEGIN
-    # IMMEDIATE gave this transaction the database's write lock before its first read. Nor does
-    # "unseen by me" need one: this annotator's requests are serialised by the lock on their user row,
-    # and their own expired leases in the project were dropped above.
-    if (
-        item.gold_choice is None
-        and conn.dialect.name != "sqlite"
-        and item.annotation_count + conn.execute(_LIVE_OTHERS, key).scalar_one() >= project.overlap
-    ):
-        return None
-    swapped = shown_swapped_for(annotator_id, item_id)
-    until = now + dt.timedelta(seconds=project.lease_seconds)
-    conn.execute(_ADD_LEASE, {"item_id": item_id, "annotator_id": annotator_id, "leased_until": until, "shown_swapped": swapped, "created_at": now})
-    return _task(item, swapped, until)
+        params = {**me, "level": level, "room": k - level}
+        for _ in range(RECHECKS_PER_LEVEL):
+            item = conn.execute(_REGULAR_AT_LEVEL, params).first()
+            if item is None:
+                break
+            # SQLite needs no recheck: BEGIN IMMEDIATE gave this transaction the database's write lock
+            # before its first read. On PostgreSQL the statement's snapshot predates the lock, so a
+            # transaction that leased or completed the item and committed just before we got the lock
+            # is invisible to it: count again now, under the lock. ("Unseen by me" needs no recheck:
+            # this annotator's requests are serialised by the lock on their user row.) If it is
+            # taken, the next query at this level, with a fresh snapshot, no longer returns it.
+            if conn.dialect.name == "sqlite":
+                return item
+            others = conn.execute(_LIVE_OTHERS, {"item": item.id, "annotator": me["annotator"], "now": me["now"]}).scalar_one()
+            if item.annotation_count + others < k:
+                return item
+    return None
 
 
 # --------------------------------------------------------------------------- submit
@@ -410,16 +406,17 @@ def submit(
 
     def work(conn: Connection) -> int:
         key = {"item": item_id, "annotator": annotator_id, "now": now}
-        item = conn.execute(_ITEM_AND_PROJECT_LOCKED, key).first()
+        item = conn.execute(_SUBMIT_LOCK, key).first()
         if item is None:
-            raise AnnotationError(f"no item with id {item_id}")
+            _locked_item(conn, item_id)  # raises the right message for whichever is missing
+            _check_annotator(conn, annotator_id)
+        _check_annotator(conn, annotator_id, item)
         project = item  # the row carries the project's settings too
         clean_criteria, clean_rationale = _validate_answer(project, choice, strength, criteria, rationale, duration_ms)
-        lease = conn.execute(_SUBMIT_STATE, key).first()
-        _check_annotator(conn, annotator_id, lease)
-        if lease.annotated:
+        if item.annotated:
             raise AnnotationError(f"you have already annotated item {item_id}; use undo to change a recent answer")
-        if lease.leased_until is None:
+        lease = conn.execute(_TAKE_LEASE, key).first()
+        if lease is None:
             raise AnnotationError(
                 f"item {item_id} is not assigned to you (never handed out, skipped, or released after your lease "
                 "expired); ask for the next item"
@@ -444,7 +441,6 @@ def submit(
                 "duration_ms": duration_ms, "created_at": now,
             },
         )
-        conn.execute(_DROP_LEASE, key)
         return result.inserted_primary_key[0]
 
     try:
