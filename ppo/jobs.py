@@ -131,3 +131,81 @@ def generate(params: dict, ctx) -> dict:
 # "prompts": file | "prompts_project": name, "name"?: str, and PPOConfig fields by name}, and
 # reads the run's metrics.jsonl from the job's run dir or a folder up to two levels below it
 # (ppo.runs.find_run_dir), or from result["output_dir"].
+
+PPO_SOURCE_KEYS = ("policy", "reward_model", "prompts", "prompts_project", "name", "parent_id", "n_prompts", "resume")
+
+
+def prompts_hash(prompts: list) -> str:
+    """A short fingerprint of the prompt set a policy was trained on (the models table's data_hash)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for p in prompts:
+        digest.update(json.dumps(p, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def reward_model_path(engine, value: str) -> str:
+    """A reward model directory, or a registered reward model's id or name resolved to its path."""
+    if Path(str(value)).is_dir():
+        return str(value)
+    from annotation.store import transaction
+    from reward.registry import get_model
+
+    with transaction(engine) as session:
+        row = get_model(session, str(value))
+        if row.kind != "reward":
+            raise PPOError(f"reward_model {value}: registered model {row.id} is a {row.kind} model, not a reward model")
+        return row.path
+
+
+def ppo(params: dict, ctx) -> dict:
+    """PPO on a reward model; params: policy?, reward_model, prompts or prompts_project, name?,
+    parent_id?, n_prompts?, resume?, and PPOConfig fields by name. Registers the trained policy."""
+    from ppo.generate import resolve_policy
+    from ppo.prompts import project_prompts, read_prompts
+    from ppo.sft import resolve_base
+    from ppo.train import PPOConfig, TrainingCancelled, run_ppo
+
+    known = set(PPOConfig.__dataclass_fields__)
+    _unknown("ppo", params, known | set(PPO_SOURCE_KEYS))
+    if not params.get("reward_model"):
+        raise PPOError("ppo: param 'reward_model' (a directory, or a registered reward model's id or name) is required")
+    if bool(params.get("prompts")) == bool(params.get("prompts_project")):
+        raise PPOError("ppo: give exactly one of 'prompts' (a file) or 'prompts_project'")
+    config = PPOConfig.from_dict({k: v for k, v in params.items() if k in known}, "ppo job params").validate()
+    n = params.get("n_prompts")
+    prompts = (read_prompts(params["prompts"], n) if params.get("prompts")
+               else project_prompts(ctx.engine, params["prompts_project"], n))
+    if params.get("policy"):
+        policy, _ = resolve_policy(ctx.engine, str(params["policy"]))
+    else:
+        policy = resolve_base(None, ctx.settings.model_dir)
+    reward = reward_model_path(ctx.engine, params["reward_model"])
+    out = Path(ctx.run_dir) / "ppo"
+    ctx.log.info("PPO: policy %s, reward model %s, %d prompts, %d steps", policy, reward, len(prompts), config.steps)
+    ctx.progress(0.0, f"loading models; {len(prompts)} prompts")
+    try:
+        result = run_ppo(reward, prompts, out, policy=policy, config=config, progress=ctx.progress,
+                         cancelled=ctx.cancelled, resume=params.get("resume"))
+    except TrainingCancelled:
+        raise _cancelled_error(ctx) from None
+    for warning in result.get("diagnostics", []):
+        ctx.log.warning("%s: %s %s", warning["code"], warning["message"], warning["suggestion"])
+    project = params.get("prompts_project")
+    row = {
+        "kind": "policy",
+        "name": params.get("name") or f"ppo-{project or Path(str(params.get('prompts'))).stem}-job{ctx.job_id}",
+        "path": result["policy_path"],
+        "base_model": policy,
+        "project_id": project_id_of(ctx.engine, project),
+        "data_hash": prompts_hash(prompts),
+        "data_rows": len(prompts),
+        "params": {**config.to_dict(), "reward_model": reward,
+                   "source": {"project": project} if project else {"prompts": str(params.get("prompts"))}},
+        "metrics": result.get("metrics", {}),
+        "parent_id": params.get("parent_id") or registered_policy_id(ctx.engine, policy),
+    }
+    return {"register": [row], "output_dir": result["output_dir"], "metrics": result.get("metrics", {}),
+            "diagnostics": result.get("diagnostics", [])}

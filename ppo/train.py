@@ -247,6 +247,23 @@ class PPOConfig:
         return dataclasses.asdict(self)
 
 
+def field_docs(cls=PPOConfig) -> dict[str, str]:
+    """Each field's one-line docstring (the string under it in the class body), for --help
+    texts, `rlhf ppo-options` and the PPO page: the options are documented once, here."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
 @dataclass(frozen=True)
 class Sizes:
     local_batch_size: int

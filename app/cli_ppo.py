@@ -1,0 +1,116 @@
+"""`rlhf ppo`: PPO of a policy against a trained reward model, from the command line.
+
+    rlhf ppo --reward-model runs/rm-1 --prompts prompts.jsonl --output runs/ppo-1 [--steps 100]
+    rlhf ppo --reward-model runs/rm-1 --prompts-project demo --output runs/ppo-2 \\
+        --config ppo.yaml --set learning_rate=3e-6 --set kl_penalty=k3 --lora
+    rlhf ppo --reward-model runs/rm-1 --prompts prompts.jsonl --output runs/ppo-1 --resume
+    rlhf ppo-options            # every PPO option with its default and meaning
+
+--policy defaults to the fetched SmolLM2-135M-Instruct; --policy and --reward-model also take
+a registered model's id or name. Options come from ppo.train.PPOConfig: a YAML file of
+`key: value` lines (--config), then --set key=value (repeatable), then --steps/--lora.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from app.cli import JsonOpt, cli, emit, engine
+from ppo.errors import PPOError
+
+
+def format_warnings(warnings: list[dict]) -> str:
+    if not warnings:
+        return "diagnostics: no warnings"
+    lines = ["diagnostics:"]
+    for w in warnings:
+        lines.append(f"  warning [{w['code']}] {w['message']}\n    suggested: {w['suggestion']}")
+    return "\n".join(lines)
+
+
+@cli.command()
+def ppo(
+    reward_model: str = typer.Option(..., "--reward-model", help="Reward model directory (or registered id/name) that scores responses."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL of prompts (any import format: only the prompts are used)."),
+    prompts_project: Optional[str] = typer.Option(None, "--prompts-project", help="Take the prompts of a project instead."),
+    output: str = typer.Option(..., "--output", "-o", help="Run directory: metrics.jsonl, checkpoints/, policy/ at the end."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Starting policy: a directory, hub id or registered policy (default: SmolLM2-135M-Instruct)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="PPO steps (overrides the config's `steps`)."),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML file of PPO options (see `rlhf ppo-options`)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="key=value for any PPO option; repeatable; applied after --config."),
+    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters; the reference is the policy with adapters off."),
+    n_prompts: Optional[int] = typer.Option(None, "--n-prompts", help="Use the first N distinct prompts."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its newest checkpoint."),
+    name: Optional[str] = typer.Option(None, "--name", help="Registry name (default: the output directory's name)."),
+    register: bool = typer.Option(True, "--register/--no-register", help="Record the policy in the registry when training has finished."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """PPO (our implementation, ppo.train) of a policy on a reward model; prints diagnostics warnings at the end."""
+    import logging
+
+    from app.cli_policy import _prompts, _progress, _reward_model_path
+    from app.settings import get_settings
+    from ppo.generate import resolve_policy
+    from ppo.sft import resolve_base
+    from ppo.train import PPOConfig, run_ppo
+
+    overrides = list(set_ or [])
+    if steps is not None:
+        overrides.append(f"steps={steps}")
+    if lora:
+        overrides.append("lora=true")
+    cfg = PPOConfig.from_yaml(config, overrides)
+    out = Path(output)
+    if resume:
+        if not (out / "checkpoints").is_dir():
+            raise PPOError(f"--resume: {out} has no checkpoints/ to resume from")
+    elif out.exists() and any(out.iterdir()):
+        raise PPOError(f"--output {out} already holds files; pass --resume to continue that run, or choose a new directory")
+    prompt_list = _prompts(prompts, prompts_project, n_prompts)
+    if policy:
+        policy_path, _ = resolve_policy(None if Path(policy).exists() else engine(), policy)
+    else:
+        policy_path = resolve_base(None, get_settings().model_dir)
+    reward_path = _reward_model_path(reward_model)
+    if not as_json:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    result = run_ppo(reward_path, prompt_list, out, policy=policy_path, config=cfg, progress=_progress(as_json),
+                     resume=resume or None)
+    model_id = None
+    if register:
+        from annotation.store import transaction
+        from ppo.jobs import prompts_hash, project_id_of, registered_policy_id
+        from reward.registry import register_model
+
+        eng = engine()
+        row = {
+            "kind": "policy", "name": name or out.name, "path": str(Path(result["policy_path"]).resolve()),
+            "base_model": policy_path, "project_id": project_id_of(eng, prompts_project),
+            "data_hash": prompts_hash(prompt_list), "data_rows": len(prompt_list),
+            "params": {**cfg.to_dict(), "reward_model": reward_path}, "metrics": result["metrics"],
+            "parent_id": registered_policy_id(eng, policy_path),
+        }
+        with transaction(eng) as session:
+            model_id = register_model(session, **row).id
+    m = result["metrics"]
+    payload = {"model_id": model_id, "output_dir": result["output_dir"], "policy_path": result["policy_path"],
+               "steps": m.get("steps"), "metrics": m, "diagnostics": result["diagnostics"]}
+    text = (f"policy trained: {result['policy_path']}" + (f" (model id {model_id})" if model_id else "")
+            + f"\n{m.get('steps')} steps: reward {m.get('reward_mean_first', 0):.3f} -> {m.get('reward_mean', 0):.3f}"
+            f" (mean of the last steps), KL {m.get('kl', 0):.2f} nats, kl_coef {m.get('kl_coef', 0):.4f}"
+            f"\n{format_warnings(result['diagnostics'])}")
+    emit(payload, as_json, text)
+
+
+@cli.command("ppo-options")
+def ppo_options(as_json: bool = JsonOpt) -> None:
+    """Every PPO option (YAML key / --set name) with its default and what it does."""
+    from ppo.train import PPOConfig, field_docs
+
+    docs = field_docs()
+    defaults = PPOConfig().to_dict()
+    rows = [{"name": k, "default": v, "help": docs.get(k, "")} for k, v in defaults.items()]
+    emit({"options": rows}, as_json, "\n".join(f"{r['name']} = {r['default']!r}\n    {r['help']}" for r in rows))

@@ -1,0 +1,145 @@
+"""`rlhf ppo` and the ppo job handler, on the tiny policy of test_ppo_train and a rule-based
+reward model standing in for reward.score (its contract: .score(prompts, responses) -> tensor)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ppo.errors import PPOError
+from test_ppo_train import share_of_yes, tiny_policy, tiny_prompts
+
+FAST = ["--set", "batch_size=8", "--set", "mini_batch_size=8", "--set", "max_new_tokens=4", "--set", "ppo_epochs=1",
+        "--set", "tensorboard=false"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class ShareOfYes:
+    def __init__(self, path, device=None):
+        self.path = path
+
+    def score(self, prompts, responses, batch_size=32):
+        return share_of_yes(prompts, responses)
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    import reward.score
+
+    monkeypatch.setattr(reward.score, "load_reward_model", ShareOfYes)
+    model, tok = tiny_policy()
+    model.save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in tiny_prompts(12)), encoding="utf-8")
+    (tmp_path / "rm").mkdir()
+    return SimpleNamespace(policy=tmp_path / "policy", prompts=prompts, rm=tmp_path / "rm", root=tmp_path)
+
+
+def invoke(args):
+    import app.cli_ppo  # noqa: F401  (adds the ppo commands to the app)
+    from app.cli import cli
+
+    return CliRunner().invoke(cli, args)
+
+
+def test_rlhf_ppo_trains_registers_and_prints_diagnostics(files, settings, tmp_path):
+    out = tmp_path / "run"
+    config = tmp_path / "ppo.yaml"
+    config.write_text("learning_rate: 0.001\nmissing_eos_penalty: 1.0\n")
+    args = ["ppo", "--reward-model", str(files.rm), "--prompts", str(files.prompts), "--output", str(out),
+            "--policy", str(files.policy), "--steps", "2", "--config", str(config), *FAST, "--name", "ppo-tiny"]
+    result = invoke(args + ["--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert payload["steps"] == 2 and isinstance(payload["diagnostics"], list) and payload["model_id"]
+    assert (out / "policy" / "config.json").exists() and len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    saved = (out / "config.yaml").read_text()
+    assert "learning_rate: 0.001" in saved and "missing_eos_penalty: 1.0" in saved and "batch_size: 8" in saved
+
+    from annotation.store import transaction
+    from reward.registry import get_model
+
+    with transaction(settings_engine(settings)) as session:
+        row = get_model(session, "ppo-tiny")
+        assert row.kind == "policy" and row.data_rows == 12 and row.params["learning_rate"] == 0.001
+
+    # The same output again is refused; --resume continues it to more steps.
+    again = invoke(args)
+    assert isinstance(again.exception, PPOError) and "--resume" in str(again.exception)
+    resumed = invoke([a if a != "2" else "3" for a in args[:-2]] + ["--resume", "--no-register"])
+    assert resumed.exit_code == 0, resumed.output
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert "diagnostics:" in resumed.stdout
+
+
+def settings_engine(settings):
+    from annotation.store import init_db
+
+    return init_db(settings.db_url)
+
+
+def test_rlhf_ppo_refuses_unknown_options_before_loading_anything(files, tmp_path):
+    result = invoke(["ppo", "--reward-model", str(files.rm), "--prompts", str(files.prompts), "--output",
+                     str(tmp_path / "x"), "--policy", str(files.policy), "--set", "learnin_rate=1"])
+    assert isinstance(result.exception, PPOError)
+    assert "--set learnin_rate: unknown key 'learnin_rate'" in str(result.exception)
+    assert not (tmp_path / "x").exists()
+
+
+def test_ppo_options_lists_every_field_with_its_help():
+    result = invoke(["ppo-options", "--json"])
+    rows = {r["name"]: r for r in json.loads(result.stdout)["options"]}
+    assert rows["target"]["default"] == 6.0 and "KL target" in rows["target"]["help"]
+    assert all(r["help"] for r in rows.values())
+
+
+def _ctx(settings, run_dir, cancel_after=None):
+    from annotation.store import init_db
+
+    calls = []
+
+    def cancelled():
+        calls.append(1)
+        return cancel_after is not None and len(calls) > cancel_after
+
+    return SimpleNamespace(job_id=7, run_dir=run_dir, engine=init_db(settings.db_url), settings=settings,
+                           log=logging.getLogger("test.ppo.job"), progress=lambda f, m="": None, cancelled=cancelled)
+
+
+def test_ppo_job_handler_returns_a_policy_to_register(files, settings, tmp_path):
+    from ppo.jobs import ppo
+
+    params = {"policy": str(files.policy), "reward_model": str(files.rm), "prompts": str(files.prompts), "steps": 2,
+              "batch_size": 8, "mini_batch_size": 8, "max_new_tokens": 4, "ppo_epochs": 1, "tensorboard": False}
+    result = ppo(params, _ctx(settings, tmp_path / "job"))
+    (row,) = result["register"]
+    assert row["kind"] == "policy" and row["name"] == "ppo-prompts-job7" and row["data_rows"] == 12
+    assert (tmp_path / "job" / "ppo" / "metrics.jsonl").exists() and row["path"].endswith("policy")
+    assert row["metrics"]["steps"] == 2
+    with pytest.raises(PPOError, match="unknown param"):
+        ppo({**params, "learning_rat": 1}, _ctx(settings, tmp_path / "job2"))
+
+
+def test_ppo_job_cancelled_between_steps_registers_nothing(files, settings, tmp_path):
+    from app.jobs import JobCancelled
+    from ppo.jobs import ppo
+
+    params = {"policy": str(files.policy), "reward_model": str(files.rm), "prompts": str(files.prompts), "steps": 5,
+              "batch_size": 8, "mini_batch_size": 8, "max_new_tokens": 4, "ppo_epochs": 1, "tensorboard": False}
+    with pytest.raises(JobCancelled):
+        ppo(params, _ctx(settings, tmp_path / "job", cancel_after=2))
+    assert len((tmp_path / "job" / "ppo" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert not (tmp_path / "job" / "ppo" / "policy").exists()
