@@ -12,6 +12,7 @@ Skipped, with the reason, where /usr/bin/chromium is absent (`make test` install
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -28,7 +29,7 @@ ARTIFACTS = REPO / "tests" / "artifacts"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 STRENGTH_NAMES = {"Q": "slight", "W": "clear", "E": "strong"}
-WAIT_MS = 30_000  # per step; the machine is shared, a Streamlit rerun can take seconds
+WAIT_MS = 60_000  # per step; on a shared, loaded machine a Streamlit rerun can take many seconds
 
 pytestmark = [
     pytest.mark.browser,
@@ -71,12 +72,28 @@ def browser():
         chromium.close()
 
 
+OPEN_PAGES: list = []
+
+
 def new_page(browser):
     # Tall enough that a whole annotation screen fits in one screenshot (Streamlit scrolls inside the page).
     context = browser.new_context(viewport={"width": 1400, "height": 1900}, accept_downloads=True)
     page = context.new_page()
     page.set_default_timeout(WAIT_MS)
+    OPEN_PAGES.append(page)
     return page
+
+
+@contextlib.contextmanager
+def screenshots_on_failure():
+    """When a step fails, keep what each open browser page showed (tests/artifacts/failure-N.png)."""
+    OPEN_PAGES.clear()
+    try:
+        yield
+    except BaseException:
+        for i, page in enumerate(p for p in OPEN_PAGES if not p.is_closed()):
+            page.screenshot(path=str(ARTIFACTS / f"failure-{i}.png"))
+        raise
 
 
 def log_in(page, url: str, username: str, screenshot: str | None = None):
@@ -153,6 +170,11 @@ def assert_payloads_inert(page):
 
 
 def test_two_annotators_by_keyboard_then_researcher_exports(app_url, app_db, browser, tmp_path):
+    with screenshots_on_failure():
+        _scenario(app_url, app_db, browser, tmp_path)
+
+
+def _scenario(app_url, app_db, browser, tmp_path):
     from playwright.sync_api import expect
 
     # --- annotators: log in, then keys only
