@@ -10,7 +10,8 @@ n_annotations and agreement:
   posterior fixed to the gold choice in every EM step, so they weigh into each annotator's
   confusion matrix (and get their gold label, confidence 1). The EM follows crowd-kit's
   `DawidSkene` step for step (initialisation, clipping, stopping rule) so results agree with it
-  to 1e-6, but works on integer codes with numpy: about 100x faster on 500k annotations.
+  to 1e-6, but works on integer codes with sparse products (benchmarks/agreement_bench.py times it
+  against crowd-kit).
 """
 
 from __future__ import annotations
@@ -125,49 +126,54 @@ def dawid_skene(
             p[gold_rows, gold_cols] = 1.0
         return p
 
+    # One row per item, one column per (annotator, label said): the EM steps become two sparse
+    # products, X.T @ posteriors (M-step) and X @ log errors (E-step).
+    from scipy import sparse
+
+    wk = w * n_lab + k
+    x = sparse.csr_matrix((np.ones(n_obs), (t, wk)), shape=(n_items, n_ann * n_lab))
+    x_t = x.T.tocsr()
+    n_per_item = np.asarray(x.sum(axis=1)).ravel()
     # An annotator's confusion matrix has rows only for the labels they used (as in crowd-kit):
     # rows never observed stay 0 and are never looked up.
-    wk = w * n_lab + k
-    used = np.bincount(wk, minlength=n_ann * n_lab).reshape(n_ann, n_lab) > 0
+    used = (np.asarray(x.sum(axis=0)).ravel() > 0).reshape(n_ann, n_lab)
 
     def m_step(p: np.ndarray) -> np.ndarray:
-        per_obs = p[t]
-        e = np.stack([np.bincount(wk, weights=per_obs[:, c], minlength=n_ann * n_lab) for c in range(n_lab)], axis=1)
-        e = e.reshape(n_ann, n_lab, n_lab)
+        e = (x_t @ p).reshape(n_ann, n_lab, n_lab)
         e = np.where(used[:, :, None], np.maximum(e, _EPS), 0.0)
         return e / e.sum(axis=1, keepdims=True)
 
-    def log_errors_per_obs(e: np.ndarray) -> np.ndarray:
+    def log_likelihood(e: np.ndarray) -> np.ndarray:
+        """Items x true label: sum over the item's annotations of log P(said | truth)."""
         with np.errstate(divide="ignore"):
-            return np.log(e)[w, k, :]  # n_obs x n_lab; only used (w, k) rows, so finite
+            log_e = np.where(used[:, :, None], np.log(np.where(used[:, :, None], e, 1.0)), 0.0)
+        return x @ log_e.reshape(n_ann * n_lab, n_lab)
 
-    def e_step(pri: np.ndarray, lo: np.ndarray) -> np.ndarray:
-        ll = np.stack([np.bincount(t, weights=lo[:, c], minlength=n_items) for c in range(n_lab)], axis=1)
-        ll += np.log(np.maximum(pri, _EPS))
+    def e_step(pri: np.ndarray, lik: np.ndarray) -> np.ndarray:
+        ll = lik + np.log(np.maximum(pri, _EPS))
         ll -= ll.max(axis=1, keepdims=True)
         p = np.exp(ll)
         return p / p.sum(axis=1, keepdims=True)
 
-    def elbo(p: np.ndarray, pri: np.ndarray, lo: np.ndarray) -> float:
+    def elbo(p: np.ndarray, pri: np.ndarray, lik: np.ndarray) -> float:
         # crowd-kit's bound adds the log prior once per annotation (not once per item); we keep its
         # definition because the stopping rule, and so the result, depends on it.
-        joint = float((p[t] * (lo + np.log(np.maximum(pri, _EPS)))).sum())
+        joint = float((p * (lik + n_per_item[:, None] * np.log(np.maximum(pri, _EPS)))).sum())
         pc = np.maximum(p, _EPS)
         return (joint - float((pc * np.log(pc)).sum())) / n_obs
 
-    counts = np.zeros((n_items, n_lab))
-    np.add.at(counts, (t, k), 1.0)
+    counts = np.bincount(t * n_lab + k, minlength=n_items * n_lab).reshape(n_items, n_lab).astype(float)
     probas = fix_gold(counts / counts.sum(axis=1, keepdims=True))
     priors = probas.mean(axis=0)
     errors = m_step(probas)
-    log_errors = log_errors_per_obs(errors)
+    lik = log_likelihood(errors)
     loss, it = -np.inf, 0
     for it in range(1, n_iter + 1):
-        probas = fix_gold(e_step(priors, log_errors))
+        probas = fix_gold(e_step(priors, lik))
         priors = probas.mean(axis=0)
         errors = m_step(probas)
-        log_errors = log_errors_per_obs(errors)
-        new_loss = elbo(probas, priors, log_errors)
+        lik = log_likelihood(errors)
+        new_loss = elbo(probas, priors, lik)
         if new_loss - loss < tol:
             break
         loss = new_loss
