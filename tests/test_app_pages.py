@@ -365,6 +365,7 @@ def test_tie_and_both_bad_hidden_when_project_disallows(store):
     at = open_page("annotate", store, "ann1")
     keys = {b.key for b in at.button}
     assert "ann_choice_left" in keys and "ann_choice_tie" not in keys and "ann_choice_both_bad" not in keys
+    assert at.radio[0].options == ["Response 1", "Response 2"]  # per-criterion choices follow the project too
 
 
 # ----------------------------------------------------------------------------- projects

@@ -28,7 +28,7 @@ CHOICE_KEYS = {  # shown choice -> (key, label, choice when shown unswapped, whe
     "both_bad": ("4", "Both bad", "both_bad", "both_bad"),
 }
 STRENGTH_KEYS = {1: ("Q", "Slight"), 2: ("W", "Clear"), 3: ("E", "Strong")}
-CRITERION_OPTIONS = ["Response 1", "Response 2", "Tie"]
+CRITERION_OPTIONS = {"left": "Response 1", "right": "Response 2", "tie": "Tie", "both_bad": "Both bad"}
 
 engine = get_engine()
 state = st.session_state
@@ -52,11 +52,13 @@ def _to_ab(shown: str, swapped: bool) -> str:
     return when_swapped if swapped else unswapped
 
 
+def _criterion_options(project) -> list[str]:
+    return [CRITERION_OPTIONS[c] for c in ("left", "right", "tie", "both_bad") if c in ("left", "right") or c in project.choices]
+
+
 def _criterion_to_ab(value: str, swapped: bool) -> str:
-    if value == "Tie":
-        return "tie"
-    left = value == "Response 1"
-    return ("b" if swapped else "a") if left else ("a" if swapped else "b")
+    shown = next(c for c, label in CRITERION_OPTIONS.items() if label == value)
+    return _to_ab(shown, swapped)
 
 
 # ----------------------------------------------------------------------------- button callbacks
@@ -268,7 +270,7 @@ for col, (level, (key, label)) in zip(strength_cols, STRENGTH_KEYS.items()):
 if project.criteria:
     with st.expander("Per criterion (optional)", expanded=False):
         for name in project.criteria:
-            st.radio(name, CRITERION_OPTIONS, index=None, horizontal=True, key=f"ann_crit_{task.item_id}_{name}")
+            st.radio(name, _criterion_options(project), index=None, horizontal=True, key=f"ann_crit_{task.item_id}_{name}")
 
 st.text_area("Rationale (optional; also sent as the note when you flag an item)",
              key=f"ann_rationale_{task.item_id}", height=80)
