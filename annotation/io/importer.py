@@ -36,6 +36,11 @@ _prompts = Prompt.__table__
 _annotations = Annotation.__table__
 _users = User.__table__
 _projects = Project.__table__
+# Column order of the row tuples the importer builds (unlisted columns are NULL).
+_ITEM_COLUMNS = ("project_id", "external_id", "prompt", "response_a", "response_b", "source_a", "source_b",
+                 "metadata", "content_hash", "gold_choice", "created_at")
+_ANNOTATION_COLUMNS = ("item_id", "annotator_id", "choice", "criteria", "shown_swapped", "created_at")
+_PROMPT_COLUMNS = ("project_id", "external_id", "prompt", "metadata", "content_hash", "created_at")
 
 
 
@@ -128,13 +133,13 @@ class _Importer:
             return value
         return encoded if encoded is not None else canonical_json(value)
 
-    def insert(self, table: Table, rows: list[dict]) -> None:
-        if not self.raw:
-            self.conn.execute(insert(table), rows)
-            return
-        names = list(rows[0])
-        sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
-        self.conn.exec_driver_sql(sql, [tuple(r[n] for n in names) for r in rows])
+    def insert(self, table: Table, names: tuple[str, ...], rows: list[tuple]) -> None:
+        """executemany of `rows` (tuples in the order of `names`) into `table`."""
+        if self.raw:
+            sql = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+            self.conn.exec_driver_sql(sql, rows)
+        else:
+            self.conn.execute(insert(table), [dict(zip(names, row)) for row in rows])
 
     def write(self, batch: list) -> None:
         items, prompts = [], []
@@ -195,18 +200,16 @@ class _Importer:
                 self.report.duplicates += 1
                 continue
             meta = rec.meta if rec.margin is None else {**rec.meta, "margin": rec.margin}
-            new_rows.append({
-                "project_id": self.project_id, "external_id": rec.external_id, "prompt": self.json(rec.prompt, prompt_json),
-                "response_a": a, "response_b": b, "source_a": rec.source_a, "source_b": rec.source_b,
-                "metadata": self.json(meta) if meta else self.empty_json, "content_hash": h, "gold_choice": rec.gold_choice,
-                "created_at": self.now_param,
-            })
+            new_rows.append((
+                self.project_id, rec.external_id, self.json(rec.prompt, prompt_json), a, b, rec.source_a, rec.source_b,
+                self.json(meta) if meta else self.empty_json, h, rec.gold_choice, self.now_param,
+            ))
         ids = {h: v[0] for h, v in existing.items()}
         if new_rows:
-            self.insert(_items, new_rows)
+            self.insert(_items, _ITEM_COLUMNS, new_rows)
             ids.update(self.conn.execute(
                 select(_items.c.content_hash, _items.c.id).where(
-                    _items.c.project_id == self.project_id, _items.c.content_hash.in_([r["content_hash"] for r in new_rows])
+                    _items.c.project_id == self.project_id, _items.c.content_hash.in_([r[8] for r in new_rows])
                 )
             ).all())
             self.report.items_added += len(new_rows)
@@ -228,12 +231,9 @@ class _Importer:
                 if ids[h] in already:
                     continue
                 choice = "a" if existing[h][1] == rec.first else "b"
-            rows.append({
-                "item_id": ids[h], "annotator_id": annotator, "choice": choice, "strength": None, "criteria": self.empty_json,
-                "rationale": None, "shown_swapped": False, "duration_ms": None, "created_at": self.now_param,
-            })
+            rows.append((ids[h], annotator, choice, self.empty_json, False, self.now_param))
         if rows:
-            self.insert(_annotations, rows)
+            self.insert(_annotations, _ANNOTATION_COLUMNS, rows)
             self.report.annotations_added += len(rows)
 
     def _write_prompts(self, records: list[PromptRecord]) -> None:
@@ -249,12 +249,11 @@ class _Importer:
         ))
         self.report.duplicates += len(existing)
         rows = [
-            {"project_id": self.project_id, "external_id": rec.external_id, "prompt": self.json(rec.prompt),
-             "metadata": self.json(rec.meta), "content_hash": h, "created_at": self.now_param}
+            (self.project_id, rec.external_id, self.json(rec.prompt), self.json(rec.meta), h, self.now_param)
             for h, rec in by_hash.items() if h not in existing
         ]
         if rows:
-            self.insert(_prompts, rows)
+            self.insert(_prompts, _PROMPT_COLUMNS, rows)
             self.report.prompts_added += len(rows)
 
 
