@@ -405,3 +405,50 @@ def test_pair_text_flattens_chat_messages_to_an_hh_transcript():
     assert pair_text(msgs, "Hello") == "\n\nSystem: Be kind.\n\nHuman: Hi\n\nAssistant: Hello"
     assert pair_text("\n\nHuman: Hi\n\nAssistant:", " Hello") == "\n\nHuman: Hi\n\nAssistant: Hello"
     assert pair_text("plain prompt") == "plain prompt"
+
+
+# --------------------------------------------------------------------------- streaming and the sample project
+
+
+def test_import_streams_memory_does_not_grow_with_the_file(tmp_path, monkeypatch):
+    import tracemalloc
+
+    from annotation.store import init_db
+
+    monkeypatch.setattr(importer_mod, "BATCH_LINES", 500)
+    rows = ({"prompt": f"question {i} " + "x" * 400, "chosen": " yes " + "y" * 400, "rejected": " no " + "z" * 400} for i in range(10_000))
+    big = write_jsonl(tmp_path / "big.jsonl", rows)
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(open(big, encoding="utf-8").readlines()[:2_000]), encoding="utf-8")
+
+    def peak(path, name):
+        engine = init_db(f"sqlite:///{tmp_path / name}.db")
+        tracemalloc.start()
+        try:
+            import_file(engine, path, "p")
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            engine.dispose()
+
+    peak(small, "warm")  # statement caches and imports are allocated once, not per line
+    small_peak, big_peak = peak(small, "small"), peak(big, "big")
+    # Holding the file would cost ~5x more for 5x the lines (the big file is ~13 MB).
+    assert big_peak < 1.5 * small_peak, (small_peak, big_peak)
+
+
+def test_sample_project_files_import_cleanly_and_keep_the_original_label(engine):
+    samples = Path(__file__).resolve().parent.parent / "data" / "samples"
+    items = import_file(engine, samples / "hh_items.jsonl", "demo")
+    prompts = import_file(engine, samples / "prompts.jsonl", "demo")
+    assert (items.format, items.items_added, items.annotations_added) == ("pairs", 300, 0)
+    assert (prompts.format, prompts.prompts_added) == ("prompts", 100)
+    original = {p.line: p for p in scan_pairs(hh_dev_path())[0]}
+    sides = []
+    for item in items_of(engine, "demo"):
+        src = original[item.metadata["source_line"]]
+        preferred = item.metadata["hh_preferred"]
+        assert chosen_of(item, preferred) == src.chosen.strip() and pair_text(item.prompt) == src.prompt
+        sides.append(preferred)
+    assert 120 <= sides.count("a") <= 180
+    assert "LICENSE" in {p.name for p in samples.iterdir()} and "MIT" in (samples / "README.md").read_text()
