@@ -184,8 +184,8 @@ def signed_scale(votes: pd.DataFrame) -> pd.Series:
         strength = pd.to_numeric(votes["strength"], errors="coerce").astype(float).to_numpy()
     else:
         strength = np.full(len(votes), np.nan)
-    choice = votes["choice"].to_numpy(dtype=object)
-    scale = np.select([choice == "a", choice == "b", choice == "tie"], [strength, -strength, 0.0], default=np.nan)
+    is_ = {c: votes["choice"].eq(c).fillna(False).to_numpy(bool) for c in ("a", "b", "tie")}
+    scale = np.select([is_["a"], is_["b"], is_["tie"]], [strength, -strength, 0.0], default=np.nan)
     return pd.Series(scale, index=votes.index, name="scale")
 
 
@@ -693,7 +693,13 @@ def annotator_table(votes: pd.DataFrame, label: str = "choice", codes: Codes | N
     n_cmp = np.bincount(w, weights=compared, minlength=n_ann)
     table["n_compared"] = n_cmp.astype(int)
     table["loo_agreement"] = np.where(n_cmp > 0, np.bincount(w, weights=agree, minlength=n_ann) / np.maximum(n_cmp, 1), np.nan)
-    vals = votes[label].to_numpy(dtype=object)
+    # compare codes, not strings: 500k Python strings cost more than the whole table
+    value_index = pd.Index(codes.values)
+
+    def said(value) -> np.ndarray:
+        code = value_index.get_indexer([value])[0]
+        return codes.k == code if code >= 0 else np.zeros(len(codes.k), dtype=bool)
+
 
     def rate(mask: np.ndarray, among: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         num = np.bincount(w, weights=mask & among, minlength=n_ann)
@@ -701,17 +707,18 @@ def annotator_table(votes: pd.DataFrame, label: str = "choice", codes: Codes | N
         return np.where(den > 0, num / np.maximum(den, 1), np.nan), den
 
     if "gold_choice" in votes.columns:
-        gold = votes["gold_choice"].to_numpy(dtype=object)
-        has_gold = pd.notna(gold)
-        acc, n_gold = rate(has_gold & (vals == gold), has_gold)
+        gold = votes["gold_choice"]
+        has_gold = gold.notna().to_numpy(bool)
+        gold_code = value_index.get_indexer(gold.where(gold.notna(), None).astype(object))
+        acc, n_gold = rate(has_gold & (gold_code == codes.k), has_gold)
         table["gold_accuracy"], table["n_gold"] = acc, n_gold.astype(int)
     else:
         table["gold_accuracy"], table["n_gold"] = np.nan, 0
     is_choice = label == "choice"
     if "shown_swapped" in votes.columns and is_choice:
         swapped = votes["shown_swapped"].fillna(False).to_numpy(bool)
-        left = ((vals == "a") & ~swapped) | ((vals == "b") & swapped)
-        sided = (vals == "a") | (vals == "b")
+        left = (said("a") & ~swapped) | (said("b") & swapped)
+        sided = said("a") | said("b")
         left_rate, n_sided = rate(left, sided)
         n_left = np.bincount(w, weights=left & sided, minlength=n_ann)
         table["left_rate"] = left_rate
@@ -719,7 +726,7 @@ def annotator_table(votes: pd.DataFrame, label: str = "choice", codes: Codes | N
         table["position_p"] = [binomtest(int(k), int(n), 0.5).pvalue if n > 0 else np.nan for k, n in zip(n_left, n_sided)]
     else:
         table["left_rate"], table["n_sided"], table["position_p"] = np.nan, 0, np.nan
-    table["tie_rate"] = rate(vals == "tie", np.ones(len(vals), dtype=bool))[0] if is_choice else np.nan
+    table["tie_rate"] = rate(said("tie"), np.ones(len(codes.k), dtype=bool))[0] if is_choice else np.nan
     if "duration_ms" in votes.columns:
         dur = pd.to_numeric(votes["duration_ms"], errors="coerce").astype(float).to_numpy()
         table["median_duration_ms"] = pd.Series(dur).groupby(w).median().reindex(range(n_ann)).to_numpy(float)
