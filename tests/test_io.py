@@ -452,3 +452,39 @@ def test_sample_project_files_import_cleanly_and_keep_the_original_label(engine)
         sides.append(preferred)
     assert 120 <= sides.count("a") <= 180
     assert "LICENSE" in {p.name for p in samples.iterdir()} and "MIT" in (samples / "README.md").read_text()
+
+
+def test_concurrent_imports_of_the_same_rows_fail_cleanly_on_postgres(engine, tmp_path):
+    import threading
+
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite queues writers (BEGIN IMMEDIATE), so imports never overlap there")
+    f = write_jsonl(tmp_path / "t.jsonl", [{"prompt": f"Q{i}", "chosen": "A", "rejected": "B"} for i in range(50)])
+    import_file(engine, write_jsonl(tmp_path / "seed.jsonl", [{"prompt": "seed", "response_a": "x", "response_b": "y"}]), "p")
+    errors = []
+    # Another import's transaction holds the same rows, uncommitted, while ours runs into them.
+    with engine.connect() as other:
+        other.begin()
+        from annotation.io.importer import _Importer  # the same writer, on a connection we control
+        from annotation.io.formats import LineParser, iter_json_lines
+
+        parser = LineParser(f, "auto", 1000)
+        _Importer(other, parser, importer_mod.ImportReport(str(f), None), "p", "import", None).write(
+            [parser.parse(n, o) for n, o in iter_json_lines(f)]
+        )
+        worker = threading.Thread(target=lambda: errors.append(_capture(lambda: import_file(engine, f, "p"))))
+        worker.start()
+        worker.join(timeout=2)
+        assert worker.is_alive()  # waiting on the other transaction's rows
+        other.commit()
+    worker.join(timeout=60)
+    assert isinstance(errors[0], AnnotationError) and "collided with another import" in str(errors[0])
+    assert count(engine, Item) == 51 and count(engine, Annotation) == 50
+
+
+def _capture(fn):
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - handed back to the test thread
+        return exc
+    return None

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sqlalchemy import Table, insert, select
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
 
 from annotation.errors import AnnotationError, InputError
 from annotation.io.formats import (
@@ -93,6 +94,19 @@ def import_file(
         max_field_chars = get_settings().max_field_chars
     parser = LineParser(path, format, max_field_chars)
     report = ImportReport(path=str(path), format=parser.format, project=project)
+    try:
+        _import(engine, path, parser, report, project, source_annotator, created_by)
+    except IntegrityError:
+        # Two imports into one project at the same moment (PostgreSQL; SQLite queues writers): both
+        # saw a hash or project name as new. This one rolled back whole, so running it again is safe.
+        raise AnnotationError(
+            f"importing {path} into '{project}' collided with another import running at the same time; "
+            "nothing was written, run it again"
+        ) from None
+    return report
+
+
+def _import(engine, path, parser, report, project, source_annotator, created_by) -> None:
     with engine.begin() as conn:
         job = _Importer(conn, parser, report, project, source_annotator, created_by)
         batch: list = []
@@ -106,7 +120,6 @@ def import_file(
             raise InputError(str(path), None, None, "no JSON lines in the file", "one JSON object per line")
         job.write(batch)
         report.format = parser.format
-    return report
 
 
 class _Importer:
