@@ -491,6 +491,8 @@ class ItemStats:
         else:  # many annotators: items rarely share a row of labels, so draw items themselves
             pair_first, pair_p = np.arange(n), np.full(n, 1.0 / n)
         pair_u = sparse.csr_matrix(self.pairs[pair_first]).T.tocsr()
+        # replicates per batch: keep the batch's pattern counts near 5M numbers (40 MB)
+        chunk = max(1, min(chunk, 5_000_000 // max(len(dense_p), len(pair_p))))
         out: dict[str, list] = {}
         for start in range(0, n_resamples, chunk):
             b = min(chunk, n_resamples - start)
