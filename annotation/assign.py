@@ -23,11 +23,15 @@ Speed: the hot path (next_item, submit) runs statements built once at import tim
 Connection, not the ORM, so a request costs a handful of index lookups and little Python;
 benchmarks/assign_bench.py measures it at 100k items.
 
+The queue reads `items.annotation_count`, which database triggers keep equal to the item's number
+of annotations (migration 0002), through the index (project_id, annotation_count, id).
+
 Concurrency: on SQLite every transaction starts with BEGIN IMMEDIATE (annotation.store), so
-writers are serialised. On PostgreSQL (READ COMMITTED) every check-then-write on an item happens
-under a row lock on that item (SELECT ... FOR UPDATE), so the count check and the insert are
-atomic; `next_item` skips items another transaction holds locked (SKIP LOCKED) rather than
-queueing behind it. Serialization failures, deadlocks and "database is locked" are retried a
+writers are serialised; within one process they also queue on a mutex (see _writer_lock). On
+PostgreSQL (READ COMMITTED) every check-then-write on an item happens under a row lock on that
+item (SELECT ... FOR UPDATE), so the count check and the insert are atomic; `next_item` skips
+items another transaction holds locked (SKIP LOCKED) rather than queueing behind it.
+Serialization failures, deadlocks and "database is locked" are retried a
 bounded number of times.
 """
 
@@ -511,19 +515,31 @@ def undo_last(engine: Engine, annotator_id: int, *, window_seconds: float = 30, 
 # --------------------------------------------------------------------------- progress, gold
 
 
+COMPLETION_CACHE_SECONDS = 10.0
+"""How stale the project completion shown by `progress` may be. completion() reads every annotation
+of the project (about 0.2 s at 100k items, holding SQLite's write lock); the annotate page asks for
+progress after every item, so twenty annotators would otherwise run it several times a second."""
+_completion_cache: "weakref.WeakKeyDictionary[Engine, dict[int, tuple[float, float]]]" = weakref.WeakKeyDictionary()
+
+
 def progress(engine: Engine, project_id: int, annotator_id: int, *, now: dt.datetime | None = None) -> dict:
-    """The annotator's annotations in this project today (UTC) and in total, and the project's completion (0..1)."""
+    """The annotator's annotations in this project today (UTC) and in total (exact), and the project's
+    completion (0..1, from annotation.projects.completion, at most COMPLETION_CACHE_SECONDS old)."""
     now = _naive_utc(now)
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     key = {"annotator": annotator_id, "project": project_id, "since": midnight}
-    with transaction(engine) as session:
+    with _writer_lock(engine), transaction(engine) as session:
         project = session.get(Project, project_id)
         if project is None:
             raise AnnotationError(f"no project with id {project_id}")
+        cache = _completion_cache.setdefault(engine, {})
+        cached = cache.get(project_id)
+        if cached is None or time.monotonic() - cached[0] > COMPLETION_CACHE_SECONDS:
+            cached = cache[project_id] = (time.monotonic(), completion(session, project)["completion"])
         return {
             "today": session.execute(_MINE_SINCE, key).scalar_one(),
             "total": session.execute(_MINE_IN_PROJECT, key).scalar_one(),
-            "project_completion": completion(session, project)["completion"],
+            "project_completion": cached[1],
         }
 
 

@@ -314,3 +314,13 @@ def test_annotation_count_is_kept_by_the_database_for_every_writer(engine):
         true = dict(s.execute(select(Annotation.item_id, func.count()).group_by(Annotation.item_id)).all())
     assert kept == {i: true.get(i, 0) for i in items}
     assert kept[items[0]] == 2 and kept[items[2]] == 1
+
+
+def test_progress_reuses_a_recent_project_completion_but_counts_the_annotators_own_work_exactly(engine, monkeypatch):
+    project, (a, b, _), items = setup(engine, n_items=2, overlap=1)
+    assert progress(engine, project, a)["project_completion"] == 0.0
+    task = next_item(engine, project, b)
+    submit(engine, b, task.item_id, "a")
+    assert progress(engine, project, b) == {"today": 1, "total": 1, "project_completion": 0.0}  # completion cached
+    monkeypatch.setattr(assign, "COMPLETION_CACHE_SECONDS", 0.0)
+    assert progress(engine, project, b)["project_completion"] == pytest.approx(0.5)
