@@ -198,6 +198,10 @@ def main() -> None:
     print(f"\nDawid-Skene vs crowd-kit on the {args.ds_subsample:,}-item subsample: max |posterior diff| {diff:.1e}")
     print(f"accuracy against the true labels: Dawid-Skene {acc_ds:.4f}, majority vote {acc_mv:.4f} "
           f"(majority leaves {int(mv['label'].isna().sum()):,} tied items unlabelled; counted wrong)")
+    decided = mv["label"].notna()
+    truth_d = truth_s.reindex(mv.index)[decided]
+    print(f"  on the {int(decided.sum()):,} items majority vote decides: Dawid-Skene "
+          f"{(ds['label'][decided] == truth_d).mean():.4f}, majority vote {(mv['label'][decided] == truth_d).mean():.4f}")
     est = ds_fit.annotator_accuracy()
     real = [float(np.diag(c) @ PRIOR) for c in annotator_confusions()]
     print("annotator accuracy, estimated by Dawid-Skene vs true: "
