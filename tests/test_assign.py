@@ -324,3 +324,51 @@ def test_progress_reuses_a_recent_project_completion_but_counts_the_annotators_o
     assert progress(engine, project, b) == {"today": 1, "total": 1, "project_completion": 0.0}  # completion cached
     monkeypatch.setattr(assign, "COMPLETION_CACHE_SECONDS", 0.0)
     assert progress(engine, project, b)["project_completion"] == pytest.approx(0.5)
+
+
+def test_a_lease_in_one_project_does_not_leak_into_another(engine):
+    project, (a, _, _), items = setup(engine, n_items=1, overlap=1)
+    other_project, other_item = _second_project(engine, overlap=1)
+    assert next_item(engine, project, a).item_id == items[0]
+    assert next_item(engine, other_project, a).item_id == other_item
+    assert next_item(engine, project, a).item_id == items[0]  # both leases live, each in its project
+    assert progress(engine, other_project, a)["total"] == 0
+
+
+class FakeDriverError(Exception):
+    def __init__(self, sqlstate):
+        super().__init__(f"driver error {sqlstate}")
+        self.sqlstate = sqlstate
+
+
+def test_deadlocks_and_serialization_failures_are_retried_but_other_errors_are_not(sqlite_engine):
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    calls = []
+
+    def flaky(conn):
+        calls.append(1)
+        if len(calls) < 3:
+            raise OperationalError("SELECT 1", {}, FakeDriverError("40P01" if len(calls) == 1 else "40001"))
+        return "done"
+
+    assert assign._in_transaction(sqlite_engine, flaky) == "done"
+    assert len(calls) == 3
+
+    def always_deadlocked(conn):
+        calls.append(1)
+        raise OperationalError("SELECT 1", {}, FakeDriverError("40P01"))
+
+    calls.clear()
+    with pytest.raises(OperationalError):
+        assign._in_transaction(sqlite_engine, always_deadlocked)
+    assert len(calls) == assign.MAX_ATTEMPTS  # bounded
+
+    def duplicate(conn):
+        calls.append(1)
+        raise IntegrityError("INSERT", {}, FakeDriverError("23505"))
+
+    calls.clear()
+    with pytest.raises(IntegrityError):
+        assign._in_transaction(sqlite_engine, duplicate)
+    assert len(calls) == 1
