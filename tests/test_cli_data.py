@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 
 import pytest
@@ -42,16 +41,23 @@ def test_hh_import_then_trl_export_round_trips_every_accepted_pair(settings, tmp
     assert (again["items_added"], again["annotations_added"], again["duplicates"]) == (0, 0, 1495)
 
 
-def test_cli_errors_name_file_line_and_field_with_exit_code_2(settings, tmp_path):
+def run_main(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """app.cli.main in-process (the place that turns errors into messages and exit codes)."""
+    monkeypatch.setattr(sys, "argv", ["rlhf", *args])
+    with pytest.raises(SystemExit) as info:
+        cli_mod.main()
+    return info.value.code, capsys.readouterr().err
+
+
+def test_cli_errors_name_file_line_and_field_with_exit_code_2(settings, tmp_path, monkeypatch, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "Q", "response_a": "A", "response_b": ""}) + "\n", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "app.cli", "import", str(bad), "--project", "p"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert f"error: {bad}:1: field 'response_b': empty string; expected a non-empty string" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "app.cli", "export", "--project", "p", "--format", "trl", "-o", str(tmp_path / "o.jsonl")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "no project named 'p'" in proc.stderr
+    code, err = run_main(monkeypatch, capsys, "import", str(bad), "--project", "p")
+    assert code == 2 and f"error: {bad}:1: field 'response_b': empty string; expected a non-empty string" in err
+    code, err = run_main(monkeypatch, capsys, "export", "--project", "p", "--format", "trl", "-o", str(tmp_path / "o.jsonl"))
+    assert code == 2 and "no project named 'p'" in err
+    code, err = run_main(monkeypatch, capsys, "import", str(bad), "--project", "p", "--format", "csv")
+    assert code == 2 and "unknown format 'csv'" in err
 
 
 def _tiny_tokenizer(texts, chat: bool):
