@@ -119,3 +119,18 @@ def test_bad_method_and_columns_are_clear_errors():
         aggregate(votes, "median")
     with pytest.raises(AnnotationError, match="choice"):
         aggregate(votes.drop(columns="choice"), "dawid-skene")
+
+
+def test_gold_edge_cases_as_export_passes_them():
+    # export passes integer annotator ids and a gold_choice column; gold may name a choice nobody made,
+    # and gold items without votes must not enter the fit
+    votes = pd.DataFrame({
+        "item_id": [1, 1, 2, 2, 3, 3],
+        "annotator": [10, 11, 10, 11, 10, 11],
+        "choice": ["a", "a", "b", "a", "b", "b"],
+        "gold_choice": [None, None, "tie", "tie", None, None],
+    })
+    out = aggregate(votes, "dawid-skene", {**{2: "tie"}, 99: "a"})
+    assert list(out.index) == [1, 2, 3] and out.loc[2, "label"] == "tie" and out.loc[2, "confidence"] == pytest.approx(1.0)
+    assert not out["confidence"].isna().any()
+    pd.testing.assert_frame_equal(aggregate(votes, "dawid-skene"), out)
