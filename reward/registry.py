@@ -87,3 +87,44 @@ def active_model(session: Session, project_id: int | None) -> RegisteredModel | 
     return session.scalars(
         select(RegisteredModel).where(RegisteredModel.kind == "reward", RegisteredModel.active.is_(True), same_project)
     ).first()
+
+
+# --------------------------------------------------------------------------- for the app and the CLI
+
+
+def model_rows(engine, project_id: int | None = None, kind: str = "reward") -> list[dict]:
+    """Registered models as plain dicts (newest first) with the headline metrics flattened."""
+    from annotation.store import transaction
+
+    with transaction(engine) as session:
+        rows = list_models(session, kind=kind, project_id=project_id)
+        return [{
+            "id": m.id, "name": m.name, "active": m.active, "base_model": m.base_model, "parent_id": m.parent_id,
+            "project_id": m.project_id, "job_id": m.job_id, "data_rows": m.data_rows,
+            "data_hash": (m.data_hash or "")[:12], "path": m.path, "created_at": m.created_at.isoformat(timespec="seconds"),
+            **{k: (m.metrics or {}).get(k) for k in ("eval_accuracy", "eval_log_loss", "eval_ece", "eval_mean_margin",
+                                                     "train_loss", "pairs_per_s")},
+            "epochs": (m.params or {}).get("epochs"), "lr": (m.params or {}).get("lr"),
+            "ensemble": (m.params or {}).get("ensemble"),
+        } for m in rows]
+
+
+def activate(engine, model_id: int) -> None:
+    from annotation.store import transaction
+
+    with transaction(engine) as session:
+        set_active(session, model_id)
+
+
+def run_files(path: str) -> dict:
+    """What a run directory holds for display: its training curve rows and metrics.json ({} when missing)."""
+    import json
+    from pathlib import Path
+
+    run = Path(path)
+    curve_file = run / "training_curve.jsonl"
+    if not curve_file.is_file() and (run / "member_0" / "training_curve.jsonl").is_file():
+        curve_file = run / "member_0" / "training_curve.jsonl"  # an ensemble: show its first member's curve
+    curve = [json.loads(line) for line in curve_file.read_text().splitlines() if line.strip()] if curve_file.is_file() else []
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    return {"curve": curve, "metrics": metrics}

@@ -1,0 +1,179 @@
+"""Reward-model benchmark: our default MiniLM reward model vs. a plain TRL RewardTrainer script, same run.
+
+    .venv/bin/python benchmarks/rm_bench.py [--data ../shared/data/hh-rlhf-harmless/dev.jsonl]
+        [--base /path/to/all-MiniLM-L6-v2] [--plain-steps 12] [--held-out 0.2]
+
+Both arms train all-MiniLM-L6-v2 (default: settings.model_dir/all-MiniLM-L6-v2, i.e. after
+`rlhf models fetch`) on the same training split of the HH-RLHF harmless dev pairs; each arm runs in
+its own subprocess so that its peak memory (max RSS) is its own.
+
+- ours: reward.train with its default TrainParams (fp32 and no checkpointing on a CPU without
+  native bf16, every core, left truncation to 256 tokens, dynamic padding grouped by length), then
+  held-out accuracy, log-loss and ECE with reward.evaluate.
+- plain: TRL's RewardTrainer on the standard {"prompt", "chosen", "rejected"} dataset with
+  RewardConfig defaults (bf16, gradient checkpointing, max_length 1024, random batches), timed
+  over --plain-steps steps. Two defaults cannot run on a BERT model and are changed, and the
+  script says so: eos_token (BERT has none; TRL's EOS appending fails) and max_length=512
+  (BERT has 512 positions; longer sequences would index past them).
+
+Prints pairs/s, tokens/s (non-pad tokens, chosen + rejected), peak RSS and the throughput ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "hh-rlhf-harmless" / "dev.jsonl"
+
+
+def _split(args):
+    from annotation.io import read_pairs
+    from reward.data import split_pairs
+
+    train, held = split_pairs(read_pairs(args.data), args.held_out)
+    # --limit-* take the first N of each split (a reduced run for a busy machine; the report says so).
+    return train[: args.limit_train or None], held[: args.limit_held_out or None]
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def arm_ours(args) -> dict:
+    from reward.train import TrainParams, train_reward_model
+
+    train, held = _split(args)
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("max_length", args.max_length)) if v is not None}
+    params = TrainParams(base=args.base, **overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train_reward_model(train, Path(tmp) / "run", params, eval_pairs=held)
+    m = result["metrics"]
+    return {"arm": "ours", "train_pairs": len(train), "held_out_pairs": len(held), "params": params.to_dict(),
+            "held_out_accuracy": m["eval_accuracy"], "held_out_log_loss": m["eval_log_loss"], "held_out_ece": m["eval_ece"],
+            "pairs_per_s": m["pairs_per_s"], "tokens_per_s": m["tokens_per_s"], "train_seconds": m["train_seconds"],
+            "torch_threads": m["torch_threads"], "precision": m["precision"],
+            "gradient_checkpointing": m["gradient_checkpointing"], "prompt_truncated": m["prompt_truncated"],
+            "first_loss": m["first_logged_loss"], "last_loss": m["last_logged_loss"], "peak_rss_mb": _peak_mb()}
+
+
+def arm_plain(args) -> dict:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    from annotation.io import pair_text
+
+    train, _ = _split(args)
+    ds = Dataset.from_list([{"prompt": pair_text(p.prompt), "chosen": p.chosen, "rejected": p.rejected} for p in train])
+    changed: dict[str, str] = {}
+
+    def config(**overrides):
+        return RewardConfig(output_dir=str(Path(args.tmp) / "plain"), per_device_train_batch_size=args.batch_size,
+                            max_steps=args.plain_steps, save_strategy="no", report_to="none", disable_tqdm=True,
+                            **overrides)
+
+    tok = AutoTokenizer.from_pretrained(args.base)
+    # TRL's defaults exactly, then only the changes a BERT base on a CPU forces, each recorded with its error.
+    fixes = [("use_cpu", True, "bf16 needs use_cpu=True on a machine without a GPU"),
+             ("eos_token", tok.sep_token, "BERT has no EOS token for TRL to append; used [SEP]")]
+    overrides: dict = {}
+    for _ in range(len(fixes) + 1):
+        try:
+            RewardTrainer(model=args.base, args=config(**overrides), train_dataset=ds.select(range(4)), processing_class=tok)
+            break
+        except Exception as exc:  # noqa: BLE001 - the benchmark reports whatever TRL raises
+            fix = next((f for f in fixes if f[0] not in overrides), None)
+            if fix is None:
+                raise
+            overrides[fix[0]] = fix[1]
+            changed[fix[0]] = f"{fix[2]} (default failed: {type(exc).__name__}: {str(exc)[:100]})"
+    overrides["max_length"] = 512
+    changed["max_length"] = "1024 -> 512: BERT has 512 positions (TRL then drops longer pairs)"
+    args_ = config(**overrides)
+    trainer = RewardTrainer(model=args.base, args=args_, train_dataset=ds, processing_class=tok)
+    kept = len(trainer.train_dataset)
+    started = time.perf_counter()
+    out = trainer.train()
+    seconds = time.perf_counter() - started
+    pairs = args.plain_steps * args.batch_size
+    tokens = trainer._total_train_tokens
+    return {"arm": "plain", "train_pairs_after_filter": kept, "dropped_by_max_length": len(train) - kept,
+            "steps": args.plain_steps, "pairs_per_s": pairs / seconds, "tokens_per_s": tokens / seconds,
+            "train_seconds": seconds, "bf16": args_.bf16, "gradient_checkpointing": args_.activation_checkpointing,
+            "torch_threads": __import__("torch").get_num_threads(), "changed_defaults": changed,
+            "train_loss": out.training_loss, "peak_rss_mb": _peak_mb()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--base", default=None, help="MiniLM model dir (default: settings.model_dir/all-MiniLM-L6-v2)")
+    parser.add_argument("--held-out", type=float, default=0.2, help="Share of pairs held out for accuracy.")
+    parser.add_argument("--plain-steps", type=int, default=12, help="Steps the plain TRL script is timed over.")
+    parser.add_argument("--epochs", type=float, default=None, help="Override our default (for tuning only).")
+    parser.add_argument("--lr", type=float, default=None, help="Override our default (for tuning only).")
+    parser.add_argument("--max-length", type=int, default=None, help="Override our default (for tuning only).")
+    parser.add_argument("--limit-train", type=int, default=0, help="Use only the first N training pairs (0: all).")
+    parser.add_argument("--limit-held-out", type=int, default=0, help="Evaluate on only the first N held-out pairs (0: all).")
+    parser.add_argument("--arm", choices=["ours", "plain", "both"], default="both")
+    parser.add_argument("--tmp", default=None)
+    args = parser.parse_args()
+    if args.base is None:
+        from reward.train import resolve_base
+
+        args.base = resolve_base("minilm")
+    from reward.train import TrainParams
+
+    args.batch_size = TrainParams().batch_size
+    if args.arm != "both":
+        with tempfile.TemporaryDirectory() as tmp:
+            args.tmp = tmp
+            result = arm_ours(args) if args.arm == "ours" else arm_plain(args)
+        print("RESULT " + json.dumps(result, default=float))
+        return 0
+
+    results = {}
+    for arm in ("ours", "plain"):
+        cmd = [sys.executable, __file__, "--arm", arm, "--data", args.data, "--base", args.base,
+               "--held-out", str(args.held_out), "--plain-steps", str(args.plain_steps),
+               "--limit-train", str(args.limit_train), "--limit-held-out", str(args.limit_held_out)]
+        cmd += [x for k in ("epochs", "lr", "max_length") if getattr(args, k) is not None
+                for x in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{arm} arm failed (exit {proc.returncode})")
+        results[arm] = json.loads(line[len("RESULT "):])
+        print(f"{arm}: " + json.dumps(results[arm], default=float), flush=True)
+    ours, plain = results["ours"], results["plain"]
+    print()
+    print(f"held-out accuracy (ours, default config): {ours['held_out_accuracy']:.3f} on {ours['held_out_pairs']} pairs "
+          f"(target >= 0.60); log-loss {ours['held_out_log_loss']:.3f}, ECE {ours['held_out_ece']:.3f}")
+    print(f"{'':8}{'pairs/s':>10}{'tokens/s':>12}{'peak MB':>10}  setup")
+    print(f"{'ours':8}{ours['pairs_per_s']:>10.2f}{ours['tokens_per_s']:>12.0f}{ours['peak_rss_mb']:>10.0f}  "
+          f"{ours['precision']}, checkpointing {ours['gradient_checkpointing']}, {ours['torch_threads']} threads")
+    print(f"{'plain':8}{plain['pairs_per_s']:>10.2f}{plain['tokens_per_s']:>12.0f}{plain['peak_rss_mb']:>10.0f}  "
+          f"bf16 {plain['bf16']}, checkpointing {plain['gradient_checkpointing']}, {plain['torch_threads']} threads")
+    print(f"throughput ratio ours/plain: {ours['pairs_per_s'] / plain['pairs_per_s']:.2f}x pairs/s, "
+          f"{ours['tokens_per_s'] / plain['tokens_per_s']:.2f}x tokens/s (target >= 1.5x)")
+    print(f"plain TRL defaults changed: {json.dumps(plain['changed_defaults'])}")
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end (shared with other work)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
