@@ -85,61 +85,61 @@ class Task:
 # --------------------------------------------------------------------------- statements
 # Built once: SQLAlchemy then reuses their compiled form, and each request pays only for execution.
 
-items, annotations, assignments, flags = Item.__table__, Annotation.__table__, Assignment.__table__, ItemFlag.__table__
-projects, users = Project.__table__, User.__table__
-_ITEM = (items.c.id, items.c.project_id, items.c.prompt, items.c.response_a, items.c.response_b, items.c.gold_choice, items.c.annotation_count)
+_items, _annotations, _assignments, _flags = Item.__table__, Annotation.__table__, Assignment.__table__, ItemFlag.__table__
+_projects, _users = Project.__table__, User.__table__
+_ITEM = (_items.c.id, _items.c.project_id, _items.c.prompt, _items.c.response_a, _items.c.response_b, _items.c.gold_choice, _items.c.annotation_count)
 _PROJECT_COLUMNS = (
-    projects.c.name, projects.c.overlap, projects.c.choices, projects.c.criteria, projects.c.gold_rate, projects.c.lease_seconds
+    _projects.c.name, _projects.c.overlap, _projects.c.choices, _projects.c.criteria, _projects.c.gold_rate, _projects.c.lease_seconds
 )
-_PROJECT = select(projects.c.id, *_PROJECT_COLUMNS).where(projects.c.id == bindparam("project"))
-_USER = select(users.c.username, users.c.active).where(users.c.id == bindparam("annotator"))
+_PROJECT = select(_projects.c.id, *_PROJECT_COLUMNS).where(_projects.c.id == bindparam("project"))
+_USER = select(_users.c.username, _users.c.active).where(_users.c.id == bindparam("annotator"))
 # The project and the annotator in one round trip. NO KEY UPDATE on the user row serialises one
 # annotator's own requests (two tabs) without blocking foreign-key checks that reference the user.
 _PROJECT_AND_USER_LOCKED = (
-    select(projects.c.id, *_PROJECT_COLUMNS, users.c.username, users.c.active)
-    .select_from(projects.join(users, users.c.id == bindparam("annotator")))
-    .where(projects.c.id == bindparam("project"))
-    .with_for_update(key_share=True, of=users)
+    select(_projects.c.id, *_PROJECT_COLUMNS, _users.c.username, _users.c.active)
+    .select_from(_projects.join(_users, _users.c.id == bindparam("annotator")))
+    .where(_projects.c.id == bindparam("project"))
+    .with_for_update(key_share=True, of=_users)
 )
-_ITEM_LOCKED = select(*_ITEM).where(items.c.id == bindparam("item")).with_for_update()
+_ITEM_LOCKED = select(*_ITEM).where(_items.c.id == bindparam("item")).with_for_update()
 # Submit's first statement: the item row, locked, with its project's settings, the annotator, and
 # whether they annotated it already.
 _SUBMIT_LOCK = (
     select(
         *_ITEM,
         *_PROJECT_COLUMNS,
-        users.c.username,
-        users.c.active,
-        exists().where(annotations.c.item_id == items.c.id, annotations.c.annotator_id == users.c.id).label("annotated"),
+        _users.c.username,
+        _users.c.active,
+        exists().where(_annotations.c.item_id == _items.c.id, _annotations.c.annotator_id == _users.c.id).label("annotated"),
     )
-    .select_from(items.join(projects, projects.c.id == items.c.project_id).join(users, users.c.id == bindparam("annotator")))
-    .where(items.c.id == bindparam("item"))
-    .with_for_update(of=items)
+    .select_from(_items.join(_projects, _projects.c.id == _items.c.project_id).join(_users, _users.c.id == bindparam("annotator")))
+    .where(_items.c.id == bindparam("item"))
+    .with_for_update(of=_items)
 )
 # All of the annotator's leases in the project, live ones first, newest first.
 _MY_LEASES = (
-    select(*_ITEM, assignments.c.shown_swapped, assignments.c.leased_until)
-    .join(items, items.c.id == assignments.c.item_id)
-    .where(assignments.c.annotator_id == bindparam("annotator"), items.c.project_id == bindparam("project"))
-    .order_by((assignments.c.leased_until > bindparam("now")).desc(), assignments.c.created_at.desc(), assignments.c.item_id)
+    select(*_ITEM, _assignments.c.shown_swapped, _assignments.c.leased_until)
+    .join(_items, _items.c.id == _assignments.c.item_id)
+    .where(_assignments.c.annotator_id == bindparam("annotator"), _items.c.project_id == bindparam("project"))
+    .order_by((_assignments.c.leased_until > bindparam("now")).desc(), _assignments.c.created_at.desc(), _assignments.c.item_id)
 )
-_PROJECT_ITEM_IDS = select(items.c.id).where(items.c.project_id == bindparam("project"))
-_DROP_EXPIRED = delete(assignments).where(
-    assignments.c.annotator_id == bindparam("annotator"),
-    assignments.c.leased_until <= bindparam("now"),
-    assignments.c.item_id.in_(_PROJECT_ITEM_IDS),
+_PROJECT_ITEM_IDS = select(_items.c.id).where(_items.c.project_id == bindparam("project"))
+_DROP_EXPIRED = delete(_assignments).where(
+    _assignments.c.annotator_id == bindparam("annotator"),
+    _assignments.c.leased_until <= bindparam("now"),
+    _assignments.c.item_id.in_(_PROJECT_ITEM_IDS),
 )
-_DROP_PROJECT_LEASES = delete(assignments).where(
-    assignments.c.annotator_id == bindparam("annotator"), assignments.c.item_id.in_(_PROJECT_ITEM_IDS)
+_DROP_PROJECT_LEASES = delete(_assignments).where(
+    _assignments.c.annotator_id == bindparam("annotator"), _assignments.c.item_id.in_(_PROJECT_ITEM_IDS)
 )
 _UNSEEN = and_(
-    ~exists().where(annotations.c.item_id == items.c.id, annotations.c.annotator_id == bindparam("annotator")),
-    ~exists().where(flags.c.item_id == items.c.id, flags.c.annotator_id == bindparam("annotator")),
+    ~exists().where(_annotations.c.item_id == _items.c.id, _annotations.c.annotator_id == bindparam("annotator")),
+    ~exists().where(_flags.c.item_id == _items.c.id, _flags.c.annotator_id == bindparam("annotator")),
 )
 _LIVE_ON_ITEM = (
     select(func.count())
-    .select_from(assignments)
-    .where(assignments.c.item_id == items.c.id, assignments.c.leased_until > bindparam("now"))
+    .select_from(_assignments)
+    .where(_assignments.c.item_id == _items.c.id, _assignments.c.leased_until > bindparam("now"))
     .scalar_subquery()
 )
 # One completion level of the queue: an ordered range scan of ix_items_queue (project_id,
@@ -148,50 +148,50 @@ _LIVE_ON_ITEM = (
 # instead of queueing behind them (the job-queue pattern); SQLite ignores the clause.
 _REGULAR_AT_LEVEL = (
     select(*_ITEM)
-    .where(items.c.project_id == bindparam("project"), items.c.annotation_count == bindparam("level"), items.c.gold_choice.is_(None))
+    .where(_items.c.project_id == bindparam("project"), _items.c.annotation_count == bindparam("level"), _items.c.gold_choice.is_(None))
     .where(_UNSEEN, _LIVE_ON_ITEM < bindparam("room"))
-    .order_by(items.c.id)
+    .order_by(_items.c.id)
     .limit(1)
-    .with_for_update(skip_locked=True, of=items)
+    .with_for_update(skip_locked=True, of=_items)
 )
 # Least-used gold first, so that annotators do not all meet the same few gold items. Gold has no
 # cap, so there is nothing to lock.
 _GOLD = (
     select(*_ITEM)
-    .where(items.c.project_id == bindparam("project"), items.c.gold_choice.is_not(None), _UNSEEN)
-    .order_by(items.c.annotation_count, items.c.id)
+    .where(_items.c.project_id == bindparam("project"), _items.c.gold_choice.is_not(None), _UNSEEN)
+    .order_by(_items.c.annotation_count, _items.c.id)
     .limit(1)
 )
 _LIVE_OTHERS = (
     select(func.count())
-    .select_from(assignments)
+    .select_from(_assignments)
     .where(
-        assignments.c.item_id == bindparam("item"),
-        assignments.c.leased_until > bindparam("now"),
-        assignments.c.annotator_id != bindparam("annotator"),
+        _assignments.c.item_id == bindparam("item"),
+        _assignments.c.leased_until > bindparam("now"),
+        _assignments.c.annotator_id != bindparam("annotator"),
     )
 )
-_DROP_LEASE = delete(assignments).where(assignments.c.item_id == bindparam("item"), assignments.c.annotator_id == bindparam("annotator"))
+_DROP_LEASE = delete(_assignments).where(_assignments.c.item_id == bindparam("item"), _assignments.c.annotator_id == bindparam("annotator"))
 # Submit takes the lease and learns what it was in one round trip; a refusal rolls the delete back.
-_TAKE_LEASE = _DROP_LEASE.returning(assignments.c.leased_until, assignments.c.shown_swapped)
-_ADD_LEASE = insert(assignments)
-_ADD_ANNOTATION = insert(annotations)
-_FLAG = select(flags.c.id).where(flags.c.item_id == bindparam("item"), flags.c.annotator_id == bindparam("annotator"), flags.c.kind == bindparam("kind"))
-_ADD_FLAG = insert(flags)
+_TAKE_LEASE = _DROP_LEASE.returning(_assignments.c.leased_until, _assignments.c.shown_swapped)
+_ADD_LEASE = insert(_assignments)
+_ADD_ANNOTATION = insert(_annotations)
+_FLAG = select(_flags.c.id).where(_flags.c.item_id == bindparam("item"), _flags.c.annotator_id == bindparam("annotator"), _flags.c.kind == bindparam("kind"))
+_ADD_FLAG = insert(_flags)
 _LAST_ANNOTATION = (
-    select(annotations.c.id, annotations.c.item_id, annotations.c.shown_swapped, annotations.c.created_at)
-    .where(annotations.c.annotator_id == bindparam("annotator"))
-    .order_by(annotations.c.created_at.desc(), annotations.c.id.desc())
+    select(_annotations.c.id, _annotations.c.item_id, _annotations.c.shown_swapped, _annotations.c.created_at)
+    .where(_annotations.c.annotator_id == bindparam("annotator"))
+    .order_by(_annotations.c.created_at.desc(), _annotations.c.id.desc())
     .limit(1)
 )
-_DROP_ANNOTATION = delete(annotations).where(annotations.c.id == bindparam("annotation"))
-_SET_GOLD = update(items).where(items.c.id == bindparam("item")).values(gold_choice=bindparam("gold"))
+_DROP_ANNOTATION = delete(_annotations).where(_annotations.c.id == bindparam("annotation"))
+_SET_GOLD = update(_items).where(_items.c.id == bindparam("item")).values(gold_choice=bindparam("gold"))
 _MINE_IN_PROJECT = (
     select(func.count())
-    .select_from(annotations.join(items, items.c.id == annotations.c.item_id))
-    .where(annotations.c.annotator_id == bindparam("annotator"), items.c.project_id == bindparam("project"))
+    .select_from(_annotations.join(_items, _items.c.id == _annotations.c.item_id))
+    .where(_annotations.c.annotator_id == bindparam("annotator"), _items.c.project_id == bindparam("project"))
 )
-_MINE_SINCE = _MINE_IN_PROJECT.where(annotations.c.created_at >= bindparam("since"))
+_MINE_SINCE = _MINE_IN_PROJECT.where(_annotations.c.created_at >= bindparam("since"))
 
 
 # --------------------------------------------------------------------------- helpers
