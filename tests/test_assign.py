@@ -372,3 +372,29 @@ def test_deadlocks_and_serialization_failures_are_retried_but_other_errors_are_n
     with pytest.raises(IntegrityError):
         assign._in_transaction(sqlite_engine, duplicate)
     assert len(calls) == 1
+
+
+def test_one_annotator_in_two_tabs_at_once_still_holds_one_lease(engine):
+    import threading
+
+    project, (a, _, _), items = setup(engine, n_items=10, overlap=1)
+    errors = []
+    for _ in range(6):
+        got, start = [], threading.Barrier(2)
+
+        def tab():
+            start.wait()
+            try:
+                got.append(next_item(engine, project, a).item_id)
+            except Exception as exc:  # reported below
+                errors.append(exc)
+
+        tabs = [threading.Thread(target=tab) for _ in range(2)]
+        for t in tabs:
+            t.start()
+        for t in tabs:
+            t.join()
+        assert not errors
+        assert got[0] == got[1]  # both tabs show the same item...
+        assert count(engine, Assignment) == 1  # ...and only one is held
+        skip(engine, a, got[0])
