@@ -13,7 +13,8 @@ The count is kept by database triggers on `annotations`, not by Python code, so 
 (the assignment API, `annotation.io` imports, deletes cascading from users or items, a person in a
 SQL shell) keeps it right. Caution for later migrations: on SQLite, a batch migration that
 recreates the `annotations` table drops its triggers; such a migration must call
-`create_count_triggers` again (tests/test_assign.py checks the count after every migration).
+`create_count_triggers` again (test_annotation_count_is_kept_by_the_database_for_every_writer in
+tests/test_assign.py fails if the triggers are missing).
 """
 
 from alembic import op
