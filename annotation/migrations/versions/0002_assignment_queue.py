@@ -10,7 +10,7 @@ each item carries `annotation_count`, and the index (project_id, annotation_coun
 choice into a short ordered index range scan per count level.
 
 The count is kept by database triggers on `annotations`, not by Python code, so that every writer
-(the assignment API, `annotation.io` imports, deletes cascading from users or items, a person in a
+(the assignment API, `annotation.io` imports, deletes cascading from items, a person in a
 SQL shell) keeps it right. Caution for later migrations: on SQLite, a batch migration that
 recreates the `annotations` table drops its triggers; such a migration must call
 `create_count_triggers` again (test_annotation_count_is_kept_by_the_database_for_every_writer in
