@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pandas as pd
-from sqlalchemy import Text, func, select, type_coerce
+from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
@@ -119,17 +119,23 @@ def _labels(conn: Connection, project_id: int, aggregation: str) -> dict[int, tu
 def _iter_pairs(conn: Connection, project_id: int, report: ExportReport, *, aggregation: str, min_agreement, min_confidence,
                 split, test_fraction, margin_from) -> Iterator[Pair]:
     labels = _labels(conn, project_id, aggregation)
-    # SQLite hands JSON back as text and SQLAlchemy decodes it with json.loads: a third of the
-    # export time. Most prompts are one JSON string, which json's C scanner decodes directly.
-    raw_json = conn.dialect.name == "sqlite"
-    prompt_col = type_coerce(_items.c.prompt, Text) if raw_json else _items.c.prompt
-    query = (
-        select(_items.c.id, _items.c.external_id, prompt_col, _items.c.response_a, _items.c.response_b, _items.c.content_hash)
-        .where(_items.c.project_id == project_id)
-        .order_by(_items.c.id)
-    )
     margin_of = (lambda c: 2.0 * c - 1.0) if margin_from == "confidence" else (lambda c: None)
-    for item_id, external_id, prompt, response_a, response_b, content_hash in conn.execution_options(yield_per=STREAM_ROWS).execute(query):
+    # SQLite hands JSON back as text and SQLAlchemy decodes it with json.loads, a third of the
+    # export time; most prompts are one JSON string, which json's C scanner decodes directly. The
+    # plain driver query there also skips SQLAlchemy's per-row processing (the rest is tuples).
+    raw_json = conn.dialect.name == "sqlite"
+    if raw_json:
+        rows = conn.execution_options(yield_per=STREAM_ROWS).exec_driver_sql(
+            "SELECT id, external_id, prompt, response_a, response_b, content_hash FROM items WHERE project_id = ? ORDER BY id",
+            (project_id,),
+        )
+    else:
+        rows = conn.execution_options(yield_per=STREAM_ROWS).execute(
+            select(_items.c.id, _items.c.external_id, _items.c.prompt, _items.c.response_a, _items.c.response_b, _items.c.content_hash)
+            .where(_items.c.project_id == project_id)
+            .order_by(_items.c.id)
+        )
+    for item_id, external_id, prompt, response_a, response_b, content_hash in rows:
         report.items += 1
         verdict = labels.get(item_id)
         if verdict is None:
