@@ -488,3 +488,20 @@ def _capture(fn):
     except Exception as exc:  # noqa: BLE001 - handed back to the test thread
         return exc
     return None
+
+
+def test_dawid_skene_aggregation_is_passed_through_with_gold_items(engine, tmp_path):
+    from sqlalchemy import update
+
+    ids = make_voted_project(engine, [["a", "a", "b"], ["b", "b", "a"], ["a", "b", "b"], ["a", "a", "a"]])
+    with engine.begin() as conn:  # gold says item 2 is 'a', against its majority
+        conn.execute(update(Item.__table__).where(Item.id == ids[2]).values(gold_choice="a"))
+    majority_rows = {p.metadata["item_id"]: p for p in project_pairs(engine, "v")}
+    report = export(engine, "v", "trl", tmp_path / "ds.jsonl", aggregation="dawid-skene")
+    rows = {r["metadata"]["item_id"]: r for r in read_jsonl(tmp_path / "ds.jsonl")}
+    assert report.aggregation == "dawid-skene" and report.exported == 4
+    assert majority_rows[ids[2]].chosen == "resp b 2" and rows[ids[2]]["chosen"] == "resp a 2"
+    assert rows[ids[2]]["metadata"]["confidence"] == pytest.approx(1.0)
+    assert rows[ids[2]]["metadata"]["agreement"] == pytest.approx(1 / 3)  # agreement is about the votes, not the method
+    with pytest.raises(AnnotationError, match="unknown aggregation"):
+        export(engine, "v", "trl", tmp_path / "x.jsonl", aggregation="mean")
