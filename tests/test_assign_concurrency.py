@@ -5,12 +5,17 @@ Threads sharing one engine run on SQLite (a file database, WAL) and PostgreSQL. 
 (4 processes of 5 annotator threads, an engine per process: 20 interpreters would cost the busy
 2-core test machine more than the whole test) run on SQLite, where separate processes contend
 through the file's locks. On PostgreSQL every connection is its own server process whether the
-clients are threads or processes, so the thread test already exercises it. Every annotator also
-double-submits now and then (a double click), which must be refused without effect.
+clients are threads or processes, so the thread test already exercises it.
+
+Annotators also misbehave now and then: they double-submit (a double click), which must be refused
+without effect, and they let a lease expire (simulated by asking for an item "an hour ago"), then
+either walk away, so the item must return to the pool, or submit late, which must be accepted only
+while the item has room that nobody else's live lease has reserved.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import multiprocessing
 import random
 import threading
@@ -20,7 +25,7 @@ from sqlalchemy import func, insert, select
 
 from annotation.assign import next_item, shown_swapped_for, submit
 from annotation.errors import AnnotationError
-from annotation.store import Annotation, Assignment, Item, Project, User, init_db, make_engine
+from annotation.store import Annotation, Assignment, Item, Project, User, init_db, make_engine, utcnow
 
 N_ITEMS, K, N_ANNOTATORS = 500, 3, 20
 
@@ -30,9 +35,19 @@ def annotate_until_done(engine, project_id: int, annotator_id: int) -> dict:
 
     Returns the ids of the annotations the API acknowledged, and any unexpected error."""
     rng = random.Random(annotator_id)
-    acknowledged, refused_doubles, error = [], 0, None
+    acknowledged, refused_doubles, expired, error = [], 0, 0, None
     try:
         for _ in range(N_ITEMS + 1):  # an annotator can take each item at most once
+            if rng.random() < 0.04:
+                stale = next_item(engine, project_id, annotator_id, now=utcnow() - dt.timedelta(hours=1))
+                if stale is not None:
+                    expired += 1
+                    if rng.random() < 0.5:  # submit late; otherwise walk away
+                        try:
+                            acknowledged.append(submit(engine, annotator_id, stale.item_id, "b"))
+                        except AnnotationError as exc:
+                            if "no longer needs you" not in str(exc):
+                                raise
             task = next_item(engine, project_id, annotator_id)
             if task is None:
                 break
@@ -44,13 +59,13 @@ def annotate_until_done(engine, project_id: int, annotator_id: int) -> dict:
                     refused_doubles += 1
     except Exception as exc:  # reported to the test, which fails with it
         error = f"annotator {annotator_id}: {type(exc).__name__}: {exc}"
-    return {"acknowledged": acknowledged, "refused_doubles": refused_doubles, "error": error}
+    return {"acknowledged": acknowledged, "refused_doubles": refused_doubles, "expired": expired, "error": error}
 
 
 def annotate_in_threads(url_or_engine, project_id: int, annotator_ids: list[int]) -> list[dict]:
     """All these annotators at once, one thread each, sharing one engine with a connection each."""
     engine = make_engine(url_or_engine, pool_size=len(annotator_ids), max_overflow=5) if isinstance(url_or_engine, str) else url_or_engine
-    results: list[dict] = [{"acknowledged": [], "refused_doubles": 0, "error": f"annotator {a}: thread did not finish"} for a in annotator_ids]
+    results: list[dict] = [{"acknowledged": [], "refused_doubles": 0, "expired": 0, "error": f"annotator {a}: thread did not finish"} for a in annotator_ids]
 
     def run(slot: int, annotator_id: int) -> None:
         results[slot] = annotate_until_done(engine, project_id, annotator_id)
@@ -102,6 +117,7 @@ def check_complete(engine, results: list[dict]) -> None:
     assert leases_left == 0
     assert all(swapped == shown_swapped_for(annotator, item) for _, item, annotator, swapped in rows)
     assert sum(r["refused_doubles"] for r in results) > 0  # the double clicks really happened, and were refused
+    assert sum(r["expired"] for r in results) > 0  # and so did the expired leases
 
 
 @pytest.fixture
