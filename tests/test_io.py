@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 
 from annotation.errors import AnnotationError, InputError
 from annotation.io import export, import_file, pair_text, project_pairs, read_pairs, scan_pairs, split_of

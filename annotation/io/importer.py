@@ -44,7 +44,6 @@ _ANNOTATION_COLUMNS = ("item_id", "annotator_id", "choice", "criteria", "shown_s
 _PROMPT_COLUMNS = ("project_id", "external_id", "prompt", "metadata", "content_hash", "created_at")
 
 
-
 @dataclasses.dataclass
 class ImportReport:
     path: str
