@@ -254,6 +254,10 @@ def _atomic_path(out_path: Path) -> Iterator[Path]:
         raise AnnotationError(f"-o {out_path}: the directory {out_path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".part")
     os.close(fd)
+    # mkstemp makes the file private (0600); give the export the permissions a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield Path(tmp)
         os.replace(tmp, out_path)
