@@ -196,15 +196,20 @@ class PPOConfig:
 
     # ----------------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "PPOConfig":
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+    def coerce(cls, values: dict, source: str = "config") -> dict:
+        """Field values checked against the field types; an unknown key names itself and `source`."""
+        fields = {f.name for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
-        kwargs = {}
+        out = {}
         for key, value in values.items():
             if key not in fields:
                 raise PPOError(f"{source}: unknown key '{key}'; known keys: {', '.join(sorted(fields))}")
-            kwargs[key] = _coerce(key, value, hints[key], source)
-        return cls(**kwargs)
+            out[key] = _coerce(key, value, hints[key], source)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "PPOConfig":
+        return cls(**cls.coerce(values, source))
 
     @classmethod
     def from_yaml(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "PPOConfig":
@@ -227,7 +232,7 @@ class PPOConfig:
                 loaded = {}
             if not isinstance(loaded, dict):
                 raise PPOError(f"config {path}: expected a mapping of PPO options (key: value), got {type(loaded).__name__}")
-            values.update(cls.from_dict(loaded, f"config {path}").to_dict_subset(loaded))
+            values.update(cls.coerce(loaded, f"config {path}"))
         for item in overrides or []:
             if "=" not in item:
                 raise PPOError(f"--set {item!r}: expected key=value, e.g. --set learning_rate=3e-6")
@@ -237,11 +242,8 @@ class PPOConfig:
                 parsed = yaml.safe_load(raw) if raw.strip() else raw
             except yaml.YAMLError:
                 parsed = raw
-            values.update(cls.from_dict({key: parsed}, f"--set {key}").to_dict_subset({key: parsed}))
+            values.update(cls.coerce({key: parsed}, f"--set {key}"))
         return cls(**values).validate()
-
-    def to_dict_subset(self, keys) -> dict:
-        return {k: getattr(self, k) for k in keys}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -514,6 +516,7 @@ def train(
         start_step = int(state["step"])
     (out / "config.yaml").write_text(_yaml(config.to_dict()), encoding="utf-8")
     log = MetricsLog(out, config, keep_until=start_step)
+    _keep_samples(out, start_step)
     warned: set[str] = set()
 
     for step in range(start_step + 1, config.steps + 1):
@@ -698,6 +701,15 @@ def _yaml(d: dict) -> str:
     import yaml
 
     return yaml.safe_dump(d, sort_keys=False)
+
+
+def _keep_samples(out: Path, until_step: int) -> None:
+    """Drop sample lines a resumed run will write again (all of them on a fresh start)."""
+    path = out / "samples.jsonl"
+    if path.exists():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if until_step and line.strip() and json.loads(line)["step"] <= until_step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def _write_samples(out: Path, step: int, ro, n: int = 4) -> None:
