@@ -203,12 +203,17 @@ class PolicyAndValue(nn.Module):
         self.policy = policy
         self.value = value
 
-    def forward(self, input_ids, attention_mask, position_ids):
+    def forward(self, input_ids, attention_mask, position_ids, response_width: int):
+        """Logits `[B, T, V]` and values `[B, T]` at the positions that predict the last T tokens."""
+        # Only the last T + 1 positions go through lm_head: prompt positions would cost a
+        # vocabulary-wide matmul each (49k columns for SmolLM2) for logits nobody reads.
         logits = self.policy(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).logits
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            logits_to_keep=response_width + 1,
+        ).logits[:, :response_width]
         values = values_forward(self.value, input_ids, attention_mask, position_ids)
-        return logits, values
+        width = input_ids.shape[1]
+        return logits, values[:, width - response_width - 1 : width - 1]
 
 
 def values_forward(value: nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:

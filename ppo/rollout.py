@@ -135,6 +135,15 @@ def policy_logits(model, input_ids, attention_mask, position_ids) -> torch.Tenso
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
 
 
+def response_logits(model, input_ids, attention_mask, position_ids, response_width: int) -> torch.Tensor:
+    """Logits at the positions that predict the last `response_width` tokens, computing lm_head
+    on those positions only."""
+    return model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+        logits_to_keep=response_width + 1,
+    ).logits[:, :response_width]
+
+
 def reference_context(policy, ref_model):
     """The reference forward's context: adapters off when the policy is a LoRA model."""
     if ref_model is None:
@@ -213,13 +222,13 @@ def collect(
 
     P, T = prompt_ids.shape[1], response_ids.shape[1]
     inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
-    logits = response_slice(policy_logits(policy, *inputs), P, T).float() / temperature
+    logits = response_logits(policy, *inputs, T).float() / temperature
     logprobs = core.logprobs_from_logits(logits, response_ids)
     entropy = core.entropy_from_logits(logits)
     del logits
     with reference_context(policy, ref_model):
         ref = policy if ref_model is None else ref_model
-        ref_logits = response_slice(policy_logits(ref, *inputs), P, T).float() / temperature
+        ref_logits = response_logits(ref, *inputs, T).float() / temperature
         ref_logprobs = core.logprobs_from_logits(ref_logits, response_ids)
         del ref_logits
     values = response_slice(values_forward(value, *inputs), P, T)
