@@ -36,6 +36,15 @@ def test_hh_import_then_trl_export_round_trips_every_accepted_pair(settings, tmp
     exported = [json.loads(line) for line in open(out, encoding="utf-8")]
     assert {(p.prompt, p.chosen, p.rejected) for p in converted} == {(r["prompt"], r["chosen"], r["rejected"]) for r in exported}
     assert len(exported) == len(converted) == 1495
+    # --parquet whatever the name, the test split, and a margin column.
+    pq_out = tmp_path / "test-split.data"
+    report = json.loads(rlhf("export", "--project", "hh", "--format", "trl", "-o", str(pq_out), "--parquet",
+                             "--split", "test", "--margin-from", "confidence", "--json"))
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(pq_out)
+    assert table.num_rows == report["exported"] == 1495 - report["other_split"] and 100 < table.num_rows < 200
+    assert set(table.column("margin").to_pylist()) == {1.0}  # one imported label per item: unanimous
     # Re-import adds nothing, and says so.
     again = json.loads(rlhf("import", str(path), "--project", "hh", "--json"))
     assert (again["items_added"], again["annotations_added"], again["duplicates"]) == (0, 0, 1495)
