@@ -80,7 +80,7 @@ class PPOConfig:
     """Wrap prompts in the policy tokenizer's chat template when it has one."""
     # --- reward
     missing_eos_penalty: float = 0.0
-    """Subtracted from the score of responses that end without EOS (0: off)."""
+    """Subtracted from the score (after normalisation) of responses that end without EOS (0: off)."""
     normalize_reward: bool = False
     """Normalise scores by the running mean and std of all scores so far."""
     ensemble_spread_coef: float = 0.0
@@ -676,7 +676,8 @@ def train(
     return result
 
 
-# Fields a resumed run may change without breaking "the same next step" for the steps so far.
+# Fields a resumed run may change. Only `steps` touches training: a longer run re-stretches a
+# linear or cosine schedule from the resumed step on (keep `steps` to get exactly the next step).
 RESUME_MAY_CHANGE = {"steps", "save_every", "keep_checkpoints", "samples_every", "tensorboard", "mlflow"}
 
 
