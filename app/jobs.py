@@ -16,6 +16,13 @@ whose worker process is gone, so a killed worker never leaves a job "running" fo
 Handlers: `handler(params: dict, ctx: JobContext) -> dict`; poll `ctx.cancelled()` between steps
 (or call `ctx.raise_if_cancelled()`). For tests only, RLHF_EXTRA_JOB_HANDLERS adds kinds:
 "kind=module:function[,kind=module:function...]".
+
+Several processes (GPUs): with the setting accelerate_config (RLHF_ACCELERATE_CONFIG, e.g.
+configs/accelerate/ddp.yaml) the worker starts training jobs (ACCELERATE_KINDS) as
+`python -m accelerate.commands.launch --config_file CFG -m app.jobs run ID`. Every process (rank)
+then runs the handler; only rank 0 writes to the jobs table and to the job's run dir, and it
+commits success only once every rank's handler has returned (see run_job). A cancel sends SIGTERM
+to the launcher, which passes it on to every rank.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -52,6 +60,8 @@ HANDLERS: dict[str, str] = {
     "export": "app.jobs:export_job",
 }
 EXTRA_HANDLERS_ENV = "RLHF_EXTRA_JOB_HANDLERS"
+ACCELERATE_KINDS = ("train_rm", "sft", "ppo")
+"""Job kinds the worker starts through `accelerate launch` when the accelerate_config setting is set."""
 CANCEL_GRACE_SECONDS = 10.0
 """How long a job may take to stop after SIGTERM before the worker sends SIGKILL."""
 LOG_NAME = "job.log"
@@ -275,9 +285,15 @@ class JobContext:
     engine: Engine
     settings: Any
     log: logging.Logger
+    rank: int = 0
+    """This process's rank under `accelerate launch`; only rank 0 reports and its run_dir is the job's."""
+    world_size: int = 1
+    """How many processes run the job (1 without accelerate launch)."""
 
     def progress(self, fraction: float, message: str = "") -> None:
-        """Record progress (clamped to 0..1) and a message; also counts as a heartbeat."""
+        """Record progress (clamped to 0..1) and a message; also counts as a heartbeat. Rank 0 only."""
+        if self.rank != 0:
+            return
         fraction = min(1.0, max(0.0, float(fraction)))
         with transaction(self.engine) as session:
             session.execute(
@@ -288,7 +304,12 @@ class JobContext:
             self.log.info("progress %.0f%%: %s", fraction * 100, message)
 
     def cancelled(self) -> bool:
-        """True when a cancel was requested, or the job is no longer ours to run (its worker was lost)."""
+        """True when a cancel was requested, or the job is no longer ours to run (its worker was lost).
+
+        Always False on ranks other than 0: they stop when rank 0 leaves (their next collective
+        fails) or when the launcher passes on the worker's SIGTERM, so only rank 0 decides."""
+        if self.rank != 0:
+            return False
         with transaction(self.engine) as session:
             row = session.execute(select(Job.status, Job.cancel_requested).where(Job.id == self.job_id)).first()
         return row is None or row.status != "running" or bool(row.cancel_requested)
@@ -302,12 +323,14 @@ def job_run_dir(settings, job_id: int) -> Path:
     return Path(settings.runs_dir) / f"job-{job_id}"
 
 
-def _job_logger(job_id: int, path: Path) -> logging.Logger:
+def _job_logger(job_id: int, path: Path, rank: int = 0, world_size: int = 1) -> logging.Logger:
     logger = logging.getLogger(f"rlhf.job.{job_id}")
-    logger.setLevel(logging.INFO)
+    # Rank 0 tells the job's story; the other ranks would only repeat it, so they log problems only.
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logger.propagate = False  # stderr already goes to the same file; propagating would log twice
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    who = f" rank{rank}" if world_size > 1 else ""
+    handler.setFormatter(logging.Formatter(f"%(asctime)s{who} %(levelname)s %(message)s"))
     logger.addHandler(handler)
     return logger
 
@@ -348,10 +371,60 @@ def _complete(engine: Engine, job_id: int, result: dict) -> list[int]:
     return ids
 
 
+def launch_rank() -> tuple[int, int]:
+    """(rank, world size) of this process as set by `accelerate launch` (torchrun); (0, 1) when run alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _prepare_rank() -> None:
+    """Set up one of several processes that `accelerate launch` started for a job."""
+    # torchrun starts each rank in a session of its own, out of reach of the worker's SIGKILL to the
+    # launcher's process group: a rank dies with its launcher instead, so none outlives a killed job.
+    _die_with_parent(os.getppid())()
+    import torch
+
+    if not torch.cuda.is_available():
+        # The launcher that starts N local processes does not pass a config's use_cpu on, and
+        # accelerate on a host without CUDA would make every rank a separate one-process run.
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
+def _wait_for_all_ranks() -> None:
+    """Barrier over the job's processes: a rank whose handler failed never arrives, so rank 0 cannot
+    mark the job succeeded (its barrier fails, or the launcher stops it)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")  # the handler used no process group; torchrun's env says where to meet
+    try:
+        dist.barrier()
+    except Exception as exc:  # noqa: BLE001 - the backend's error type varies; the cause is another rank
+        raise JobError(f"another process of this job failed before finishing ({type(exc).__name__}); see the log") from None
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    with contextlib.suppress(Exception):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def run_job(job_id: int, settings=None) -> int:
-    """Run one claimed job in this process (the worker's child). Returns the process exit code."""
+    """Run one claimed job in this process (the worker's child). Returns the process exit code.
+
+    Under `accelerate launch` every rank runs this. Rank 0 does what a lone process does. The other
+    ranks read the job's kind and params once and never touch its row again; their handler writes
+    into a scratch dir under the run dir, deleted at the end, so only rank 0's outputs are the job's
+    even for a handler that saves on every rank. Rank 0 commits success only after every rank's
+    handler has returned; a SIGTERM without a cancel request (the launcher stopping rank 0 because
+    another rank failed) fails the job.
+    """
     from app.settings import get_settings
 
+    rank, world = launch_rank()
+    if world > 1:
+        _prepare_rank()
     settings = settings or get_settings()
     engine = make_engine(settings.db_url)
     with transaction(engine) as session:
@@ -362,33 +435,56 @@ def run_job(job_id: int, settings=None) -> int:
         kind, params = job.kind, dict(job.params or {})
     run_dir = job_run_dir(settings, job_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = _job_logger(job_id, run_dir / LOG_NAME)
-    ctx = JobContext(job_id=job_id, run_dir=run_dir, engine=engine, settings=settings, log=log)
+    work_dir = run_dir if rank == 0 else run_dir / f".rank{rank}"
+    work_dir.mkdir(exist_ok=True)
+    log = _job_logger(job_id, run_dir / LOG_NAME, rank, world)
+    ctx = JobContext(job_id=job_id, run_dir=work_dir, engine=engine, settings=settings, log=log, rank=rank,
+                     world_size=world)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    log.info("job %d (%s) started, params %s", job_id, kind, json.dumps(params, default=str))
+    log.info("job %d (%s) started%s, params %s", job_id, kind,
+             f" in {world} processes (accelerate launch), this is rank 0" if world > 1 else "",
+             json.dumps(params, default=str))
     try:
         handler = resolve_handler(kind)
         result = handler(params, ctx)
+        if world > 1:
+            _wait_for_all_ranks()
         # From here on the outcome is one commit; a SIGTERM now would only race it.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if rank != 0:
+            return 0
         ids = _complete(engine, job_id, result if result is not None else {})
         log.info("job %d succeeded%s", job_id, f"; registered models {ids}" if ids else "")
         return 0
     except JobCancelled as exc:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if rank != 0:
+            return 0
+        if world > 1 and not _beat(engine, job_id, write=False)[0]:
+            # Under accelerate launch, a stop nobody asked for is the launcher ending the job because
+            # another of its processes failed.
+            log.error("job %d stopped (%s) with no cancel request: another process of the job failed", job_id, exc)
+            _finish(engine, job_id, "failed", "another process of this job failed and the launcher stopped the rest; "
+                                              "see the log; nothing was registered")
+            return 1
         log.info("job %d cancelled: %s", job_id, exc)
         _finish(engine, job_id, "cancelled", f"cancelled: {exc}; nothing was registered")
         return 0
     except BaseException as exc:  # noqa: BLE001 - any failure must end as a failed job, with its traceback
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         log.error("job %d failed:\n%s", job_id, traceback.format_exc())
-        _finish(engine, job_id, "failed", _user_message(exc))
+        if rank == 0:
+            _finish(engine, job_id, "failed", _user_message(exc))
         return 1
     finally:
         for h in list(log.handlers):
             h.close()
             log.removeHandler(h)
         engine.dispose()
+        if rank != 0:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        if world > 1:
+            _leave_process_group()
 
 
 # --------------------------------------------------------------------------- the worker
@@ -425,6 +521,33 @@ def _beat(engine: Engine, job_id: int, write: bool) -> tuple[bool, bool]:
     return bool(row and row.cancel_requested), bool(row and row.status == "running")
 
 
+def accelerate_config_path(settings) -> Path | None:
+    """The accelerate config file the settings name (relative: to the working directory, else to the
+    repository, where configs/accelerate/ lives); None when unset."""
+    from app.settings import REPO_ROOT
+
+    value = str(getattr(settings, "accelerate_config", "") or "")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    if not path.is_file():
+        raise JobError(f"accelerate_config (RLHF_ACCELERATE_CONFIG) {value}: no such file; expected an accelerate "
+                       f"config YAML such as configs/accelerate/ddp.yaml")
+    return path.resolve()
+
+
+def job_command(settings, job_id: int, kind: str) -> list[str]:
+    """The command of a job's process: `python -m app.jobs run ID`, started through `accelerate launch`
+    for training kinds when the accelerate_config setting names a config."""
+    run = ["-m", "app.jobs", "run", str(job_id)]
+    config = accelerate_config_path(settings) if kind in ACCELERATE_KINDS else None
+    if config is None:
+        return [sys.executable, *run]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *run]
+
+
 def run_claimed(engine: Engine, settings, job: dict, *, poll: float = 1.0, grace: float = CANCEL_GRACE_SECONDS,
                 log: Callable[[str], None] = print) -> str:
     """Run a claimed job in a subprocess until it ends; returns its final status."""
@@ -434,8 +557,9 @@ def run_claimed(engine: Engine, settings, job: dict, *, poll: float = 1.0, grace
     log_path = run_dir / LOG_NAME
     with transaction(engine) as session:
         session.execute(update(Job).where(Job.id == job_id).values(log_path=str(log_path)))
-    log(f"job {job_id} ({job['kind']}): started, log {log_path}")
-    cmd = [sys.executable, "-m", "app.jobs", "run", str(job_id)]
+    cmd = job_command(settings, job_id, job["kind"])
+    launched = "accelerate.commands.launch" in cmd
+    log(f"job {job_id} ({job['kind']}): started{' under accelerate launch' if launched else ''}, log {log_path}")
     heartbeat = max(0.2, float(settings.heartbeat_seconds))
     check_every = max(0.1, min(poll, heartbeat))
     with open(log_path, "ab") as out:
@@ -502,6 +626,7 @@ def run_worker(settings=None, *, once: bool = False, poll: float = 1.0, grace: f
     from app.settings import get_settings
 
     settings = settings or get_settings()
+    accelerate_config = accelerate_config_path(settings)  # a missing file stops the worker now, not each job
     engine = init_db(settings.db_url)
     worker_id = worker_id or default_worker_id()
     stale = float(settings.stale_after_seconds)
@@ -512,7 +637,9 @@ def run_worker(settings=None, *, once: bool = False, poll: float = 1.0, grace: f
         previous = signal.signal(signal.SIGTERM, _stop_worker)
     ran = 0
     last_reap = time.monotonic()
-    log(f"worker {worker_id} waiting for jobs on {engine.url.render_as_string(hide_password=True)}")
+    log(f"worker {worker_id} waiting for jobs on {engine.url.render_as_string(hide_password=True)}"
+        + (f"; {', '.join(ACCELERATE_KINDS)} jobs run under accelerate launch --config_file {accelerate_config}"
+           if accelerate_config else ""))
     try:
         while True:
             try:

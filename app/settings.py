@@ -2,7 +2,8 @@
 
 Values come, lowest priority first, from the defaults below, an optional `rlhf.toml` (in the
 working directory, or the file named by RLHF_CONFIG), and environment variables prefixed `RLHF_`
-(RLHF_DB_URL, RLHF_DATA_DIR, RLHF_MODEL_DIR, RLHF_RUNS_DIR, RLHF_MAX_FIELD_CHARS, ...).
+(RLHF_DB_URL, RLHF_DATA_DIR, RLHF_MODEL_DIR, RLHF_RUNS_DIR, RLHF_MAX_FIELD_CHARS,
+RLHF_ACCELERATE_CONFIG, ...).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class Settings:
     """How often a worker running a job writes its heartbeat."""
     stale_after_seconds: int = 120
     """A running job whose heartbeat is older than this is taken to have lost its worker."""
+    accelerate_config: str = ""
+    """An accelerate config file (e.g. configs/accelerate/ddp.yaml) the worker starts training jobs
+    (train_rm, sft, ppo) with, through `accelerate launch`; empty runs every job as one plain process."""
 
     def __post_init__(self) -> None:
         data_dir = Path(self.data_dir)
