@@ -66,9 +66,9 @@ def load_votes(engine: Engine, project: str) -> pd.DataFrame:
     The one loader the CLI, the Quality page and export share. `annotator` is the username.
     """
     from annotation.projects import get_project
-    from annotation.store import Annotation, Item, User, transaction
+    from annotation.store import Annotation, Item, User, reading
 
-    with transaction(engine) as session:
+    with reading(engine) as session:
         proj = get_project(session, project)
         stmt = (
             select(
@@ -100,10 +100,10 @@ def load_votes(engine: Engine, project: str) -> pd.DataFrame:
 
 def load_items(engine: Engine, item_ids: Iterable[int]) -> pd.DataFrame:
     """Prompt and responses of the given items (for showing disputed items), indexed by item_id."""
-    from annotation.store import Item, transaction
+    from annotation.store import Item, reading
 
     ids = [int(i) for i in item_ids]
-    with transaction(engine) as session:
+    with reading(engine) as session:
         rows = session.execute(
             select(Item.id, Item.prompt, Item.response_a, Item.response_b, Item.gold_choice).where(Item.id.in_(ids))
         ).all() if ids else []

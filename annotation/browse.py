@@ -15,7 +15,7 @@ from sqlalchemy import Text, cast, func, or_, select
 from sqlalchemy.engine import Engine
 
 from annotation.errors import AnnotationError
-from annotation.store import Annotation, Item, ItemFlag, Project, User, session_factory
+from annotation.store import Annotation, Item, ItemFlag, Project, User, reading
 
 PREVIEW_CHARS = 120
 
@@ -56,12 +56,12 @@ def _preview(text: str) -> str:
 
 
 def list_projects(engine: Engine) -> list[Project]:
-    with session_factory(engine)() as session:
+    with reading(engine) as session:
         return list(session.scalars(select(Project).order_by(Project.name)))
 
 
 def get_project_by_id(engine: Engine, project_id: int) -> Project:
-    with session_factory(engine)() as session:
+    with reading(engine) as session:
         project = session.get(Project, project_id)
     if project is None:
         raise AnnotationError(f"no project with id {project_id}")
@@ -116,7 +116,7 @@ def items_frame(
         query = query.where(flags > 0 if flagged else flags == 0)
     if gold is not None:
         query = query.where(Item.gold_choice.is_not(None) if gold else Item.gold_choice.is_(None))
-    with session_factory(engine)() as session:
+    with reading(engine) as session:
         total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
         rows = session.execute(query.order_by(Item.id).limit(limit).offset(offset)).all()
     frame = pd.DataFrame(
@@ -164,7 +164,7 @@ def annotations_frame(
         query = query.where(Annotation.choice == choice)
     if item_id is not None:
         query = query.where(Annotation.item_id == item_id)
-    with session_factory(engine)() as session:
+    with reading(engine) as session:
         total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
         rows = session.execute(query.order_by(Annotation.id).limit(limit).offset(offset)).all()
     return pd.DataFrame(
@@ -190,7 +190,7 @@ def annotations_frame(
 
 def annotator_names(engine: Engine, project_id: int) -> list[str]:
     """Usernames with at least one annotation in the project."""
-    with session_factory(engine)() as session:
+    with reading(engine) as session:
         return list(session.scalars(
             select(User.username).distinct()
             .join(Annotation, Annotation.annotator_id == User.id)
@@ -202,7 +202,7 @@ def annotator_names(engine: Engine, project_id: int) -> list[str]:
 
 def item_detail(engine: Engine, project_id: int, item_id: int) -> dict:
     """One item in full, with its flags; for researchers (shows sources, i.e. model names)."""
-    with session_factory(engine)() as session:
+    with reading(engine) as session:
         item = session.get(Item, item_id)
         if item is None or item.project_id != project_id:
             raise AnnotationError(f"no item {item_id} in this project")

@@ -27,7 +27,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 ROLES = ("annotator", "researcher", "admin")
@@ -200,7 +200,7 @@ class RegisteredModel(Base):
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    dbapi_conn.isolation_level = None  # transactions are begun by _sqlite_begin_immediate
+    dbapi_conn.isolation_level = None  # transactions are begun by _sqlite_begin
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA foreign_keys=ON")
@@ -209,11 +209,13 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
-def _sqlite_begin_immediate(conn) -> None:
+def _sqlite_begin(conn) -> None:
     # pysqlite's own transaction handling starts transactions lazily (DEFERRED), so two writers can
     # both read and then collide on upgrade, which SQLite answers with SQLITE_BUSY and no wait.
     # Taking the write lock at BEGIN makes concurrent writers queue on busy_timeout instead.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # Connections marked read_only (see `reading`) begin DEFERRED: in WAL mode a reader never
+    # waits for writers, so a long export or a dashboard does not hold annotators' submits back.
+    conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("read_only") else "BEGIN IMMEDIATE")
 
 
 def is_sqlite(engine_or_url: Engine | str) -> bool:
@@ -231,7 +233,7 @@ def make_engine(url: str, **kwargs) -> Engine:
             url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs
         )
         event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin_immediate)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
@@ -252,6 +254,18 @@ def transaction(engine: Engine) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def read_connection(engine: Engine) -> Connection:
+    """A connection for reading only: one consistent snapshot, and on SQLite no write lock taken."""
+    return engine.connect().execution_options(read_only=True)
+
+
+@contextlib.contextmanager
+def reading(engine: Engine) -> Iterator[Session]:
+    """A session for reading only (see `read_connection`); it never commits."""
+    with read_connection(engine) as conn, Session(bind=conn, expire_on_commit=False) as session:
+        yield session
 
 
 def migrations_dir() -> Path:

@@ -96,3 +96,29 @@ def test_foreign_keys_are_enforced(engine):
 
 def test_is_sqlite():
     assert is_sqlite("sqlite:///x.db") and not is_sqlite("postgresql+psycopg://u@h/db")
+
+
+def test_sqlite_reader_does_not_wait_for_a_writer(sqlite_engine):
+    """An export or dashboard read (read_connection) must not queue behind a writer's lock."""
+    import threading
+
+    from annotation.store import read_connection
+
+    with transaction(sqlite_engine) as s:
+        create_project(s, "p")
+    writer = sqlite_engine.connect()
+    writer.begin()  # BEGIN IMMEDIATE: holds SQLite's write lock
+    try:
+        result = {}
+
+        def read():
+            with read_connection(sqlite_engine) as conn:
+                result["n"] = conn.execute(text("SELECT count(*) FROM projects")).scalar()
+
+        t = threading.Thread(target=read)
+        t.start()
+        t.join(timeout=5)
+        assert not t.is_alive() and result == {"n": 1}
+    finally:
+        writer.rollback()
+        writer.close()

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from annotation.errors import AnnotationError
 from annotation.io.formats import Pair, canonical_json, pair_text, prompt_as_hh, text_to_messages
-from annotation.store import Annotation, Item, User
+from annotation.store import Annotation, Item, User, read_connection
 
 EXPORT_FORMATS = ("trl", "trl-conversational", "hh", "annotations")
 MARGIN_FROM = ("none", "confidence")
@@ -180,7 +180,7 @@ def project_pairs(
     (text, or chat messages); metadata has item_id, external_id, n_annotations, agreement, confidence."""
     _check_filters(split, test_fraction, min_agreement, min_confidence, margin_from)
     report = ExportReport(path="", format="pairs", project=project, aggregation=aggregation, split=split)
-    with engine.connect() as conn:
+    with read_connection(engine) as conn:
         pid = _project_id(conn, project)
         return list(_iter_pairs(conn, pid, report, aggregation=aggregation, min_agreement=min_agreement,
                                 min_confidence=min_confidence, split=split, test_fraction=test_fraction, margin_from=margin_from))
@@ -385,7 +385,7 @@ def export(
     with_margin = margin_from != "none"
     report = ExportReport(path=str(out_path), format=fmt, project=project, aggregation=aggregation, split=split)
     # One read transaction, so the votes and the items come from the same snapshot.
-    with engine.connect() as conn, _atomic_path(out_path) as tmp:
+    with read_connection(engine) as conn, _atomic_path(out_path) as tmp:
         pid = _project_id(conn, project)
         if fmt == "annotations":
             rows = _iter_annotation_rows(conn, pid, report, split, test_fraction, flat=parquet)
