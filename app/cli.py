@@ -2,7 +2,7 @@
 
     rlhf --help
     rlhf init --sample
-    rlhf import data/samples/hh_sample.jsonl --project demo
+    rlhf import data/samples/hh_items.jsonl --project demo
 
 Every command prints readable text by default and one JSON object with --json. Errors from the
 layers below are turned into a message and an exit code here, in `main`, and nowhere else.
