@@ -766,9 +766,18 @@ def _save_final(out: Path, inner, tokenizer) -> dict:
     for name, module in (("policy", inner.policy), ("value", inner.value)):
         target = out / name
         if is_peft(module):
-            # Merge into a copy so the caller's in-memory model keeps its adapters.
-            module = copy.deepcopy(module).merge_and_unload()
-        module.save_pretrained(target)
+            # Merged in place and unmerged after saving: a merged copy would add a whole model
+            # to the peak memory that LoRA is there to keep low.
+            from ppo.models import _base_weights
+
+            base = module.get_base_model()
+            module.merge_adapter()
+            try:
+                base.save_pretrained(target, state_dict=_base_weights(base.state_dict()))
+            finally:
+                module.unmerge_adapter()
+        else:
+            module.save_pretrained(target)
         tokenizer.save_pretrained(target)
         paths[f"{name}_path"] = str(target)
     return paths

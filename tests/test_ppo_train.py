@@ -119,22 +119,35 @@ def test_ppo_with_lora_raises_reward_and_keeps_base_weights(tmp_path):
     config = small_config(steps=12, learning_rate=1e-2, lora=True, lora_r=8, lora_alpha=16,
                           lora_target_modules="q_proj,v_proj,o_proj,down_proj,lm_head")
     lora_model = get_lora_policy(model, config.lora_options())
-    result = train(config, (lora_model, tok), share_of_yes, tiny_prompts(), tmp_path / "run")
+
+    def base_weights_drift():
+        worst = 0.0
+        for name, p in lora_model.get_base_model().named_parameters():
+            plain = name.replace(".base_layer", "")
+            if "lora_" not in name and plain in base_before:
+                worst = max(worst, (p - base_before[plain]).abs().max().item())
+        return worst
+
+    # Only adapters train: the base weights under them stay exactly as they were during the run,
+    # which is what makes "adapters off" a faithful reference.
+    drift_during = []
+    result = train(config, (lora_model, tok), share_of_yes, tiny_prompts(), tmp_path / "run",
+                   progress=lambda f, m: drift_during.append(base_weights_drift()))
+    assert len(drift_during) == config.steps and max(drift_during) == 0.0
+    # Saving merges the adapters in place and unmerges them: back to within float rounding.
+    assert base_weights_drift() < 1e-6
     history = rows(tmp_path / "run")
     first, last = mean([r["reward_mean"] for r in history[:3]]), mean([r["reward_mean"] for r in history[-3:]])
     assert last > first + 0.15, (first, last)
     assert max(r["kl"] for r in history) < config.target
-    # Only adapters trained: the base weights under them are untouched, which is what makes
-    # "adapters off" a faithful reference.
-    for name, p in lora_model.get_base_model().named_parameters():
-        plain = name.replace(".base_layer", "")
-        if "lora_" not in name and plain in base_before:
-            assert torch.equal(p, base_before[plain]), name
     # The merged policy on disk differs from the base (the adapters were merged in).
     from ppo.models import load_policy
 
     merged, _ = load_policy(result["policy_path"], dtype=torch.float32)
     assert not torch.equal(merged.lm_head.weight, base_before["lm_head.weight"])
+    ids = torch.randint(2, 32, (3, 7))
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, lora_model(input_ids=ids).logits, atol=1e-4)
 
 
 def test_resume_from_checkpoint_gives_the_same_next_step(tmp_path):
