@@ -278,7 +278,11 @@ def reap_stale_jobs(engine: Engine, stale_after_seconds: float, log: Callable[[s
 
 @dataclasses.dataclass
 class JobContext:
-    """What a handler gets besides its params: where to write, how to log, report and check for cancel."""
+    """What a handler gets besides its params: where to write, how to log, report and check for cancel.
+
+    Under `accelerate launch` each rank gets its own context; on ranks other than 0, run_dir is a
+    scratch dir deleted when the job ends, so files a handler writes on every rank are rank 0's once.
+    """
 
     job_id: int
     run_dir: Path

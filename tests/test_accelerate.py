@@ -35,8 +35,12 @@ sqlite_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 def ranks_handler(params, ctx):
     """Runs in every process of the job: records its pid, joins the others in an all-reduce (so the
-    processes really are one group), then fails on rank params["fail_rank"], or all-reduces every
-    0.1 s for params["loop_seconds"] (polling cancel), then returns one model to register."""
+    processes really are one group), then fails on rank params["fail_rank"], or ticks every 0.1 s
+    for params["loop_seconds"] (polling cancel), then returns one model to register. Rank
+    params["deaf_rank"] ignores SIGTERM while it ticks (and then no rank all-reduces in the loop,
+    as that rank would not leave it)."""
+    import signal
+
     import torch
     import torch.distributed as dist
     from accelerate import Accelerator
@@ -49,10 +53,14 @@ def ranks_handler(params, ctx):
     dist.all_reduce(total)
     if state.process_index == params.get("fail_rank"):
         raise ValueError(f"rank {state.process_index} broke on purpose")
+    deaf = params.get("deaf_rank")
+    if state.process_index == deaf:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     deadline, tick = time.monotonic() + float(params.get("loop_seconds", 0)), 0
     while time.monotonic() < deadline:
         ctx.raise_if_cancelled()
-        dist.all_reduce(torch.ones(1))
+        if deaf is None:
+            dist.all_reduce(torch.ones(1))
         tick += 1
         ctx.progress(min(0.9, tick / 1000), f"tick {tick}")
         time.sleep(0.1)
@@ -199,9 +207,11 @@ def test_a_failing_process_fails_the_job_and_registers_nothing(acc, tmp_path):
 
 @pytest.mark.slow
 @sqlite_only
-def test_cancel_stops_every_process_of_the_job(acc, tmp_path):
+def test_cancel_stops_every_process_of_the_job_even_one_deaf_to_sigterm(acc, tmp_path):
+    """The worker's SIGTERM reaches the launcher, which passes it on to every rank; rank 1 here
+    ignores it, and dies with the launcher once the worker SIGKILLs that after the grace period."""
     s, eng = acc
-    job_id = jobs.submit_job(eng, "t_ranks", {"pid_dir": str(tmp_path), "loop_seconds": 60})
+    job_id = jobs.submit_job(eng, "t_ranks", {"pid_dir": str(tmp_path), "loop_seconds": 60, "deaf_rank": 1})
     pid_files = [tmp_path / "rank0.pid", tmp_path / "rank1.pid"]
     box: dict = {}
 
@@ -215,7 +225,7 @@ def test_cancel_stops_every_process_of_the_job(acc, tmp_path):
 
     canceller = threading.Thread(target=cancel_when_both_run)
     canceller.start()
-    jobs.run_worker(s, once=True, poll=0.2, grace=5.0, log=quiet)
+    jobs.run_worker(s, once=True, poll=0.2, grace=2.0, log=quiet)
     canceller.join(10)
     assert box.get("answer") == "cancel_requested"
     job = jobs.get_job(eng, job_id)
