@@ -348,6 +348,10 @@ def set_seed(seed: int) -> None:
         pass
 
 
+def step_seed(seed: int, step: int, process_index: int) -> int:
+    return (seed * 1_000_003 + step * 10_007 + process_index) % (2**63)
+
+
 def rng_state() -> dict:
     import numpy as np
 
@@ -535,6 +539,9 @@ def train(
             raise TrainingCancelled(f"cancelled before step {step}")
         t_step = time.perf_counter()
         lr_now = optimizer.param_groups[0]["lr"]
+        # Sampling draws from a stream fixed by (seed, step, process): each process samples
+        # differently, and a resumed run (on any number of steps done) samples the same.
+        torch.manual_seed(step_seed(config.seed, step, accelerator.process_index))
 
         # --- Rollout: sample, score, and the per-token numbers of the frozen models
         batch = sampler.indices(step, config.batch_size)
