@@ -161,3 +161,19 @@ def test_bad_params_and_bases_are_clear_errors(tmp_path):
     with pytest.raises(RewardError, match="no config.json"):
         resolve_base(str(tmp_path / "empty"), settings)
     assert resolve_base("org/model", settings) == "org/model"
+
+
+@pytest.mark.slow
+def test_lora_adapters_are_trained_and_merged_into_a_plain_model(llama_base, tmp_path):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "lora"
+    train_reward_model(synthetic_pairs(48, seed=8), run, TrainParams(base=str(llama_base), lora=True, lora_r=4, epochs=1,
+                                                                     lr=3e-3, batch_size=8, max_length=32))
+    assert not (run / "adapter_config.json").exists()  # merged: PPO and eval load it like any model
+    merged, original = load_file(run / "model.safetensors"), load_file(llama_base / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[key], original[key])  # the adapter's update B @ A is folded in
+    assert "score.weight" in merged
+    s = load_reward_model(run).score(["w1", "w1"], ["good", "bad"])
+    assert s.shape == (2,) and torch.isfinite(s).all()
