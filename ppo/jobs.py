@@ -191,6 +191,10 @@ def ppo(params: dict, ctx) -> dict:
                          cancelled=ctx.cancelled, resume=params.get("resume"))
     except TrainingCancelled:
         raise _cancelled_error(ctx) from None
+    if "policy_path" not in result:
+        # Under accelerate launch only the main process saves models; the other ranks' results
+        # are not the job's (app.jobs keeps rank 0's).
+        return {}
     for warning in result.get("diagnostics", []):
         ctx.log.warning("%s: %s %s", warning["code"], warning["message"], warning["suggestion"])
     project = params.get("prompts_project")
