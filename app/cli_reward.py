@@ -51,7 +51,7 @@ def train_rm(
     from app.settings import get_settings
     from reward.data import project_id_of, training_data
     from reward.registry import register_model
-    from reward.train import TrainParams, train_reward_model
+    from reward.train import TrainParams, main_process, train_reward_model
 
     params = TrainParams(base=base, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
                          ensemble=ensemble, center_rewards=center_rewards, margin=margin, lora=lora).validate()
@@ -69,6 +69,8 @@ def train_rm(
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         result = train_reward_model(train, tmp, params, eval_pairs=held or None, settings=get_settings(), log=log)
+        if not main_process():
+            return  # under accelerate launch the first process moves the run into place, registers and reports it
         if out.exists():
             out.rmdir()  # verified empty above
         if register:

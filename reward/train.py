@@ -95,6 +95,12 @@ class TrainParams:
         return dataclasses.asdict(self)
 
 
+def main_process() -> bool:
+    """False in every process but the first under `accelerate launch` (torchrun sets RANK): those
+    train alongside it, data-parallel, and leave writing and evaluating the run to it."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _field_of(option: str) -> str:
     return {"--center-rewards": "center_rewards", "--batch-size": "batch_size", "--max-length": "max_length",
             "--lora-r": "lora_r", "--dataloader-workers": "dataloader_workers"}.get(option, option.lstrip("-"))
@@ -213,7 +219,8 @@ def _train_one(train_pairs: Sequence, out_dir: Path, params: TrainParams, base_p
 
     hf_logging.disable_progress_bar()
     hw = hardware_plan()
-    threads = params.threads or os.cpu_count() or 1
+    # Processes launched side by side on one host share its cores.
+    threads = params.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
@@ -256,14 +263,15 @@ def _train_one(train_pairs: Sequence, out_dir: Path, params: TrainParams, base_p
     trained = trainer.model
     if peft_config is not None:
         trained = trained.merge_and_unload()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    trained.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    encoder.save(out_dir, base=base_path)
-    with open(out_dir / "training_curve.jsonl", "w") as fh:
-        for row in trainer.state.log_history:
-            fh.write(json.dumps(row, default=float) + "\n")
-    _rm_tree(out_dir / "_trainer")
+    if main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        trained.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+        encoder.save(out_dir, base=base_path)
+        with open(out_dir / "training_curve.jsonl", "w") as fh:
+            for row in trainer.state.log_history:
+                fh.write(json.dumps(row, default=float) + "\n")
+        _rm_tree(out_dir / "_trainer")
 
     n = len(train_pairs)
     metrics = {
@@ -335,7 +343,7 @@ def train_reward_model(train_pairs: Sequence, out_dir: Path, params: TrainParams
         m = _train_one(member_pairs, member_dir, params, base_path, seed, eval_pairs=eval_pairs,
                        progress=progress, check=check, log=log, span=span)
         members.append({"dir": member_dir.name, "seed": seed, **m})
-    if n_members > 1:
+    if n_members > 1 and main_process():
         from reward.score import ENSEMBLE_FILE
 
         (out_dir / ENSEMBLE_FILE).write_text(json.dumps(
@@ -346,7 +354,7 @@ def train_reward_model(train_pairs: Sequence, out_dir: Path, params: TrainParams
         metrics["members"] = [{k: m[k] for k in ("dir", "seed", "train_loss", "train_seconds")} for m in members]
         metrics["train_loss"] = sum(m["train_loss"] for m in members) / n_members
         metrics["train_seconds"] = sum(m["train_seconds"] for m in members)
-    if eval_pairs:
+    if eval_pairs and main_process():
         if progress is not None:
             progress(train_share, f"evaluating on {len(eval_pairs)} held-out pairs")
         if check is not None:
@@ -357,9 +365,10 @@ def train_reward_model(train_pairs: Sequence, out_dir: Path, params: TrainParams
 
     data = {"data_hash": pairs_hash(train_pairs), "data_rows": len(train_pairs),
             "eval_hash": pairs_hash(eval_pairs) if eval_pairs else None, "eval_rows": len(eval_pairs or [])}
-    (out_dir / "data.json").write_text(json.dumps(data, indent=2))
-    (out_dir / "params.json").write_text(json.dumps({**params.to_dict(), "base_path": base_path}, indent=2))
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    if main_process():
+        (out_dir / "data.json").write_text(json.dumps(data, indent=2))
+        (out_dir / "params.json").write_text(json.dumps({**params.to_dict(), "base_path": base_path}, indent=2))
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     if progress is not None:
         progress(1.0, "done")
     return {"path": str(out_dir), "base_model": params.base if params.base in BASE_ALIASES else base_path,

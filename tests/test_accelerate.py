@@ -174,9 +174,7 @@ def test_worker_command_uses_accelerate_only_for_training_kinds_when_configured(
 def test_train_rm_job_trains_in_two_processes_and_registers_one_model(acc, tiny_task):
     s, eng = acc
     base, data = tiny_task
-    # eval_fraction 0: reward.train evaluates on every process, which fails off rank 0 (see the xfail below).
-    params = {"data": str(data), "base": str(base), "epochs": 2, "batch_size": 4, "max_length": 32, "threads": 1,
-              "eval_fraction": 0}
+    params = {"data": str(data), "base": str(base), "epochs": 2, "batch_size": 4, "max_length": 32, "threads": 1}
     job_id = jobs.submit_job(eng, "train_rm", params)
     assert jobs.run_worker(s, once=True, poll=0.2, log=quiet) == 1
     job = jobs.get_job(eng, job_id)
@@ -185,7 +183,7 @@ def test_train_rm_job_trains_in_two_processes_and_registers_one_model(acc, tiny_
     run_dir = jobs.job_run_dir(s, job_id)
     assert model.path == str(run_dir / "model") and (run_dir / "model" / "model.safetensors").is_file()
     # Each optimizer step takes batch_size pairs in each of the 2 processes: half the steps of one process.
-    assert model.metrics["steps"] == math.ceil(40 / (4 * 2)) * 2
+    assert model.metrics["steps"] == math.ceil(model.data_rows / (4 * 2)) * 2
     log = Path(job["log_path"]).read_text()
     assert "started in 2 processes (accelerate launch), this is rank 0" in log
     assert sorted(p.name for p in run_dir.iterdir()) == ["job.log", "model"], "rank 1's scratch dir is gone"
@@ -241,8 +239,6 @@ def test_cancel_stops_every_process_of_the_job_even_one_deaf_to_sigterm(acc, tmp
 
 @pytest.mark.slow
 @sqlite_only
-@pytest.mark.xfail(strict=True, reason="reward/train.py evaluates and writes the run on every process, and "
-                   "app/cli_reward.py registers on every process; patch in the accelerate helper's report")
 def test_cli_train_rm_under_accelerate_launch_writes_and_registers_one_run(settings, tiny_task, tmp_path):
     base, data = tiny_task
     eng = init_db(settings.db_url)
