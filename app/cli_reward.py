@@ -1,6 +1,6 @@
 """Reward-model commands: train, evaluate, list and activate.
 
-    rlhf train-rm --data pairs.jsonl --output runs/rm-1 [--base minilm|smollm2|PATH] [--epochs 3] [--json]
+    rlhf train-rm --data pairs.jsonl --output runs/rm-1 [--base minilm|smollm2|PATH] [--epochs 2] [--json]
     rlhf train-rm --project demo --output runs/rm-demo --ensemble 3
     rlhf eval-rm --model runs/rm-1 --data held_out.jsonl [--json] [--plot reliability.html]
     rlhf models list [--kind reward] [--project demo] [--json]
@@ -21,7 +21,11 @@ import typer
 
 from app.cli import JsonOpt, cli, emit, engine, models_cli
 from reward.errors import RewardError
+from reward.train import TrainParams
 
+
+# The defaults live on TrainParams, once; the options show them.
+DEFAULTS = TrainParams()
 
 @cli.command("train-rm")
 def train_rm(
@@ -29,11 +33,11 @@ def train_rm(
     project: Optional[str] = typer.Option(None, "--project", help="Train on a project's aggregated labels (its export train split)."),
     output: str = typer.Option(..., "--output", "-o", help="Run directory to create; must not exist yet."),
     base: str = typer.Option("minilm", "--base", help="minilm, smollm2, a local model directory or a hub id."),
-    epochs: float = typer.Option(3.0, "--epochs", help="Passes over the training pairs."),
-    lr: float = typer.Option(5e-5, "--lr", help="Peak learning rate."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Pairs per optimizer step."),
-    max_length: int = typer.Option(256, "--max-length", help="Tokens per sequence; the start of long prompts is cut."),
-    seed: int = typer.Option(42, "--seed", help="Seed for head init, data order and bootstrap draws."),
+    epochs: float = typer.Option(DEFAULTS.epochs, "--epochs", help="Passes over the training pairs."),
+    lr: float = typer.Option(DEFAULTS.lr, "--lr", help="Peak learning rate."),
+    batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", help="Pairs per optimizer step."),
+    max_length: int = typer.Option(DEFAULTS.max_length, "--max-length", help="Tokens per sequence; the start of long prompts is cut."),
+    seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Seed for head init, data order and bootstrap draws."),
     ensemble: int = typer.Option(1, "--ensemble", help="Train N members on bootstrap resamples (seeds seed..seed+N-1)."),
     center_rewards: Optional[float] = typer.Option(None, "--center-rewards", help="Reward-centring coefficient, e.g. 0.01."),
     margin: bool = typer.Option(False, "--margin", help="Use the pairs' margin (strength / aggregation confidence) in the loss."),
@@ -51,7 +55,7 @@ def train_rm(
     from app.settings import get_settings
     from reward.data import project_id_of, training_data
     from reward.registry import register_model
-    from reward.train import TrainParams, main_process, train_reward_model
+    from reward.train import main_process, train_reward_model
 
     params = TrainParams(base=base, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
                          ensemble=ensemble, center_rewards=center_rewards, margin=margin, lora=lora).validate()

@@ -8,6 +8,7 @@ with a message saying how to get it.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -22,6 +23,17 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 HH_DEV = SHARED_DATA / "hh-rlhf-harmless" / "dev.jsonl"
 PG_URL = os.environ.get("RLHF_TEST_PG_URL", "")
+
+
+@pytest.fixture(autouse=True)
+def _keep_main_module():
+    """Streamlit's AppTest installs each page script as sys.modules["__main__"] and leaves it there;
+    a later test that starts processes with the spawn method would then re-run that page in every
+    child, which dies, and multiprocessing.Pool waits forever for the lost task. Put it back."""
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None:
+        sys.modules["__main__"] = main
 
 
 def _fresh_postgres_db() -> tuple[str, str]:

@@ -21,6 +21,7 @@ from annotation.errors import AnnotationError  # noqa: E402
 from app.jobs import cancel_job, get_job, list_jobs, log_tail, submit_job  # noqa: E402
 from reward.errors import RewardError  # noqa: E402
 from reward.registry import activate, model_rows, run_files  # noqa: E402
+from reward.train import TrainParams  # noqa: E402
 
 engine = get_engine()
 st.title("Reward models")
@@ -35,14 +36,16 @@ project = projects[names.index(project_name)]
 
 # ----------------------------------------------------------------------------- retrain
 
+DEFAULTS = TrainParams()
+
 with st.expander("Retrain reward model", expanded=False):
     with st.form("retrain"):
         c1, c2, c3 = st.columns(3)
         base = c1.selectbox("Base", ["minilm", "smollm2"], help="minilm is fast on CPU; smollm2 is a 135M causal LM.")
-        epochs = c2.number_input("Epochs", 0.5, 20.0, 3.0, step=0.5)
-        lr = c3.number_input("Learning rate", 1e-6, 1e-2, 5e-5, format="%.1e")
+        epochs = c2.number_input("Epochs", 0.5, 20.0, float(DEFAULTS.epochs), step=0.5)
+        lr = c3.number_input("Learning rate", 1e-6, 1e-2, DEFAULTS.lr, format="%.1e")
         c4, c5, c6 = st.columns(3)
-        max_length = c4.number_input("Max tokens", 32, 2048, 256, step=32)
+        max_length = c4.number_input("Max tokens", 32, 2048, DEFAULTS.max_length, step=32)
         ensemble = c5.number_input("Ensemble members", 1, 8, 1)
         aggregation = c6.selectbox("Aggregation", ["majority", "dawid-skene"])
         margin = st.checkbox("Use aggregation confidence as margin")
