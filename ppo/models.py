@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ppo.errors import PPOError
+from reward.train import cpu_has_native_bf16
 
 # Adapters on every linear layer of the blocks adapt more than attention-only adapters for the
 # same rank (QLoRA paper); r=16, alpha=32 is the common starting point for 100M-1B models.
@@ -27,15 +28,6 @@ DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules"
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def pick_dtype(device: str | torch.device | None = None) -> torch.dtype:
     """bf16 where the hardware computes in it natively (recent GPUs, CPUs with AVX512-BF16/AMX),
     float32 otherwise: emulated bf16 on a plain x86 CPU is several times slower than fp32."""
@@ -45,7 +37,7 @@ def pick_dtype(device: str | torch.device | None = None) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     if device.type == "cpu":
-        return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return torch.float32
 
 

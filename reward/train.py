@@ -110,17 +110,22 @@ def _field_of(option: str) -> str:
 # --------------------------------------------------------------------------- hardware and models
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX; elsewhere bf16 is emulated and several times slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def native_bf16() -> bool:
     """True where bf16 matmuls run in hardware: a CUDA GPU that supports them, or a CPU with AMX/AVX512-BF16."""
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return cpu_has_native_bf16()
 
 
 def hardware_plan() -> dict:
