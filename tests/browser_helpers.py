@@ -94,3 +94,19 @@ def start_app(repo: Path, env: dict, port: int, log_path: Path) -> subprocess.Po
             time.sleep(0.2)
     proc.terminate()
     raise RuntimeError(f"streamlit did not answer on port {port} within 60 s; see {log_path}")
+
+
+def open_page_as(page: Path, engine, username: str, *, timeout: float = 60):
+    """Run a page file under Streamlit's AppTest as `username`, logged in for an hour."""
+    import datetime as dt
+
+    from sqlalchemy import select
+    from streamlit.testing.v1 import AppTest
+
+    from annotation.store import User, session_factory, utcnow
+
+    at = AppTest.from_file(str(page), default_timeout=timeout)
+    with session_factory(engine)() as s:
+        at.session_state["user_id"] = s.scalar(select(User.id).where(User.username == username))
+    at.session_state["login_expires"] = utcnow() + dt.timedelta(hours=1)
+    return at.run()

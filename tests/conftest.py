@@ -101,6 +101,26 @@ def settings(tmp_path, monkeypatch, db_url):
     settings_mod.get_settings.cache_clear()
 
 
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """An engine on a SQLite store prepared for the app pages (browser_helpers.prepare_store: users
+    ann1, ann2, res, admin and project demo), with RLHF_* pointing the pages at it."""
+    from annotation.store import make_engine
+    from app import settings as settings_mod
+    from browser_helpers import prepare_store
+
+    db_url = f"sqlite:///{tmp_path / 'rlhf.db'}"
+    monkeypatch.setenv("RLHF_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("RLHF_DB_URL", db_url)
+    monkeypatch.delenv("RLHF_CONFIG", raising=False)
+    settings_mod.get_settings.cache_clear()
+    prepare_store(tmp_path / "data", db_url).dispose()
+    engine = make_engine(db_url)
+    yield engine
+    settings_mod.get_settings.cache_clear()
+    engine.dispose()
+
+
 def hh_dev_path() -> Path:
     if not HH_DEV.exists():
         pytest.skip(f"shared HH-RLHF data not found at {HH_DEV}")

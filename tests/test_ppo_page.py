@@ -4,43 +4,20 @@ queuing a generation job. No model runs here: the page only submits jobs and rea
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
-from streamlit.testing.v1 import AppTest
 
-from annotation.store import Job, User, make_engine, session_factory, transaction, utcnow
-from browser_helpers import prepare_store
+from annotation.store import Job, User, session_factory, transaction
+from browser_helpers import open_page_as
 
 PAGE = Path(__file__).resolve().parent.parent / "app" / "pages" / "6_PPO.py"
-TIMEOUT = 60
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    from app import settings as settings_mod
-
-    db_url = f"sqlite:///{tmp_path / 'rlhf.db'}"
-    monkeypatch.setenv("RLHF_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("RLHF_DB_URL", db_url)
-    monkeypatch.delenv("RLHF_CONFIG", raising=False)
-    settings_mod.get_settings.cache_clear()
-    prepare_store(tmp_path / "data", db_url).dispose()
-    engine = make_engine(db_url)
-    yield engine
-    settings_mod.get_settings.cache_clear()
-    engine.dispose()
 
 
 def open_page(engine, username):
-    at = AppTest.from_file(str(PAGE), default_timeout=TIMEOUT)
-    with session_factory(engine)() as s:
-        at.session_state["user_id"] = s.scalar(select(User.id).where(User.username == username))
-    at.session_state["login_expires"] = utcnow() + dt.timedelta(hours=1)
-    return at.run()
+    return open_page_as(PAGE, engine, username)
 
 
 def register(engine, **fields):

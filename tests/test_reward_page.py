@@ -3,42 +3,20 @@ job, versions with metrics read from run directories, and the active flag. No mo
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
-from streamlit.testing.v1 import AppTest
 
-from annotation.store import Job, Project, RegisteredModel, User, make_engine, session_factory, transaction, utcnow
-from browser_helpers import prepare_store
+from annotation.store import Job, Project, RegisteredModel, User, session_factory, transaction
+from browser_helpers import open_page_as
 
 PAGE = Path(__file__).resolve().parent.parent / "app" / "pages" / "5_Reward_Models.py"
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    from app import settings as settings_mod
-
-    db_url = f"sqlite:///{tmp_path / 'rlhf.db'}"
-    monkeypatch.setenv("RLHF_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("RLHF_DB_URL", db_url)
-    monkeypatch.delenv("RLHF_CONFIG", raising=False)
-    settings_mod.get_settings.cache_clear()
-    prepare_store(tmp_path / "data", db_url).dispose()
-    engine = make_engine(db_url)
-    yield engine
-    settings_mod.get_settings.cache_clear()
-    engine.dispose()
-
-
 def open_page(engine, username):
-    at = AppTest.from_file(str(PAGE), default_timeout=60)
-    with session_factory(engine)() as s:
-        at.session_state["user_id"] = s.scalar(select(User.id).where(User.username == username))
-    at.session_state["login_expires"] = utcnow() + dt.timedelta(hours=1)
-    return at.run()
+    return open_page_as(PAGE, engine, username)
 
 
 def fake_run(path: Path, accuracy: float) -> Path:
