@@ -98,11 +98,17 @@ def _labels(conn: Connection, project_id: int, aggregation: str) -> dict[int, tu
     """item_id -> (label, confidence, n_annotations, agreement) for every annotated item."""
     from annotation.aggregate import aggregate
 
-    rows = conn.execute(
+    query = (
         select(_annotations.c.item_id, _annotations.c.annotator_id, _annotations.c.choice, _items.c.gold_choice)
         .join(_items, _items.c.id == _annotations.c.item_id)
         .where(_items.c.project_id == project_id)
-    ).all()
+    )
+    if conn.dialect.name == "sqlite":
+        # The values are plain ints and strings: the driver's tuples skip SQLAlchemy's per-row processing.
+        compiled = query.compile(conn, compile_kwargs={"literal_binds": True})
+        rows = conn.exec_driver_sql(str(compiled)).fetchall()
+    else:
+        rows = conn.execute(query).all()
     if not rows:
         return {}
     # gold_choice rides along so that Dawid-Skene can anchor annotators' confusion on gold items.
