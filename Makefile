@@ -35,8 +35,11 @@ run: models init serve
 test: venv
 	bash scripts/test.sh
 
+# The quick benchmarks (minutes); rm_bench.py and ppo_bench.py train real models and take much longer.
 bench: venv
 	$(BIN)/python benchmarks/io_bench.py
+	$(BIN)/python benchmarks/agreement_bench.py
+	$(BIN)/python benchmarks/assign_bench.py --db sqlite
 
 clean:
 	rm -rf $(VENV) build *.egg-info tests/artifacts
