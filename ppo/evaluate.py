@@ -20,19 +20,20 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ppo.errors import PPOError
+from ppo.train import PPOConfig
 
 RewardFn = Callable[[list, list[str]], torch.Tensor]
 
 
 @dataclasses.dataclass
 class SampleOptions:
-    """Sampling settings shared by both models (defaults match PPOConfig's, so eval sees what PPO trained on)."""
+    """Sampling settings shared by both models (defaults taken from PPOConfig, so eval sees what PPO trained on)."""
 
-    max_new_tokens: int = 53
+    max_new_tokens: int = PPOConfig.max_new_tokens
     """Longest response in tokens."""
-    temperature: float = 0.7
+    temperature: float = PPOConfig.temperature
     """Sampling temperature (also the temperature of the log-probs in the KL)."""
-    max_prompt_length: int = 256
+    max_prompt_length: int = PPOConfig.max_prompt_length
     """Prompt tokens kept (the end of longer prompts)."""
     batch_size: int = 8
     """Prompts per generation batch."""
