@@ -179,10 +179,20 @@ def _register_commands() -> None:
                 raise
 
 
+def _run():
+    try:
+        return cli(standalone_mode=False)
+    finally:
+        if "torch.distributed" in sys.modules:  # a command run under `accelerate launch`
+            from app.jobs import leave_process_group
+
+            leave_process_group()
+
+
 def main() -> None:
     _register_commands()
     try:
-        rc = cli(standalone_mode=False)
+        rc = _run()
     except USER_ERRORS as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

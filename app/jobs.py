@@ -406,11 +406,15 @@ def _wait_for_all_ranks() -> None:
         raise JobError(f"another process of this job failed before finishing ({type(exc).__name__}); see the log") from None
 
 
-def _leave_process_group() -> None:
-    import torch.distributed as dist
-
+def leave_process_group() -> None:
+    """Destroy this process's torch.distributed group, if it joined one. A rank that exits with a
+    gloo group alive can die in interpreter teardown (SIGABRT, "terminate called without an active
+    exception"), failing a run that had finished; every launched process calls this on the way out."""
+    dist = sys.modules.get("torch.distributed")  # never import torch just to find nothing to leave
+    if dist is None:
+        return
     with contextlib.suppress(Exception):
-        if dist.is_initialized():
+        if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -488,7 +492,7 @@ def run_job(job_id: int, settings=None) -> int:
         if rank != 0:
             shutil.rmtree(work_dir, ignore_errors=True)
         if world > 1:
-            _leave_process_group()
+            leave_process_group()
 
 
 # --------------------------------------------------------------------------- the worker

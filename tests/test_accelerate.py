@@ -255,3 +255,22 @@ def test_cli_train_rm_under_accelerate_launch_writes_and_registers_one_run(setti
     assert model.metrics["steps"] == math.ceil(model.data_rows / (4 * 2)) * 2  # 2 processes
     assert [p.name for p in out.parent.iterdir()] == ["rm"], "no partial dir of another process is left"
     eng.dispose()
+
+
+def test_cli_leaves_the_process_group_it_ran_in(tmp_path, monkeypatch):
+    """A launched process that exits with its gloo group alive can abort in interpreter teardown
+    (SIGABRT after a finished run: what failed CI once), so `main` destroys the group on the way out,
+    on success and on error alike."""
+    import torch.distributed as dist
+
+    from app import cli
+
+    for argv, code in ((["rlhf", "--help"], 0), (["rlhf", "export", "--project", "no-such", "--format", "trl", "-o", str(tmp_path / "x.jsonl")], 2)):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+        monkeypatch.setattr(sys, "argv", argv)
+        monkeypatch.setenv("RLHF_DB_URL", f"sqlite:///{tmp_path / 'x.db'}")
+        with pytest.raises(SystemExit) as exit_:
+            cli.main()
+        assert exit_.value.code == code
+        assert not dist.is_initialized()
+        (tmp_path / "rendezvous").unlink(missing_ok=True)
