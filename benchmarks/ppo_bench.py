@@ -1,14 +1,15 @@
 """PPO benchmark: our PPO (ppo.train) against TRL 1.12's experimental PPOTrainer, same run, on this machine.
 
     .venv/bin/python benchmarks/ppo_bench.py [--steps 4] [--batch-size 8] [--eval-prompts 32]
-        [--reward-model DIR] [--policy DIR] [--skip-trl] [--trl-lora]
+        [--reward-model DIR] [--policy DIR] [--skip-trl] [--trl-lora] [--ours both|full|lora]
 
 Setup, done by the script when missing (cached under benchmarks/, both gitignored):
 - benchmarks/.venv-trl112: `python3.11 -m venv` + `pip install trl==1.12.* torch==2.13.0
   transformers==5.24.0 accelerate peft datasets` (TRL 1.12 needs transformers>=4.56.2; the
   project's own 5.24.0 satisfies it, so both arms run the same transformers and torch).
-- benchmarks/out/rm-hh: a reward model trained by `rlhf train-rm --data <HH dev> --epochs
-  --rm-epochs --no-register` (all-MiniLM-L6-v2), unless --reward-model names one.
+- benchmarks/out/rm-hh: a reward model trained by `rlhf train-rm --data <HH dev> --no-register`
+  (all-MiniLM-L6-v2, train-rm's defaults; --rm-epochs overrides the epochs), unless --reward-model
+  names one.
 
 Arms, each in its own subprocess so that its peak memory (VmHWM, read after the last training
 step, before any saving) is its own:
@@ -80,8 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads per arm (0: torch's default, one per core).")
     p.add_argument("--policy", default=None, help="Policy directory (default: <model_dir>/SmolLM2-135M-Instruct).")
     p.add_argument("--reward-model", default=None, help="Reward model run dir (default: train benchmarks/out/rm-hh).")
-    p.add_argument("--rm-epochs", type=float, default=1.0, help="Epochs of `rlhf train-rm` when the script trains the reward model.")
+    p.add_argument("--rm-epochs", type=float, default=None,
+                   help="Epochs of `rlhf train-rm` when the script trains the reward model (default: train-rm's).")
     p.add_argument("--skip-trl", action="store_true", help="Run our arms only.")
+    p.add_argument("--ours", choices=("both", "full", "lora"), default="both",
+                   help="Which of our arms to run (one arm alone: a long win-rate run, no memory ratio).")
     p.add_argument("--trl-lora", action="store_true", help="Also run TRL with LoRA.")
     p.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # internal: run one arm in this process
     p.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
@@ -315,10 +319,11 @@ def ensure_reward_model(args) -> str:
     rm = OUT / "rm-hh"
     if (rm / "config.json").exists():
         return str(rm)
-    print(f"training the reward model: rlhf train-rm --data {HH_DEV} --epochs {args.rm_epochs} -> {rm}", flush=True)
+    epochs = ["--epochs", str(args.rm_epochs)] if args.rm_epochs else []
+    print(f"training the reward model: rlhf train-rm --data {HH_DEV} {' '.join(epochs)} -> {rm}", flush=True)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "app.cli", "train-rm", "--data", str(HH_DEV), "--output", str(rm),
-                    "--epochs", str(args.rm_epochs), "--no-register", "--json"], check=True, cwd=REPO)
+    subprocess.run([sys.executable, "-m", "app.cli", "train-rm", "--data", str(HH_DEV), "--output", str(rm), *epochs,
+                    "--no-register", "--json"], check=True, cwd=REPO)
     print(f"reward model trained in {time.perf_counter() - t0:.0f} s", flush=True)
     return str(rm)
 
@@ -412,8 +417,8 @@ def main() -> None:
               "--kl-coef", str(args.kl_coef), "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
               "--max-prompt-length", str(args.max_prompt_length), "--eval-prompts", str(args.eval_prompts), "--seed", str(args.seed),
               "--threads", str(args.threads)]
-    rows = [run_arm(Path(sys.executable), "ours", False, shared, prompts, policy, rm),
-            run_arm(Path(sys.executable), "ours", True, shared, prompts, policy, rm)]
+    rows = [run_arm(Path(sys.executable), "ours", lora, shared, prompts, policy, rm)
+            for lora in {"both": (False, True), "full": (False,), "lora": (True,)}[args.ours]]
     if not args.skip_trl:
         trl_python = ensure_trl_venv()
         rows.append(run_arm(trl_python, "trl", False, shared, prompts, policy, rm))
