@@ -24,6 +24,9 @@ TemperatureOpt = typer.Option(0.7, "--temperature", help="Sampling temperature (
 MaxNewTokensOpt = typer.Option(53, "--max-new-tokens", help="Longest response in tokens (PPO's default).")
 SeedOpt = typer.Option(0, "--seed", help="Sampling seed; the same seed gives the same responses.")
 BatchSizeOpt = typer.Option(8, "--batch-size", help="Prompts per generation batch.")
+MaxPromptLengthOpt = typer.Option(256, "--max-prompt-length", help="Prompt tokens kept, the end of longer ones (PPO's default).")
+# The defaults above repeat PPOConfig's (importing it here would load torch for `rlhf --help`);
+# tests/test_ppo_cli.py checks that they agree.
 
 
 def _reward_model_path(value: str) -> str:
@@ -116,6 +119,7 @@ def eval_policy(
     prompts_project: Optional[str] = typer.Option(None, "--prompts-project", help="Take the prompts of a project instead."),
     n: Optional[int] = typer.Option(None, "--n", help="Use the first N distinct prompts."),
     max_new_tokens: int = MaxNewTokensOpt,
+    max_prompt_length: int = MaxPromptLengthOpt,
     temperature: float = TemperatureOpt,
     seed: int = SeedOpt,
     batch_size: int = BatchSizeOpt,
@@ -128,7 +132,8 @@ def eval_policy(
     from ppo.generate import resolve_policy
     from ppo.sft import resolve_base
 
-    options = SampleOptions(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=batch_size).validate()
+    options = SampleOptions(max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length, temperature=temperature,
+                            seed=seed, batch_size=batch_size).validate()
     prompt_list = _prompts(prompts, prompts_project, n)
     policy_path, _ = resolve_policy(None if Path(policy).exists() else engine(), policy)
     reference_path = resolve_base(reference, get_settings().model_dir)

@@ -106,6 +106,21 @@ def test_ppo_options_lists_every_field_with_its_help():
     assert all(r["help"] for r in rows.values())
 
 
+def test_eval_policy_samples_like_ppo_by_default():
+    """eval-policy's sampling options repeat PPOConfig's defaults (the CLI module must not import
+    torch); a win rate measured with other settings than training's would mislead."""
+    import typer
+
+    from app.cli import _register_commands, cli
+    from ppo.train import PPOConfig
+
+    _register_commands()
+    params = {p.name: p.default for p in typer.main.get_command(cli).commands["eval-policy"].params}
+    config = PPOConfig()
+    for name in ("max_new_tokens", "max_prompt_length", "temperature"):
+        assert params[name] == getattr(config, name), name
+
+
 def _ctx(settings, run_dir, cancel_after=None):
     from annotation.store import init_db
 
