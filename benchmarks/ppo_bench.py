@@ -329,12 +329,20 @@ def ensure_reward_model(args) -> str:
 
 
 def write_prompts(args) -> Path:
-    """Train and held-out prompts from the HH dev file, disjoint, in a seeded order."""
+    """Train and held-out prompts from the HH dev file, disjoint, in a seeded order.
+
+    Also writes them as prompt JSONL for the CLI: prompts-train.jsonl (what PPO samples from, for
+    `rlhf ppo --resume` to continue an arm's run) and prompts-heldout.jsonl (every other prompt;
+    its first --eval-prompts are the bench's held-out set, `rlhf eval-policy --n N` takes more)."""
     from ppo.prompts import read_prompts
 
     prompts = read_prompts(HH_DEV)
     random.Random(args.seed).shuffle(prompts)
-    heldout, train = prompts[: args.eval_prompts], prompts[args.eval_prompts: args.eval_prompts + args.train_prompts]
+    cut = args.eval_prompts + args.train_prompts
+    heldout, train = prompts[: args.eval_prompts], prompts[args.eval_prompts: cut]
+    for name, rows in (("train", train), ("heldout", heldout + prompts[cut:])):
+        with open(OUT / f"prompts-{name}.jsonl", "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps({"prompt": p}) + "\n" for p in rows)
     path = OUT / "prompts.json"
     path.write_text(json.dumps({"train": train, "heldout": heldout}), encoding="utf-8")
     return path
