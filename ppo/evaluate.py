@@ -47,8 +47,9 @@ class SampleOptions:
             raise PPOError(f"max_new_tokens={self.max_new_tokens} is invalid; expected an integer >= 1")
         if not self.temperature > 0:
             raise PPOError(f"temperature={self.temperature} is invalid; expected a positive number")
-        if self.max_prompt_length < 1 or self.batch_size < 1:
-            raise PPOError("max_prompt_length and batch_size must be integers >= 1")
+        for name in ("max_prompt_length", "batch_size"):
+            if getattr(self, name) < 1:
+                raise PPOError(f"{name}={getattr(self, name)} is invalid; expected an integer >= 1")
         return self
 
 

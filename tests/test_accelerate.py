@@ -269,8 +269,11 @@ def test_cli_leaves_the_process_group_it_ran_in(tmp_path, monkeypatch):
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
         monkeypatch.setattr(sys, "argv", argv)
         monkeypatch.setenv("RLHF_DB_URL", f"sqlite:///{tmp_path / 'x.db'}")
-        with pytest.raises(SystemExit) as exit_:
-            cli.main()
-        assert exit_.value.code == code
-        assert not dist.is_initialized()
-        (tmp_path / "rendezvous").unlink(missing_ok=True)
+        try:
+            with pytest.raises(SystemExit) as exit_:
+                cli.main()
+            assert exit_.value.code == code
+            assert not dist.is_initialized()
+        finally:  # a failure here must not leave a group behind for the rest of the session
+            jobs.leave_process_group()
+            (tmp_path / "rendezvous").unlink(missing_ok=True)

@@ -132,3 +132,18 @@ def test_eval_policy_cli_prints_the_json_keys_and_the_side_by_side_table(tmp_pat
     assert payload["n_prompts"] == 4 and len(payload["samples"]) == 2 and "rows" not in payload
     text = CliRunner().invoke(cli, args)
     assert text.exit_code == 0 and "win rate of the policy" in text.stdout and "| policy" in text.stdout
+
+
+def test_eval_policy_cli_refuses_bad_sampling_options_naming_the_option(tmp_path):
+    from typer.testing import CliRunner
+
+    import app.cli_policy  # noqa: F401  (adds the policy commands to the app)
+    from app.cli import cli
+
+    args = ["eval-policy", "--policy", str(tmp_path / "p"), "--reward-model", str(tmp_path / "rm"),
+            "--prompts", str(tmp_path / "prompts.jsonl")]
+    for option, value, field in (("--max-prompt-length", "0", "max_prompt_length"), ("--batch-size", "-1", "batch_size"),
+                                 ("--max-new-tokens", "0", "max_new_tokens")):
+        result = CliRunner().invoke(cli, args + [option, value])
+        assert isinstance(result.exception, PPOError), result.output
+        assert f"{field}={value} is invalid" in str(result.exception)
