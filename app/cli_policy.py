@@ -19,6 +19,7 @@ import typer
 
 from app.cli import JsonOpt, cli, emit, engine
 from ppo.errors import PPOError
+from reward.precision import HELP as PRECISION_HELP
 
 TemperatureOpt = typer.Option(0.7, "--temperature", help="Sampling temperature (PPO's default).")
 MaxNewTokensOpt = typer.Option(53, "--max-new-tokens", help="Longest response in tokens (PPO's default).")
@@ -72,6 +73,7 @@ def sft(
     max_length: int = typer.Option(512, "--max-length", help="Tokens per row after the chat template."),
     aggregation: str = typer.Option("majority", "--aggregation", help="Label aggregation for --project: majority or dawid-skene."),
     seed: int = typer.Option(0, "--seed", help="Seed for data order and adapter initialisation."),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     name: Optional[str] = typer.Option(None, "--name", help="Registry name (default: the output directory's name)."),
     register: bool = typer.Option(True, "--register/--no-register", help="Record the policy in the registry when training has finished."),
     as_json: bool = JsonOpt,
@@ -86,7 +88,8 @@ def sft(
     from reward.registry import register_model
 
     options = SFTOptions(epochs=epochs, max_steps=max_steps, learning_rate=lr if lr is not None else (1e-4 if lora else 2e-5),
-                         batch_size=batch_size, max_length=max_length, lora=lora, seed=seed).validate()
+                         batch_size=batch_size, max_length=max_length, lora=lora, seed=seed,
+                         precision=precision).validate()
     base_path = resolve_base(base, get_settings().model_dir)
     eng = engine() if (project or register) else None
     rows = sft_rows(eng, data, project, aggregation)

@@ -21,6 +21,7 @@ import typer
 
 from app.cli import JsonOpt, cli, emit, engine, models_cli
 from reward.errors import RewardError
+from reward.precision import HELP as PRECISION_HELP
 from reward.train import TrainParams
 
 
@@ -42,6 +43,7 @@ def train_rm(
     center_rewards: Optional[float] = typer.Option(None, "--center-rewards", help="Reward-centring coefficient, e.g. 0.01."),
     margin: bool = typer.Option(False, "--margin", help="Use the pairs' margin (strength / aggregation confidence) in the loss."),
     lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters (merged when saved) instead of all weights."),
+    precision: str = typer.Option(DEFAULTS.precision, "--precision", help=PRECISION_HELP),
     eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="Share of a --data file held out for evaluation."),
     aggregation: str = typer.Option("majority", "--aggregation", help="Label aggregation for --project: majority or dawid-skene."),
     name: Optional[str] = typer.Option(None, "--name", help="Registry name; default: the output directory's name."),
@@ -58,7 +60,8 @@ def train_rm(
     from reward.train import main_process, train_reward_model
 
     params = TrainParams(base=base, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
-                         ensemble=ensemble, center_rewards=center_rewards, margin=margin, lora=lora).validate()
+                         ensemble=ensemble, center_rewards=center_rewards, margin=margin, lora=lora,
+                         precision=precision).validate()
     out = Path(output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RewardError(f"--output {output}: already exists; choose a new run directory")
@@ -98,7 +101,7 @@ def train_rm(
                "eval_pairs": len(held), "metrics": {k: v for k, v in m.items() if k != "eval"}}
     lines = [f"reward model trained: {out}" + (f" (model id {model_id})" if model_id else ""),
              f"train pairs {len(train)}, held out {len(held)}, loss {m['train_loss']:.4f}, "
-             f"{m['pairs_per_s']:.1f} pairs/s on {m['torch_threads']} threads ({m['precision']})",
+             f"{m['pairs_per_s']:.1f} pairs/s on {m['torch_threads']} threads ({m['compute_precision']})",
              f"truncated: {m['prompt_truncated']} prompts cut from the left, {m['response_truncated']} responses cut"]
     if "eval_accuracy" in m:
         lines.append(f"held-out accuracy {m['eval_accuracy']:.3f}, log-loss {m['eval_log_loss']:.4f}, ECE {m['eval_ece']:.3f}")

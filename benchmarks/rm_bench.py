@@ -64,7 +64,7 @@ def arm_ours(args) -> dict:
     return {"arm": "ours", "train_pairs": len(train), "held_out_pairs": len(held), "params": params.to_dict(),
             "held_out_accuracy": m["eval_accuracy"], "held_out_log_loss": m["eval_log_loss"], "held_out_ece": m["eval_ece"],
             "pairs_per_s": m["pairs_per_s"], "tokens_per_s": m["tokens_per_s"], "train_seconds": m["train_seconds"],
-            "torch_threads": m["torch_threads"], "precision": m["precision"],
+            "torch_threads": m["torch_threads"], "precision": m["compute_precision"],
             "gradient_checkpointing": m["gradient_checkpointing"], "prompt_truncated": m["prompt_truncated"],
             "first_loss": m["first_logged_loss"], "last_loss": m["last_logged_loss"], "peak_rss_mb": _peak_mb()}
 

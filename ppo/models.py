@@ -1,5 +1,6 @@
 """Loading the models PPO trains: the policy (a causal LM, left-padded), its value model (a
-scalar head on a copy of a backbone), LoRA adapters, and the dtype each device trains well in.
+scalar head on a copy of a backbone) and LoRA adapters. Models load in fp32 by default: trained
+weights keep fp32 masters, and bf16 is autocast compute chosen by reward.precision.
 
     from ppo.models import load_policy
     model, tokenizer = load_policy("data/models/SmolLM2-135M-Instruct", lora=True)
@@ -11,7 +12,6 @@ With LoRA the reference policy is the same model with its adapters switched off
 from __future__ import annotations
 
 import copy
-import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -20,25 +20,10 @@ import torch
 from torch import nn
 
 from ppo.errors import PPOError
-from reward.train import cpu_has_native_bf16
 
 # Adapters on every linear layer of the blocks adapt more than attention-only adapters for the
 # same rank (QLoRA paper); r=16, alpha=32 is the common starting point for 100M-1B models.
 DEFAULT_LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
-
-
-@functools.lru_cache(maxsize=1)
-def pick_dtype(device: str | torch.device | None = None) -> torch.dtype:
-    """bf16 where the hardware computes in it natively (recent GPUs, CPUs with AVX512-BF16/AMX),
-    float32 otherwise: emulated bf16 on a plain x86 CPU is several times slower than fp32."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    return torch.float32
 
 
 def lora_config(lora: Any, task_type: str = "CAUSAL_LM"):
@@ -86,7 +71,7 @@ def load_policy(path_or_hub_id: str | Path, dtype: torch.dtype | None = None, lo
         local / "adapter_config.json"
     ).exists():
         raise PPOError(f"policy {path}: not a model directory (no config.json or adapter_config.json)")
-    dtype = dtype or pick_dtype()
+    dtype = dtype or torch.float32
     adapter_cfg = local / "adapter_config.json"
     try:
         if adapter_cfg.exists():
@@ -132,7 +117,7 @@ def load_value_model(path: str | Path, dtype: torch.dtype | None = None):
     from transformers import AutoModelForSequenceClassification
 
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype or pick_dtype())
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype or torch.float32)
     except (OSError, ValueError) as exc:
         raise PPOError(f"value model {path}: cannot load as a sequence classifier: {exc}") from None
     _head(model)

@@ -207,13 +207,18 @@ def collect(
     max_new_tokens: int,
     temperature: float,
     device: torch.device,
+    generate_ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    forward_ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> Rollout:
-    """Generate, score, and run the policy, reference and value forwards on one batch."""
+    """Generate, score, and run the policy, reference and value forwards on one batch.
+    `generate_ctx` and `forward_ctx` give the precision contexts (autocast or none) of sampling and
+    of the forwards; the forwards must compute as the update does, so the first ratio is 1."""
     policy, value = wrapped.policy, wrapped.value
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompt_rows, tokenizer.pad_token_id))
 
     t0 = time.perf_counter()
-    response_ids, response_mask, contains_eos = generate(policy, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature)
+    with generate_ctx():
+        response_ids, response_mask, contains_eos = generate(policy, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature)
     t1 = time.perf_counter()
 
     texts = tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(response_ids, response_mask)], skip_special_tokens=True)
@@ -222,16 +227,22 @@ def collect(
 
     P, T = prompt_ids.shape[1], response_ids.shape[1]
     inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
-    logits = response_logits(policy, *inputs, T).float() / temperature
+    with forward_ctx():
+        logits = response_logits(policy, *inputs, T)
+    logits = logits.float() / temperature
     logprobs = core.logprobs_from_logits(logits, response_ids)
     entropy = core.entropy_from_logits(logits)
     del logits
     with reference_context(policy, ref_model):
         ref = policy if ref_model is None else ref_model
-        ref_logits = response_logits(ref, *inputs, T).float() / temperature
+        with forward_ctx():
+            ref_logits = response_logits(ref, *inputs, T)
+        ref_logits = ref_logits.float() / temperature
         ref_logprobs = core.logprobs_from_logits(ref_logits, response_ids)
         del ref_logits
-    values = response_slice(values_forward(value, *inputs), P, T)
+    with forward_ctx():
+        values = values_forward(value, *inputs)
+    values = response_slice(values.float(), P, T)
     pad = ~response_mask.bool()
     logprobs = logprobs.masked_fill(pad, core.INVALID_LOGPROB)
     ref_logprobs = ref_logprobs.masked_fill(pad, core.INVALID_LOGPROB)

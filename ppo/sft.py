@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable
 
 from annotation.errors import InputError
 from ppo.errors import PPOError
+from reward.precision import MODES, precision_plan
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_POLICY = "SmolLM2-135M-Instruct"
@@ -68,6 +69,8 @@ class SFTOptions:
     """Recompute activations in the backward pass; None: on with a GPU, off on CPU, where it only costs time."""
     seed: int = 0
     """Seed for shuffling and adapter initialisation."""
+    precision: str = "auto"
+    """auto (bf16 autocast where native and measured to pay), fp32, or bf16 (forced); weights stay fp32."""
 
     def validate(self) -> "SFTOptions":
         checks = [
@@ -80,6 +83,7 @@ class SFTOptions:
             (self.lora_r >= 1, "lora_r", "an integer >= 1", self.lora_r),
             (self.lora_alpha > 0, "lora_alpha", "a positive number", self.lora_alpha),
             (0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)", self.lora_dropout),
+            (self.precision in MODES, "precision", "one of " + ", ".join(MODES), self.precision),
         ]
         for ok, name, expected, value in checks:
             if not ok:
@@ -266,8 +270,6 @@ def train_sft(
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from ppo.models import pick_dtype
-
     options = (options or SFTOptions()).validate()
     output_dir = Path(output_dir)
     _fresh_output_dir(output_dir)
@@ -285,8 +287,9 @@ def train_sft(
     if "messages" in train_rows[0] and not tokenizer.chat_template:
         raise PPOError(f"--base {base}: the tokenizer has no chat template, so \"messages\" rows cannot be formatted")
 
-    dtype = pick_dtype()
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+    # Trained weights and AdamW state stay fp32; bf16, where the plan has it, is the Trainer's autocast.
+    plan = precision_plan(options.precision)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     on_gpu = torch.cuda.is_available()
     checkpointing = on_gpu if options.gradient_checkpointing is None else options.gradient_checkpointing
 
@@ -331,7 +334,7 @@ def train_sft(
         gradient_accumulation_steps=options.gradient_accumulation_steps,
         max_length=options.max_length,
         # TRL defaults to bf16 and checkpointing; on a CPU without native bf16 both make training ~9x slower.
-        bf16=dtype == torch.bfloat16,
+        bf16=plan.bf16("sft"),
         fp16=False,
         activation_checkpointing=checkpointing,
         use_cpu=not on_gpu,
@@ -374,7 +377,7 @@ def train_sft(
         "steps": int(output.global_step),
         "runtime_s": round(time.perf_counter() - started, 2),
     }
-    params = {**dataclasses.asdict(options), "dtype": str(dtype).removeprefix("torch."), "gradient_checkpointing": checkpointing}
+    params = {**dataclasses.asdict(options), "compute_precision": plan.label("sft"), "gradient_checkpointing": checkpointing}
     result = SFTResult(
         output_dir=output_dir, base_model=str(base), rows=len(rows), data_hash=data_hash(rows), params=params, metrics=metrics,
     )

@@ -30,6 +30,8 @@ import torch
 
 from ppo import core
 from ppo.errors import PPOError
+from reward.precision import MODES as PRECISION_MODES
+from reward.precision import precision_plan
 
 logger = logging.getLogger("ppo.train")
 
@@ -115,6 +117,10 @@ class PPOConfig:
     """Stop a step's update early once a mini-batch's approx KL to the rollout policy exceeds this."""
     value_init: str = "policy"
     """Value model from the policy's backbone or from the reward model (when it shares the tokenizer)."""
+    # --- precision
+    precision: str = "auto"
+    """Compute precision: auto (bf16 autocast per stage where native and measured to pay), fp32, or bf16
+    (forced). Trained weights and optimiser state are fp32 in every mode."""
     # --- LoRA
     lora: bool = False
     """Train LoRA adapters instead of all weights; the reference is the policy with adapters off."""
@@ -161,6 +167,7 @@ class PPOConfig:
         need(self.lr_scheduler in ("constant", "linear", "cosine"),
              f"lr_scheduler must be constant, linear or cosine, got {self.lr_scheduler!r}")
         need(self.value_init in ("policy", "reward"), f"value_init must be 'policy' or 'reward', got {self.value_init!r}")
+        need(self.precision in PRECISION_MODES, f"precision must be one of {', '.join(PRECISION_MODES)}, got {self.precision!r}")
         need(self.approx_kl_stop is None or self.approx_kl_stop > 0,
              f"approx_kl_stop must be > 0 or null (off), got {self.approx_kl_stop}")
         if self.batch_size >= 1 and self.mini_batch_size >= 1 and self.batch_size % self.mini_batch_size:
@@ -474,6 +481,8 @@ def train(
     accelerator = Accelerator()
     sizes = config.sizes(accelerator.num_processes)
     device = accelerator.device
+    # fp32 weights always; bf16 autocast around the stages the plan names (reward.precision).
+    plan = precision_plan(config.precision, device.type)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed)
@@ -549,6 +558,7 @@ def train(
         ro = collect(
             inner, ref_model, tokenizer, [prompts[i] for i in batch], [prompt_rows[i] for i in batch], reward_fn,
             max_new_tokens=config.max_new_tokens, temperature=config.temperature, device=device,
+            generate_ctx=lambda: plan.autocast("ppo_generate"), forward_ctx=lambda: plan.autocast("ppo_update"),
         )
         mask = ro.response_mask.float()
 
@@ -586,12 +596,13 @@ def train(
                     ctx = accelerator.no_sync(wrapped) if not sync else _null()
                     with ctx:
                         inputs = sequence_inputs(ro.prompt_ids[idx], ro.prompt_mask[idx], ro.response_ids[idx], ro.response_mask[idx])
-                        logits, new_values = wrapped(*inputs, T)
+                        with plan.autocast("ppo_update"):
+                            logits, new_values = wrapped(*inputs, T)
                         logits = logits.float() / config.temperature
                         new_logprobs = core.logprobs_from_logits(logits, ro.response_ids[idx])
                         pg_loss, pg_clip, approx_kl = core.policy_loss(
                             new_logprobs, ro.logprobs[idx], advantages[idx], m, config.cliprange)
-                        vf_loss, vf_clip = core.value_loss(new_values, ro.values[idx], returns[idx], m, config.cliprange_value)
+                        vf_loss, vf_clip = core.value_loss(new_values.float(), ro.values[idx], returns[idx], m, config.cliprange_value)
                         loss = pg_loss + config.vf_coef * vf_loss
                         accelerator.backward(loss / config.gradient_accumulation_steps)
                     ratio = core.masked_mean(torch.exp(new_logprobs - ro.logprobs[idx]), m)
@@ -835,7 +846,7 @@ def run_ppo(
             from transformers import AutoTokenizer
 
             if same_tokenizer(AutoTokenizer.from_pretrained(str(reward_model)), tokenizer):
-                value_model = load_value_model(reward_model, dtype=next(model.parameters()).dtype)
+                value_model = load_value_model(reward_model)
         except (OSError, PPOError, ValueError):
             value_model = None
         if value_model is None:

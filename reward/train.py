@@ -4,8 +4,8 @@
     result = train_reward_model(train_pairs, Path("runs/rm-1"), TrainParams(base="minilm"), eval_pairs=held_out)
 
 What we set on top of TRL's defaults, and why:
-- precision by hardware: TRL defaults to bf16 and gradient checkpointing; on a CPU without native
-  bf16 that is several times slower than fp32, so fp32 and no checkpointing there (`hardware_plan`);
+- precision by plan (reward.precision): fp32 weights always, bf16 autocast only where it is native
+  and measured to pay; gradient checkpointing only on GPUs (`hardware_plan`);
 - every core: torch threads = os.cpu_count() (recorded from inside the trainer), tokenizers in
   parallel for the one batched tokenization pass;
 - our own tokenization (reward.data.PairEncoder): long pairs are cut from the left of the prompt
@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 
 from reward.data import PairEncoder, build_dataset, pairs_hash
 from reward.errors import RewardError
+from reward.precision import MODES, precision_plan
 
 BASE_ALIASES = {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M-Instruct"}
 
@@ -73,6 +74,8 @@ class TrainParams:
     would only take cores from the matrix multiplies; raise it on a GPU machine."""
     logging_steps: int = 0
     """Steps between training-curve points; 0 picks about 50 points per run."""
+    precision: str = "auto"
+    """auto (bf16 autocast where native and measured to pay), fp32, or bf16 (forced); weights stay fp32."""
 
     def validate(self) -> "TrainParams":
         checks = [
@@ -86,6 +89,7 @@ class TrainParams:
             (self.lora_r >= 1, "--lora-r", "at least 1"),
             (self.threads is None or self.threads >= 1, "--threads", "at least 1"),
             (self.dataloader_workers >= 0, "--dataloader-workers", "0 or more"),
+            (self.precision in MODES, "--precision", "one of " + ", ".join(MODES)),
         ]
         for ok, option, expected in checks:
             if not ok:
@@ -104,37 +108,21 @@ def main_process() -> bool:
 
 def _field_of(option: str) -> str:
     return {"--center-rewards": "center_rewards", "--batch-size": "batch_size", "--max-length": "max_length",
-            "--lora-r": "lora_r", "--dataloader-workers": "dataloader_workers"}.get(option, option.lstrip("-"))
+            "--lora-r": "lora_r", "--dataloader-workers": "dataloader_workers",
+            "--precision": "precision"}.get(option, option.lstrip("-"))
 
 
 # --------------------------------------------------------------------------- hardware and models
 
 
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with AVX512-BF16 or AMX; elsewhere bf16 is emulated and several times slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def native_bf16() -> bool:
-    """True where bf16 matmuls run in hardware: a CUDA GPU that supports them, or a CPU with AMX/AVX512-BF16."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_native_bf16()
-
-
-def hardware_plan() -> dict:
-    """bf16 and checkpointing only where they pay: bf16 on native hardware; checkpointing on GPUs,
-    where memory is the limit (on CPU it only adds a second forward pass)."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    return {"device": "cuda" if cuda else "cpu", "bf16": native_bf16(), "gradient_checkpointing": cuda}
+def hardware_plan(precision: str = "auto") -> dict:
+    """Device, compute precision and checkpointing for reward training. Weights stay fp32; bf16
+    is the Trainer's autocast, where reward.precision says it pays. Checkpointing only on GPUs,
+    where memory is the limit (on a CPU it only adds a second forward pass)."""
+    plan = precision_plan(precision)
+    cuda = plan.device_type == "cuda"
+    return {"device": plan.device_type, "bf16": plan.bf16("reward"), "precision": plan.label("reward"),
+            "gradient_checkpointing": cuda}
 
 
 def resolve_base(name: str, settings=None) -> str:
@@ -224,7 +212,7 @@ def _train_one(train_pairs: Sequence, out_dir: Path, params: TrainParams, base_p
     from trl import RewardConfig, RewardTrainer
 
     hf_logging.disable_progress_bar()
-    hw = hardware_plan()
+    hw = hardware_plan(params.precision)
     # Processes launched side by side on one host share its cores.
     threads = params.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(threads)
@@ -291,7 +279,7 @@ def _train_one(train_pairs: Sequence, out_dir: Path, params: TrainParams, base_p
         "prompt_truncated": stats.prompt_truncated,
         "response_truncated": stats.response_truncated,
         "torch_threads": record.get("torch_threads"),
-        "precision": "bf16" if hw["bf16"] else "fp32",
+        "compute_precision": hw["precision"],
         "gradient_checkpointing": hw["gradient_checkpointing"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

@@ -57,7 +57,7 @@ def test_sft_teaches_the_chat_formatted_reply_and_saves_a_loadable_policy(base, 
     before = completion_logprob(base, "ping", "pong pong")
     out = tmp_path / "sft"
     steps = []
-    result = train_sft(ROWS, out, base=base, options=SFTOptions(max_steps=60, learning_rate=5e-3, batch_size=2),
+    result = train_sft(ROWS, out, base=base, options=SFTOptions(max_steps=60, learning_rate=5e-3, batch_size=2, precision="fp32"),
                        progress=lambda f, m: steps.append(f))
     # The reply comes back through the chat template at generation time, so the template was applied in training.
     assert greedy_reply(out, "ping") == "pong pong"
@@ -66,7 +66,7 @@ def test_sft_teaches_the_chat_formatted_reply_and_saves_a_loadable_policy(base, 
     assert result.metrics["final_loss"] < result.metrics["first_loss"] / 3
     assert steps[-1] == pytest.approx(1.0) and len(steps) == 60
     saved = json.loads((out / "sft.json").read_text())
-    assert saved["rows"] == 2 and saved["params"]["dtype"] == "float32" and saved["params"]["gradient_checkpointing"] is False
+    assert saved["rows"] == 2 and saved["params"]["compute_precision"] == "fp32" and saved["params"]["gradient_checkpointing"] is False
     row = result.registration(name="sft-1", project_id=None)
     assert row["kind"] == "policy" and row["path"] == str(out) and row["base_model"] == str(base) and row["data_rows"] == 2
     assert len(row["data_hash"]) == 64 and not list(tmp_path.glob(".*partial"))
