@@ -69,7 +69,9 @@ def tiny_prompts(n=32, seed=0):
 
 def small_config(**over):
     base = dict(batch_size=32, mini_batch_size=32, ppo_epochs=4, max_new_tokens=8, temperature=1.0,
-                lr_scheduler="constant", init_kl_coef=0.05, target=6.0, tensorboard=False, samples_every=5)
+                lr_scheduler="constant", init_kl_coef=0.05, target=6.0, tensorboard=False, samples_every=5,
+                # The plan is set here, not taken from the machine: results must not depend on it.
+                precision="fp32")
     base.update(over)
     return PPOConfig(**base)
 
