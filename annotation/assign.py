@@ -179,8 +179,10 @@ _ADD_ANNOTATION = insert(_annotations)
 _FLAG = select(_flags.c.id).where(_flags.c.item_id == bindparam("item"), _flags.c.annotator_id == bindparam("annotator"), _flags.c.kind == bindparam("kind"))
 _ADD_FLAG = insert(_flags)
 _LAST_ANNOTATION = (
-    select(_annotations.c.id, _annotations.c.item_id, _annotations.c.shown_swapped, _annotations.c.created_at)
-    .where(_annotations.c.annotator_id == bindparam("annotator"))
+    select(_annotations.c.id, _annotations.c.item_id, _annotations.c.shown_swapped, _annotations.c.created_at,
+           _annotations.c.choice, _annotations.c.strength)
+    .select_from(_annotations.join(_items, _items.c.id == _annotations.c.item_id))
+    .where(_annotations.c.annotator_id == bindparam("annotator"), _items.c.project_id == bindparam("project"))
     .order_by(_annotations.c.created_at.desc(), _annotations.c.id.desc())
     .limit(1)
 )
@@ -486,13 +488,25 @@ def flag(engine: Engine, annotator_id: int, item_id: int, kind: str, note: str |
     return _write_flag(engine, annotator_id, item_id, kind, note, _naive_utc(now))
 
 
-def undo_last(engine: Engine, annotator_id: int, *, window_seconds: float = 30, now: dt.datetime | None = None) -> int | None:
-    """Delete the annotator's most recent annotation if it is at most `window_seconds` old, lease its item
-    back to them (so `next_item` shows it again) and return the item id; None when there is nothing to undo."""
+@dataclass(frozen=True)
+class Undone:
+    """What undo_last removed: the item, shown again, and the answer given, so a page can restore it."""
+
+    item_id: int
+    choice: str
+    strength: int | None
+
+
+def undo_last(engine: Engine, annotator_id: int, project_id: int, *, window_seconds: float = 30,
+              now: dt.datetime | None = None) -> Undone | None:
+    """Delete the annotator's most recent annotation in this project if it is at most `window_seconds`
+    old, lease its item back to them (so `next_item` shows it again) and return what was undone;
+    None when there is nothing to undo. Refused for unknown and deactivated users."""
     now = _naive_utc(now)
 
-    def work(conn: Connection) -> int | None:
-        last = conn.execute(_LAST_ANNOTATION, {"annotator": annotator_id}).first()
+    def work(conn: Connection) -> Undone | None:
+        _check_annotator(conn, annotator_id)
+        last = conn.execute(_LAST_ANNOTATION, {"annotator": annotator_id, "project": project_id}).first()
         if last is None or last.created_at < now - dt.timedelta(seconds=window_seconds):
             return None
         item = _locked_item(conn, last.item_id)
@@ -507,7 +521,7 @@ def undo_last(engine: Engine, annotator_id: int, *, window_seconds: float = 30, 
                 "leased_until": now + dt.timedelta(seconds=project.lease_seconds), "created_at": now,
             },
         )
-        return last.item_id
+        return Undone(item_id=last.item_id, choice=last.choice, strength=last.strength)
 
     return _in_transaction(engine, work)
 

@@ -19,7 +19,8 @@ def list_users(session: Session, actor: User) -> list[dict]:
     rows = session.scalars(select(User).order_by(User.username)).all()
     return [
         {"id": u.id, "username": u.username, "role": u.role, "active": u.active,
-         "can_log_in": u.password_hash is not None, "created_at": u.created_at}
+         "has_password": u.password_hash is not None, "can_log_in": u.active and u.password_hash is not None,
+         "created_at": u.created_at}
         for u in rows
     ]
 

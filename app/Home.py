@@ -63,7 +63,8 @@ def home() -> None:
     st.subheader("Where to go")
     for path in allowed_pages(user.role):
         st.page_link(f"pages/{path.name}", label=page_title(path))
-    _status()
+    if user.role != "annotator":  # the database URL and server paths are nothing an annotator needs
+        _status()
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from annotation.errors import AnnotationError
+from annotation.errors import AnnotationError, StoreError
 from ppo.errors import PPOError
 from reward.errors import RewardError
 
@@ -159,12 +159,20 @@ def serve(
 ) -> None:
     """Start the Streamlit app."""
     import subprocess
+
+    raise typer.Exit(subprocess.call(streamlit_command(port, address)))
+
+
+def streamlit_command(port: int, address: str) -> list[str]:
+    """The command that serves the app; the browser tests serve it with the same one."""
     from pathlib import Path
 
     home = Path(__file__).with_name("Home.py")
-    cmd = [sys.executable, "-m", "streamlit", "run", str(home), "--server.port", str(port), "--server.address", address,
-           "--server.headless", "true", "--browser.gatherUsageStats", "false"]
-    raise typer.Exit(subprocess.call(cmd))
+    return [sys.executable, "-m", "streamlit", "run", str(home), "--server.port", str(port), "--server.address", address,
+            "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            # No "Deploy" button or developer menu for annotators, and no tracebacks or file paths in
+            # the browser: an unexpected error shows a generic message, the details go to the console.
+            "--client.toolbarMode", "minimal", "--client.showErrorDetails", "none"]
 
 
 def _register_commands() -> None:
@@ -189,10 +197,30 @@ def _run():
             leave_process_group()
 
 
+def _database_error(exc: Exception) -> str | None:
+    """The one-line message for a database that could not be opened or stopped answering, naming
+    the setting that chose it; None when `exc` is not that."""
+    from app.settings import setting_source
+
+    if isinstance(exc, StoreError):
+        return f"{setting_source('db_url')}: {exc}"
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is not None and isinstance(exc, sa_exc.OperationalError):
+        from annotation.store import driver_message, masked_url
+        from app.settings import get_settings
+
+        url = get_settings().db_url
+        return f"{setting_source('db_url')}: the database {masked_url(url) or ''} failed: {driver_message(url, exc)}"
+    return None
+
+
 def main() -> None:
     _register_commands()
     try:
         rc = _run()
+    except StoreError as exc:
+        typer.echo(f"error: {_database_error(exc)}", err=True)
+        sys.exit(2)
     except USER_ERRORS as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -207,6 +235,10 @@ def main() -> None:
         if isinstance(exc, click.ClickException):
             exc.show()
             sys.exit(exc.exit_code)
+        message = _database_error(exc)
+        if message is not None:
+            typer.echo(f"error: {message}", err=True)
+            sys.exit(2)
         raise
     sys.exit(rc if isinstance(rc, int) else 0)
 

@@ -7,6 +7,8 @@ on the server on every rerun, so opening a page by URL gives a refusal and nothi
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import re
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import streamlit as st
 from sqlalchemy.engine import Engine
 
 from annotation.auth import authenticate
-from annotation.store import User, init_db, session_factory, utcnow
+from annotation.store import User, init_db, reading, session_factory, utcnow
 from app.settings import get_settings
 
 # A failed login waits this long on top of argon2's own cost, so guessing is slow whatever failed.
@@ -53,16 +55,25 @@ def current_user() -> User | None:
     if user_id is None or expires is None or utcnow() > expires:
         st.session_state.pop("user_id", None)
         return None
-    with session_factory(get_engine())() as session:
+    # A read-only session: on SQLite it takes no write lock, so page reruns never queue behind
+    # an import or an annotator's submit.
+    with reading(get_engine()) as session:
         user = session.get(User, user_id)
-    if user is None or not user.active:
+    if user is None or not user.active or st.session_state.get("login_stamp") != login_stamp(user):
         st.session_state.pop("user_id", None)
         return None
     return user
 
 
+def login_stamp(user: User) -> str:
+    """A digest of what a login was granted on: the password hash and the role. A password reset or
+    a role change alters it, which ends every session opened before (deactivation already does)."""
+    return hashlib.sha256(f"{user.id}\0{user.password_hash}\0{user.role}".encode()).hexdigest()
+
+
 def log_in(user: User) -> None:
     st.session_state["user_id"] = user.id
+    st.session_state["login_stamp"] = login_stamp(user)
     st.session_state["login_expires"] = utcnow() + dt.timedelta(minutes=get_settings().session_minutes)
 
 
@@ -83,6 +94,20 @@ def try_log_in(username: str, password: str) -> User | None:
     return user
 
 
+def action_user(*roles: str) -> User | None:
+    """The page_user check for code that runs outside the page's own top-to-bottom run: button
+    callbacks (which run before the page script, so before its page_user call) and fragments
+    (which rerun alone). None when the session expired, the user was deactivated or no longer
+    has one of `roles`; the caller then does nothing and says so."""
+    user = current_user()
+    if user is None or (roles and user.role != "admin" and user.role not in roles):
+        return None
+    return user
+
+
+REFUSED_MESSAGE = "Not done: you are no longer logged in with a role that may do this. Log in again on the Home page."
+
+
 def page_user(*roles: str) -> User:
     """The current user if their role is among `roles` (admins always pass); otherwise a refusal and stop."""
     user = current_user()
@@ -93,6 +118,24 @@ def page_user(*roles: str) -> User:
         st.error(f"This page is for {' or '.join(roles)}s. You are logged in as {user.role}.")
         st.stop()
     return user
+
+
+_MD_IMAGE = re.compile(r"!(?=\[)")
+
+
+def no_remote_images(markdown: str) -> str:
+    """Markdown with every image turned into a plain link: `![alt](url)` makes the browser fetch url
+    as soon as it renders, a link only when clicked. (Raw HTML is escaped by st.markdown anyway.)"""
+    return _MD_IMAGE.sub("\\!", markdown)
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>:$~=^])")
+
+
+def escape_markdown(text: str) -> str:
+    """`text` as literal characters inside Markdown (for a name or id set inside a bold label):
+    no code spans to break out of, no :colour[...] directives, no $LaTeX$, no emoji shortcodes."""
+    return _MD_SPECIAL.sub(r"\\\1", str(text))
 
 
 def allowed_pages(role: str | None) -> list[Path]:

@@ -21,7 +21,9 @@ USERS = {"ann1": "annotator", "ann2": "annotator", "res": "researcher", "admin":
 PROJECT = "demo"
 SCRIPT_PAYLOAD = "<script>window.__xss=1</script>"
 IMG_PAYLOAD = '<img src=x onerror="window.__xss=2">'
-GUIDELINES = "# Demo guidelines\n\nPrefer the **more helpful** and harmless response."
+# Markdown that would fetch a remote image and rewrite what the annotator judges if it were rendered.
+MD_PAYLOAD = "![pixel](http://127.0.0.9:9/pixel.png) :red[red] $x^2$ -> :smile: [go](javascript:alert(1))"
+GUIDELINES = "# Demo guidelines\n\nPrefer the **more helpful** and harmless response.\n\n![logo](http://127.0.0.9:9/logo.png)"
 
 ITEMS = [
     {
@@ -35,7 +37,7 @@ ITEMS = [
         "id": "xss",
         "prompt": [{"role": "user", "content": f"Say hi {SCRIPT_PAYLOAD}"}],
         "response_a": f"GOOD hello {SCRIPT_PAYLOAD}",
-        "response_b": f"bad hi {IMG_PAYLOAD}",
+        "response_b": f"bad hi {IMG_PAYLOAD} {MD_PAYLOAD}",
         "source_a": "model-alpha", "source_b": "model-beta",
     },
     {
@@ -75,11 +77,9 @@ def free_port() -> int:
 
 def start_app(repo: Path, env: dict, port: int, log_path: Path) -> subprocess.Popen:
     """Serve app/Home.py on 127.0.0.1:port and wait until its health endpoint answers."""
-    cmd = [
-        sys.executable, "-m", "streamlit", "run",
-        str(repo / "app" / "Home.py"), "--server.port", str(port), "--server.address", "127.0.0.1",
-        "--server.headless", "true", "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal",
-    ]
+    from app.cli import streamlit_command
+
+    cmd = streamlit_command(port, "127.0.0.1")  # exactly what `rlhf serve` runs
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, cwd=repo, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
@@ -107,6 +107,20 @@ def open_page_as(page: Path, engine, username: str, *, timeout: float = 60):
 
     at = AppTest.from_file(str(page), default_timeout=timeout)
     with session_factory(engine)() as s:
-        at.session_state["user_id"] = s.scalar(select(User.id).where(User.username == username))
-    at.session_state["login_expires"] = utcnow() + dt.timedelta(hours=1)
+        set_login(at, engine, s.scalar(select(User.id).where(User.username == username)))
     return at.run()
+
+
+def set_login(at, engine, user_id: int, minutes: float = 60) -> None:
+    """Put an AppTest session in the state app.ui.log_in leaves: who, until when, on what stamp."""
+    import datetime as dt
+
+    from annotation.store import User, session_factory, utcnow
+    from app.ui import login_stamp
+
+    with session_factory(engine)() as s:
+        user = s.get(User, user_id)
+        stamp = login_stamp(user) if user is not None else None
+    at.session_state["user_id"] = user_id
+    at.session_state["login_expires"] = utcnow() + dt.timedelta(minutes=minutes)
+    at.session_state["login_stamp"] = stamp

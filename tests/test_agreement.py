@@ -548,20 +548,19 @@ def quality_store(tmp_path, monkeypatch):
     engine.dispose()
 
 
-def open_quality(user_id):
+def open_quality(engine, user_id):
     from streamlit.testing.v1 import AppTest
 
-    from annotation.store import utcnow
+    from browser_helpers import set_login
 
     at = AppTest.from_file(str(QUALITY_PAGE), default_timeout=60)
-    at.session_state["user_id"] = user_id
-    at.session_state["login_expires"] = utcnow() + dt.timedelta(hours=1)
+    set_login(at, engine, user_id)
     return at.run()
 
 
 def test_quality_page_for_researchers(quality_store):
     engine, ids = quality_store
-    at = open_quality(ids["res"])
+    at = open_quality(engine, ids["res"])
     assert not at.exception, at.exception
     report = ag.project_report(ag.load_votes(engine, "agree"), bootstrap=1000)
     metrics = {m.label: m.value for m in at.metric}
@@ -578,6 +577,6 @@ def test_quality_page_for_researchers(quality_store):
 
 
 def test_quality_page_refuses_annotators(quality_store):
-    _, ids = quality_store
-    at = open_quality(ids["ann1"])
+    engine, ids = quality_store
+    at = open_quality(engine, ids["ann1"])
     assert len(at.error) == 1 and "This page is for researchers" in at.error[0].value and not at.metric

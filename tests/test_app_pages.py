@@ -17,7 +17,7 @@ from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
 from annotation.store import Annotation, Item, ItemFlag, User, session_factory, utcnow
-from browser_helpers import GUIDELINES, IMG_PAYLOAD, ITEMS, PASSWORD, PROJECT, SCRIPT_PAYLOAD, prepare_store
+from browser_helpers import GUIDELINES, IMG_PAYLOAD, ITEMS, MD_PAYLOAD, PASSWORD, PROJECT, SCRIPT_PAYLOAD, prepare_store, set_login
 
 REPO = Path(__file__).resolve().parent.parent
 APP = REPO / "app"
@@ -67,8 +67,7 @@ def user_id(engine, name: str) -> int:
 def open_page(page: str | Path, engine=None, username: str | None = None, *, expires_in_min: float = 60) -> AppTest:
     at = AppTest.from_file(str(PAGES.get(page, page)), default_timeout=TIMEOUT)
     if username is not None:
-        at.session_state["user_id"] = user_id(engine, username)
-        at.session_state["login_expires"] = utcnow() + dt.timedelta(minutes=expires_in_min)
+        set_login(at, engine, user_id(engine, username), minutes=expires_in_min)
     return at.run()
 
 
@@ -142,8 +141,7 @@ def test_expired_session_is_refused(store):
 
 def test_deactivated_user_is_refused_at_once(store):
     at = AppTest.from_file(str(PAGES["annotate"]), default_timeout=TIMEOUT)
-    at.session_state["user_id"] = user_id(store, "ann1")
-    at.session_state["login_expires"] = utcnow() + dt.timedelta(hours=1)
+    set_login(at, store, user_id(store, "ann1"))
     at.run()
     assert not at.error
     from annotation.store import transaction
@@ -152,6 +150,89 @@ def test_deactivated_user_is_refused_at_once(store):
         session.scalar(select(User).where(User.username == "ann1")).active = False
     at.run()
     assert refused(at)
+
+
+def _set_user(store, username: str, **values) -> None:
+    from annotation.store import transaction
+
+    with transaction(store) as session:
+        user = session.scalar(select(User).where(User.username == username))
+        for key, value in values.items():
+            setattr(user, key, value)
+
+
+def test_callbacks_check_the_user_inside_the_action(store):
+    """Button callbacks run before the page's own check: a tab left open by a user who has since been
+    deactivated must neither save (Enter) nor undo (Z)."""
+    def annotations():
+        with session_factory(store)() as session:
+            return len(session.scalars(select(Annotation)).all())
+
+    at = open_page("annotate", store, "ann1")
+    at.button(key="ann_choice_left").click().run()
+    at.button(key="ann_submit").click().run()
+    assert annotations() == 1
+    _set_user(store, "ann1", active=False)
+    at.button(key="ann_undo").click().run()
+    assert annotations() == 1 and refused(at)
+
+    at = open_page("annotate", store, "ann2")
+    at.button(key="ann_choice_left").click().run()
+    _set_user(store, "ann2", active=False)
+    at.button(key="ann_submit").click().run()
+    assert annotations() == 1 and refused(at)
+
+
+def test_a_page_rerun_takes_no_write_lock(store):
+    """The login check on every rerun reads; while another writer holds SQLite's write lock (an import,
+    say), a researcher's read-only page still draws at once instead of waiting for it."""
+    import sqlite3
+
+    at = AppTest.from_file(str(PAGES["projects"]), default_timeout=TIMEOUT)
+    set_login(at, store, user_id(store, "res"))
+    writer = sqlite3.connect(str(store.url.database), isolation_level=None, timeout=0)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        at.run()
+        assert not at.exception and not at.error, all_text(at)
+        assert time.monotonic() - started < 4  # SQLite's busy wait would be the store's timeout, not this
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+@pytest.mark.parametrize("change", [{"role": "researcher"}, {"password_hash": "reset-elsewhere"}])
+def test_password_reset_and_role_change_end_open_sessions(store, change):
+    at = open_page("annotate", store, "ann1")
+    assert not at.error
+    _set_user(store, "ann1", **change)
+    at.run()
+    assert refused(at) and "user_id" not in at.session_state
+
+
+def test_undo_restores_the_earlier_choice(store):
+    at = open_page("annotate", store, "ann1")
+    first = current_task(at).item_id
+    at.button(key="ann_choice_right").click().run()
+    at.button(key="ann_strength_3").click().run()
+    at.button(key="ann_submit").click().run()
+    at.button(key="ann_undo").click().run()
+    assert current_task(at).item_id == first
+    assert at.session_state["ann_choice"] == "right" and at.session_state["ann_strength"] == 3
+
+
+def test_strength_pressed_before_the_choice_rerun_is_kept(store):
+    """1, E, Enter typed 40 ms apart: E reaches the server before the rerun that enabled the strength
+    buttons. The strength buttons are never disabled, so the key is not lost."""
+    at = open_page("annotate", store, "ann1")
+    assert not any(b.disabled for b in at.button if b.key.startswith("ann_strength_"))
+    at.button(key="ann_strength_3").click()
+    at.button(key="ann_choice_left").click().run()
+    at.button(key="ann_submit").click().run()
+    with session_factory(store)() as session:
+        saved = session.scalars(select(Annotation)).one()
+    assert saved.strength == 3
 
 
 # ----------------------------------------------------------------------------- home, login, logout
@@ -267,11 +348,13 @@ def test_annotate_renders_chat_turns_and_html_as_text(store):
             break
         at.button(key="ann_skip").click().run()
     assert [m.name for m in at.chat_message] == ["user"]
-    rendered = [m.value for m in at.markdown]
-    assert f"Say hi {SCRIPT_PAYLOAD}" in rendered
-    assert any(IMG_PAYLOAD in value for value in rendered)
-    # st.markdown escapes HTML unless unsafe_allow_html is set: none of the item text may set it.
-    assert all(not m.proto.allow_html for m in at.markdown if SCRIPT_PAYLOAD in m.value or IMG_PAYLOAD in m.value)
+    # Item text reaches the annotator as written: plain text elements, never Markdown (which would
+    # fetch the remote image, colour :red[...], typeset $...$ and turn -> into an arrow) or HTML.
+    shown = [t.value for t in at.text]
+    task = current_task(at)
+    assert f"Say hi {SCRIPT_PAYLOAD}" in shown and task.left_text in shown and task.right_text in shown
+    assert any(MD_PAYLOAD in value for value in shown)
+    assert not any(SCRIPT_PAYLOAD in m.value or MD_PAYLOAD in m.value or IMG_PAYLOAD in m.value for m in at.markdown)
     assert not at.get("html")
 
 
@@ -326,7 +409,9 @@ def test_guidelines_one_key_away(store):
     at = open_page("annotate", store, "ann1")
     assert GUIDELINES not in [m.value for m in at.markdown]
     at.button(key="ann_guidelines").click().run()
-    assert GUIDELINES in [m.value for m in at.markdown]
+    # The guidelines' Markdown is kept, but its image becomes a link: nothing is fetched on render.
+    shown = [m.value for m in at.markdown]
+    assert GUIDELINES.replace("![logo]", "\\![logo]") in shown and GUIDELINES not in shown
 
 
 def test_every_action_has_a_keyboard_shortcut_shown(store):
@@ -509,6 +594,23 @@ def test_data_page_sets_gold(store):
 
 # ----------------------------------------------------------------------------- users
 
+def role_box(at: AppTest):
+    return next(box for box in at.selectbox if box.key.startswith("users_set_role_"))
+
+
+def test_role_box_shows_the_selected_users_role_and_set_role_keeps_it(store):
+    """The Role box had one fixed key, so it kept showing the first user's value ("admin") for everyone
+    and "Set role" then promoted whoever was selected to admin."""
+    at = open_page("users", store, "admin")
+    for name, role in (("admin", "admin"), ("ann1", "annotator"), ("res", "researcher"), ("ann2", "annotator")):
+        at.selectbox(key="users_target").set_value(name).run()
+        assert role_box(at).value == role, name
+    at.button(key="users_set_role_btn").click().run()
+    with session_factory(store)() as session:
+        assert {u.username: u.role for u in session.scalars(select(User))} == {
+            "admin": "admin", "ann1": "annotator", "ann2": "annotator", "res": "researcher"}
+
+
 def test_admin_creates_user_sets_role_deactivates_and_resets_password(store):
     from annotation.auth import authenticate
 
@@ -520,7 +622,7 @@ def test_admin_creates_user_sets_role_deactivates_and_resets_password(store):
     assert any("User 'carol' created" in s.value for s in at.success), all_text(at)
 
     at.selectbox(key="users_target").set_value("carol").run()
-    at.selectbox(key="users_set_role").set_value("researcher").run()
+    role_box(at).set_value("researcher").run()
     at.button(key="users_set_role_btn").click().run()
     at.text_input(key="users_reset_password").input("a-new-password")
     at.button(key="FormSubmitter:users_reset-Reset password").click().run()
@@ -541,7 +643,7 @@ def test_last_admin_cannot_be_demoted_or_deactivated(store):
     at.selectbox(key="users_target").set_value("admin").run()
     at.button(key="users_deactivate").click().run()
     assert any("last active admin" in e.value for e in at.error)
-    at.selectbox(key="users_set_role").set_value("annotator").run()
+    role_box(at).set_value("annotator").run()
     at.button(key="users_set_role_btn").click().run()
     assert any("last active admin" in e.value for e in at.error)
 

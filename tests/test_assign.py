@@ -211,16 +211,44 @@ def test_undo_within_the_window_deletes_the_annotation_and_shows_the_item_again(
     submit(engine, a, first.item_id, "a", strength=3)
     second = next_item(engine, project, a)
     assert second.item_id != first.item_id
-    assert undo_last(engine, a) == first.item_id
+    undone = undo_last(engine, a, project)
+    # What was undone comes back, so the page can restore the earlier choice.
+    assert (undone.item_id, undone.choice, undone.strength) == (first.item_id, "a", 3)
     assert count(engine, Annotation) == 0
     again = next_item(engine, project, a)
     assert again.item_id == first.item_id and again.shown_swapped == first.shown_swapped
     # The item handed out after the undone one went back to the pool.
     assert count(engine, Assignment, Assignment.item_id == second.item_id) == 0
     submit(engine, a, again.item_id, "b")
-    assert undo_last(engine, a, window_seconds=30, now=later(31)) is None  # too late
+    assert undo_last(engine, a, project, window_seconds=30, now=later(31)) is None  # too late
     assert count(engine, Annotation) == 1
-    assert undo_last(engine, 999_999) is None
+    with pytest.raises(AnnotationError, match="no user with id 999999"):
+        undo_last(engine, 999_999, project)
+
+
+def test_undo_stays_in_its_project(engine):
+    """Z in project B must not undo an answer given in project A."""
+    project_a, (a, _, _), _ = setup(engine, n_items=2, overlap=1)
+    with transaction(engine) as s:
+        project_b = create_project(s, "other", overlap=1).id
+    with engine.begin() as conn:
+        conn.execute(insert(Item).values(project_id=project_b, prompt="q", response_a="x", response_b="y", content_hash="hb", meta={}))
+    task = next_item(engine, project_a, a)
+    submit(engine, a, task.item_id, "b")
+    assert undo_last(engine, a, project_b) is None
+    assert count(engine, Annotation) == 1
+    assert undo_last(engine, a, project_a).item_id == task.item_id
+
+
+def test_a_deactivated_user_cannot_undo(engine):
+    project, (a, _, _), _ = setup(engine, n_items=2, overlap=1)
+    task = next_item(engine, project, a)
+    submit(engine, a, task.item_id, "a")
+    with engine.begin() as conn:
+        conn.execute(update(User).where(User.id == a).values(active=False))
+    with pytest.raises(AnnotationError, match="deactivated"):
+        undo_last(engine, a, project)
+    assert count(engine, Annotation) == 1 and count(engine, Assignment) == 0
 
 
 def test_validation_errors_say_what_was_wrong(engine):
@@ -308,7 +336,7 @@ def test_annotation_count_is_kept_by_the_database_for_every_writer(engine):
         conn.execute(update(Annotation).where(Annotation.item_id == items[1]).values(item_id=items[2]))
     task = next_item(engine, project, users[2])
     submit(engine, users[2], task.item_id, "b")
-    undo_last(engine, users[2])
+    undo_last(engine, users[2], project)
     with transaction(engine) as s:
         kept = dict(s.execute(select(Item.id, Item.annotation_count)).all())
         true = dict(s.execute(select(Annotation.item_id, func.count()).group_by(Annotation.item_id)).all())

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import select
 
 from annotation.store import Annotation, User, make_engine, session_factory
-from browser_helpers import IMG_PAYLOAD, PASSWORD, PROJECT, SCRIPT_PAYLOAD, free_port, prepare_store, start_app
+from browser_helpers import IMG_PAYLOAD, MD_PAYLOAD, PASSWORD, PROJECT, SCRIPT_PAYLOAD, free_port, prepare_store, start_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parent.parent
@@ -73,13 +73,20 @@ def browser():
 
 
 OPEN_PAGES: list = []
+# Every request a page made to anywhere but the app's own origin (a remote image in item text, say).
+FOREIGN_REQUESTS: list[str] = []
 
 
-def new_page(browser):
+def new_page(browser, origin: str | None = None):
     # Tall enough that a whole annotation screen fits in one screenshot (Streamlit scrolls inside the page).
     context = browser.new_context(viewport={"width": 1400, "height": 1900}, accept_downloads=True)
     page = context.new_page()
     page.set_default_timeout(WAIT_MS)
+    if origin is not None:
+        def record(request):
+            if not (request.url.startswith(origin + "/") or request.url == origin or request.url.startswith(("data:", "blob:"))):
+                FOREIGN_REQUESTS.append(request.url)
+        page.on("request", record)
     OPEN_PAGES.append(page)
     return page
 
@@ -167,6 +174,24 @@ def assert_payloads_inert(page):
     assert page.locator('img[src="x"]').count() == 0, "an <img> from item text reached the DOM"
     expect(page.get_by_text(SCRIPT_PAYLOAD).first).to_be_visible()
     expect(page.get_by_text(IMG_PAYLOAD).first).to_be_visible()
+    # Markdown in item text is shown as written: no image element, no javascript: link, no rewriting.
+    expect(page.get_by_text(MD_PAYLOAD).first).to_be_visible()
+    assert page.locator('img[src*="127.0.0.9"]').count() == 0, "a remote markdown image from item text was rendered"
+    assert page.locator('a[href^="javascript:"]').count() == 0, "a javascript: link from item text was rendered"
+
+
+def answer_fast(page, done_before: int) -> None:
+    """Side, strength and Enter typed 40 ms apart, faster than a rerun lands: no key may be lost."""
+    from playwright.sync_api import expect
+
+    left, right = page.locator(".st-key-ann_left"), page.locator(".st-key-ann_right")
+    expect(left).to_be_visible()
+    settle(page)
+    key = "1" if "GOOD" in left.inner_text() else "2"
+    for k in (key, "E", "Enter"):
+        page.keyboard.press(k)
+        page.wait_for_timeout(40)
+    expect(metric_value(page, "My annotations in total")).to_have_text(str(done_before + 1))
 
 
 def test_two_annotators_by_keyboard_then_researcher_exports(app_url, app_db, browser, tmp_path):
@@ -180,7 +205,7 @@ def _scenario(app_url, app_db, browser, tmp_path):
     # --- annotators: log in, then keys only
     payload_items = 0
     for i, username in enumerate(["ann1", "ann2"]):
-        page = new_page(browser)
+        page = new_page(browser, origin=app_url)
         log_in(page, app_url, username, screenshot="01_login.png" if i == 0 else None)
         if i == 0:
             page.screenshot(path=str(ARTIFACTS / "02_home_annotator.png"))
@@ -196,13 +221,14 @@ def _scenario(app_url, app_db, browser, tmp_path):
             page.keyboard.press("Z")
             expect(page.get_by_text("Your last annotation was undone")).to_be_visible()
             expect(metric_value(page, "My annotations in total")).to_have_text("2")
-            annotate_by_keyboard(page, 1, 2, "E")
+            answer_fast(page, 2)
             expect(page.get_by_text("No items left for you in this project")).to_be_visible()
         assert page.evaluate("() => typeof window.__xss") == "undefined"
         # An annotator's menu offers no researcher page.
         assert page.get_by_test_id("stSidebarNav").get_by_role("link", name="Data").count() == 0
         page.context.close()
     assert payload_items == 2, "each annotator met the item with the payloads"
+    assert FOREIGN_REQUESTS == [], f"requests left the app's origin: {FOREIGN_REQUESTS}"
     engine = make_engine(app_db)
     with session_factory(engine)() as session:
         rows = session.execute(select(User.username, Annotation).join(Annotation, Annotation.annotator_id == User.id)

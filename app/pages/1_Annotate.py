@@ -12,7 +12,7 @@ import time
 
 import streamlit as st
 
-from app.ui import get_engine, page_user, user_caption
+from app.ui import REFUSED_MESSAGE, action_user, get_engine, no_remote_images, page_user, user_caption
 
 user = page_user("annotator", "researcher")
 
@@ -62,6 +62,18 @@ def _criterion_to_ab(value: str, swapped: bool) -> str:
 
 
 # ----------------------------------------------------------------------------- button callbacks
+# Callbacks run before the page script, so before its page_user check: each one that writes checks
+# the user again (action_user) and the store checks that the annotator is active.
+
+ROLES = ("annotator", "researcher")
+
+
+def _acting_user():
+    acting = action_user(*ROLES)
+    if acting is None:
+        state["ann_flash"] = ("error", REFUSED_MESSAGE)
+        _drop_task()
+    return acting
 
 
 def _choose(shown: str) -> None:
@@ -71,13 +83,18 @@ def _choose(shown: str) -> None:
 
 
 def _set_strength(level: int) -> None:
-    if state.get("ann_choice") in ("left", "right"):
+    # Kept even when no side is chosen yet (a fast "1 E Enter" can reach the server before the
+    # rerun that showed the choice); a tie or both-bad choice drops it, and submit ignores it then.
+    if state.get("ann_choice") not in ("tie", "both_bad"):
         state["ann_strength"] = level
 
 
 def _submit(project) -> None:
     task = state.get("ann_task")
     if task is None:
+        return
+    acting = _acting_user()
+    if acting is None:
         return
     shown = state.get("ann_choice")
     if shown is None:
@@ -93,7 +110,7 @@ def _submit(project) -> None:
     duration_ms = int((time.monotonic() - state.get("ann_started", time.monotonic())) * 1000)
     try:
         assign.submit(
-            engine, user.id, task.item_id, _to_ab(shown, task.shown_swapped),
+            engine, acting.id, task.item_id, _to_ab(shown, task.shown_swapped),
             strength=state.get("ann_strength") if shown in ("left", "right") else None,
             criteria=criteria, rationale=rationale, duration_ms=duration_ms,
         )
@@ -116,39 +133,53 @@ def _report(action, message: str) -> None:
 
 def _skip() -> None:
     task = state.get("ann_task")
-    if task is not None:
-        _report(lambda: assign.skip(engine, user.id, task.item_id), "Skipped.")
+    acting = _acting_user()
+    if task is not None and acting is not None:
+        _report(lambda: assign.skip(engine, acting.id, task.item_id), "Skipped.")
     _drop_task()
 
 
 def _flag(kind: str) -> None:
     task = state.get("ann_task")
-    if task is not None:
+    acting = _acting_user()
+    if task is not None and acting is not None:
         note = (state.get(f"ann_rationale_{task.item_id}") or "").strip() or None
-        _report(lambda: assign.flag(engine, user.id, task.item_id, kind, note=note),
+        _report(lambda: assign.flag(engine, acting.id, task.item_id, kind, note=note),
                 f"Flagged as {kind}. Thank you; a researcher will look at it.")
     _drop_task()
 
 
-def _undo() -> None:
+def _undo(project_id: int) -> None:
+    acting = _acting_user()
+    if acting is None:
+        return
     try:
-        item_id = assign.undo_last(engine, user.id, window_seconds=UNDO_WINDOW_S)
+        undone = assign.undo_last(engine, acting.id, project_id, window_seconds=UNDO_WINDOW_S)
     except AnnotationError as exc:
         state["ann_flash"] = ("error", f"Could not undo: {exc}")
         return
-    if item_id is None:
-        state["ann_flash"] = ("warning", f"Nothing to undo: only your last submission, within {UNDO_WINDOW_S} s, can be undone.")
+    if undone is None:
+        state["ann_flash"] = ("warning", f"Nothing to undo in this project: only your last submission here, within "
+                                         f"{UNDO_WINDOW_S} s, can be undone.")
         return
-    state["ann_flash"] = ("info", "Your last annotation was undone; that item is shown again.")
+    state["ann_flash"] = ("info", "Your last annotation was undone; that item is shown again with your earlier choice.")
     _drop_task()
+    # The next run leases the same item back (it comes first); restore the answer given on it.
+    state["ann_restore"] = undone
 
 
 # ----------------------------------------------------------------------------- rendering
 
 
 def _render_text(text: str) -> None:
-    # st.markdown escapes raw HTML (unsafe_allow_html stays False): item text is untrusted.
-    st.markdown(text)
+    # Item text is judged as the model wrote it: st.text shows it verbatim (no Markdown, so no remote
+    # images, LaTeX, colour directives, emoji shortcodes or typographic rewrites, and no HTML).
+    st.text(text)
+
+
+def _render_guidelines(text: str) -> None:
+    # Guidelines are a researcher's Markdown; images are the one construct that fetches by itself.
+    st.markdown(no_remote_images(text))
 
 
 def _render_prompt(prompt) -> None:
@@ -166,7 +197,7 @@ def _render_prompt(prompt) -> None:
 
 @st.dialog("Guidelines", width="large")
 def _guidelines(text: str) -> None:
-    _render_text(text or "_This project has no guidelines yet._")
+    _render_guidelines(text or "_This project has no guidelines yet._")
 
 
 @st.fragment(run_every=1)
@@ -212,6 +243,10 @@ if task is None:
         state["ann_task_project"] = project.id
         state["ann_started"] = time.monotonic()
         _reset_item_state()
+        restore = state.pop("ann_restore", None)
+        if restore is not None and restore.item_id == task.item_id:
+            state["ann_choice"] = next(s for s in CHOICE_KEYS if _to_ab(s, task.shown_swapped) == restore.choice)
+            state["ann_strength"] = restore.strength
 
 flash = state.pop("ann_flash", None)
 if flash:
@@ -221,7 +256,7 @@ _progress(project)
 
 if task is None:
     st.success("No items left for you in this project. Thank you!")
-    st.button("Undo last submission", key="ann_undo", shortcut="Z", on_click=_undo)
+    st.button("Undo last submission", key="ann_undo", shortcut="Z", on_click=_undo, args=(project.id,))
     st.stop()
 
 top = st.columns([3, 1])
@@ -264,7 +299,7 @@ for col, (level, (key, label)) in zip(strength_cols, STRENGTH_KEYS.items()):
     col.button(
         label, key=f"ann_strength_{level}", shortcut=key, on_click=_set_strength, args=(level,), width="stretch",
         type="primary" if state.get("ann_strength") == level else "secondary",
-        disabled=state.get("ann_choice") not in ("left", "right"),
+        # Never disabled: a disabled button drops a shortcut typed before the rerun that enables it.
     )
 
 if project.criteria:
@@ -285,4 +320,4 @@ actions[0].button("Submit", key="ann_submit", shortcut="Enter", type="primary", 
 actions[1].button("Skip", key="ann_skip", shortcut="S", on_click=_skip, width="stretch")
 actions[2].button("Flag broken", key="ann_flag_broken", shortcut="B", on_click=_flag, args=("broken",), width="stretch")
 actions[3].button("Flag unsafe", key="ann_flag_unsafe", shortcut="U", on_click=_flag, args=("unsafe",), width="stretch")
-actions[4].button("Undo last", key="ann_undo", shortcut="Z", on_click=_undo, width="stretch")
+actions[4].button("Undo last", key="ann_undo", shortcut="Z", on_click=_undo, args=(project.id,), width="stretch")

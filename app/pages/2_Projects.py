@@ -13,14 +13,14 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from app.ui import get_engine, page_user, user_caption
+from app.ui import get_engine, no_remote_images, page_user, user_caption
 
 user = page_user("researcher")
 
 from annotation.browse import list_projects  # noqa: E402  (after the role check)
 from annotation.errors import AnnotationError  # noqa: E402
 from annotation.projects import create_project, project_summaries, update_project  # noqa: E402
-from annotation.store import CHOICES, Project, session_factory, transaction  # noqa: E402
+from annotation.store import CHOICES, Project, reading, transaction  # noqa: E402
 from app.settings import get_settings  # noqa: E402
 
 IMPORT_FORMATS = ["auto", "pairs", "trl", "trl-conversational", "hh", "prompts"]
@@ -59,7 +59,7 @@ def _import_upload(project_name: str, upload, fmt: str) -> None:
 
 # ----------------------------------------------------------------------------- overview
 
-with session_factory(engine)() as session:
+with reading(engine) as session:  # read-only: no write lock on SQLite
     summaries = project_summaries(session)
 if summaries:
     table = pd.DataFrame(summaries)[["name", "overlap", "items", "prompts", "annotations", "items_complete", "completion"]]
@@ -135,7 +135,7 @@ with edit_tab:
             else:
                 st.success("Settings saved.")
     with st.expander("Guidelines as annotators see them"):
-        st.markdown(project.guidelines or "_No guidelines yet._")
+        st.markdown(no_remote_images(project.guidelines or "_No guidelines yet._"))
 
 # ----------------------------------------------------------------------------- import
 

@@ -13,7 +13,7 @@ from app.ui import get_engine, page_user, user_caption
 user = page_user("admin")
 
 from annotation.errors import AnnotationError  # noqa: E402  (after the role check)
-from annotation.store import ROLES, session_factory, transaction  # noqa: E402
+from annotation.store import ROLES, reading, transaction  # noqa: E402
 from annotation import users as users_mod  # noqa: E402
 
 engine = get_engine()
@@ -38,11 +38,12 @@ def _apply(action, message: str, *args) -> None:
     st.rerun()
 
 
-with session_factory(engine)() as session:
+with reading(engine) as session:  # read-only: no write lock on SQLite
     rows = users_mod.list_users(session, user)
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="users_table")
 
-create_tab, manage_tab = st.tabs(["Create user", "Manage a user"])
+# Keyed and rerun on change, so the tab an admin worked in stays open after the action's rerun.
+create_tab, manage_tab = st.tabs(["Create user", "Manage a user"], key="users_tabs", on_change="rerun")
 
 with create_tab:
     with st.form("users_create"):
@@ -53,14 +54,17 @@ with create_tab:
             _apply(users_mod.add_user, f"User '{username.strip()}' created.", username, password, role)
 
 with manage_tab:
-    names = [r["username"] for r in rows if r["can_log_in"]]
+    names = [r["username"] for r in rows if r["has_password"]]
     if names:
         target = st.selectbox("User", names, key="users_target")
         current = next(r for r in rows if r["username"] == target)
         st.caption(f"Role **{current['role']}**, {'active' if current['active'] else 'deactivated'}.")
         c1, c2 = st.columns(2)
         with c1:
-            new_role = st.selectbox("Role", list(ROLES), index=list(ROLES).index(current["role"]), key="users_set_role")
+            # One widget per user: a fixed key would keep the first user's value and ignore `index`,
+            # showing (and then setting) the wrong role for every other user.
+            new_role = st.selectbox("Role", list(ROLES), index=list(ROLES).index(current["role"]),
+                                    key=f"users_set_role_{current['id']}")
             if st.button("Set role", key="users_set_role_btn"):
                 _apply(users_mod.set_role, f"'{target}' is now {new_role}.", target, new_role)
             if current["active"]:
