@@ -8,6 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from annotation.errors import AnnotationError
+from annotation.names import can_be_looked_up, check_username
 from annotation.store import ROLES, User
 
 _hasher = PasswordHasher()
@@ -38,9 +39,7 @@ def check_role(role: str) -> str:
 
 def create_user(session: Session, username: str, password: str | None, role: str = "annotator") -> User:
     """Add a user. password None makes an account that cannot log in (the source of imported labels)."""
-    username = username.strip()
-    if not username:
-        raise AnnotationError("username must not be empty")
+    username = check_username(username)
     check_role(role)
     if session.scalar(select(User).where(User.username == username)) is not None:
         raise AnnotationError(f"user '{username}' already exists")
@@ -52,7 +51,8 @@ def create_user(session: Session, username: str, password: str | None, role: str
 
 def authenticate(session: Session, username: str, password: str) -> User | None:
     """The active user with this name and password, or None (without saying which part was wrong)."""
-    user = session.scalar(select(User).where(User.username == username.strip()))
+    username = username.strip()
+    user = session.scalar(select(User).where(User.username == username)) if can_be_looked_up(username) else None
     ok = verify_password(user.password_hash if user else None, password)
     if user is None or not ok or not user.active:
         return None

@@ -20,3 +20,13 @@ class InputError(AnnotationError):
         what = f"field '{field}': {problem}" if field else problem
         tail = f"; expected {expected}" if expected else ""
         super().__init__(f"{where}: {what}{tail}")
+
+
+class StoreError(AnnotationError):
+    """The store's database cannot be opened: a malformed URL, a driver that is not installed, or a
+    server that does not answer. `url` is the URL with any password masked (None when it is not
+    shown because it could not be parsed), `reason` the one-line cause."""
+
+    def __init__(self, url: str | None, reason: str):
+        self.url, self.reason = url, reason
+        super().__init__(f"cannot open the database{f' {url}' if url else ''}: {reason}")

@@ -6,6 +6,7 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from annotation.errors import AnnotationError
+from annotation.names import can_be_looked_up, check_project_name
 from annotation.store import CHOICES, Item, Project, Prompt
 
 
@@ -33,9 +34,7 @@ def create_project(
     lease_seconds: int = 600,
     created_by: int | None = None,
 ) -> Project:
-    name = name.strip()
-    if not name:
-        raise AnnotationError("project name must not be empty")
+    name = check_project_name(name)
     choices = list(choices) if choices is not None else list(CHOICES)
     validate_settings(overlap, choices, gold_rate, lease_seconds)
     if session.scalar(select(Project).where(Project.name == name)) is not None:
@@ -50,7 +49,7 @@ def create_project(
 
 
 def get_project(session: Session, name: str) -> Project:
-    project = session.scalar(select(Project).where(Project.name == name))
+    project = session.scalar(select(Project).where(Project.name == name)) if can_be_looked_up(name) else None
     if project is None:
         known = session.scalars(select(Project.name).order_by(Project.name).limit(20)).all()
         raise AnnotationError(f"no project named '{name}'" + (f"; known: {', '.join(known)}" if known else "; none exist yet"))
@@ -58,7 +57,7 @@ def get_project(session: Session, name: str) -> Project:
 
 
 def get_or_create_project(session: Session, name: str, created_by: int | None = None) -> Project:
-    project = session.scalar(select(Project).where(Project.name == name))
+    project = session.scalar(select(Project).where(Project.name == name)) if can_be_looked_up(name) else None
     return project if project is not None else create_project(session, name, created_by=created_by)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,8 +28,11 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from annotation.errors import StoreError
 
 ROLES = ("annotator", "researcher", "admin")
 CHOICES = ("a", "b", "tie", "both_bad")
@@ -223,19 +227,68 @@ def is_sqlite(engine_or_url: Engine | str) -> bool:
     return url.startswith("sqlite")
 
 
+PG_CONNECT_TIMEOUT_S = 10
+"""How long a PostgreSQL connection attempt waits (unless the URL sets connect_timeout): an
+unreachable server is an error in seconds, not a hang."""
+
+
+def masked_url(url: str) -> str | None:
+    """`url` with any password shown as ***, or None when it is too malformed to mask with certainty
+    (it is then better not shown at all: it may hold a password)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001  (any parse failure: ArgumentError, ValueError for a bad port, ...)
+        pass
+    if "://" not in url:
+        return None
+    masked = re.sub(r"(://[^/@:]*:)[^@]*@", r"\1***@", url, count=1)
+    return None if "@" in masked and "***@" not in masked else masked
+
+
 def make_engine(url: str, **kwargs) -> Engine:
-    """An engine for `url`, with the SQLite settings the store relies on when it is SQLite."""
-    if is_sqlite(url):
-        path = url.split("///", 1)[-1] if "///" in url else ""
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs
-        )
-        event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin)
-        return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    """An engine for `url`, with the SQLite settings the store relies on when it is SQLite. A URL that
+    is malformed, names an unknown database or a driver that is not installed raises StoreError."""
+    try:
+        if is_sqlite(url):
+            path = url.split("///", 1)[-1] if "///" in url else ""
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs
+            )
+            event.listen(engine, "connect", _sqlite_pragmas)
+            event.listen(engine, "begin", _sqlite_begin)
+            return engine
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+            kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S, **kwargs.get("connect_args", {})}
+        return create_engine(url, pool_pre_ping=True, **kwargs)
+    except NoSuchModuleError:
+        scheme = url.split("://", 1)[0]
+        raise StoreError(masked_url(url), f"unknown kind of database '{scheme}'; expected sqlite:///PATH or "
+                                          "postgresql+psycopg://USER:PASSWORD@HOST:PORT/NAME") from None
+    except ArgumentError:
+        raise StoreError(None, "not a database URL; expected sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/NAME") from None
+    except ValueError as exc:  # e.g. a port that is not a number
+        raise StoreError(masked_url(url), f"malformed URL ({exc})") from None
+    except ImportError as exc:
+        raise StoreError(masked_url(url), f"its database driver is not installed (no module named '{exc.name}')") from None
+    except OSError as exc:
+        raise StoreError(masked_url(url), f"cannot create the directory for the database file: {exc.strerror}") from None
+
+
+def driver_message(url: str, exc: DBAPIError) -> str:
+    """The first line of the database driver's message for `exc`, with the password of `url` masked."""
+    lines = (str(exc.orig) if exc.orig is not None else str(exc)).strip().splitlines() or ["no reason given"]
+    password = _password(url)
+    return lines[0].replace(password, "***") if password else lines[0]
+
+
+def _password(url: str) -> str | None:
+    try:
+        return make_url(url).password
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -278,10 +331,29 @@ def init_db(url: str) -> Engine:
     from alembic.config import Config
 
     engine = make_engine(url)
+    try:
+        with engine.connect():
+            pass
+    except DBAPIError as exc:
+        engine.dispose()
+        raise StoreError(masked_url(url), f"cannot connect: {driver_message(url, exc)}") from None
     cfg = Config()
     cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    if _at_head(engine, cfg):
+        return engine  # nothing to upgrade: checked on a read-only connection, so no write lock taken
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
     return engine
+
+
+def _at_head(engine: Engine, cfg) -> bool:
+    """Whether the schema is at the newest migration already."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    heads = set(ScriptDirectory.from_config(cfg).get_heads())
+    with read_connection(engine) as conn:
+        current = set(MigrationContext.configure(conn).get_current_heads())
+    return current == heads

@@ -29,7 +29,9 @@ def import_cmd(
 ) -> None:
     """Import a JSONL file into a project; nothing is written unless every line is valid."""
     from annotation.io import import_file
+    from annotation.io.formats import check_max_field_chars
 
+    check_max_field_chars(max_field_chars)  # before the store is opened
     report = import_file(engine(), path, project, format=format, source_annotator=source, max_field_chars=max_field_chars)
     skipped = sum(report.skipped.values())
     lines = [
@@ -57,7 +59,12 @@ def export_cmd(
 ) -> None:
     """Export a project's pairs (aggregated labels) or its raw annotations, atomically."""
     from annotation.io import export
+    from annotation.io.exporter import check_options, check_output
 
+    # Every option is checked before the store is opened, so a typo costs no connection and no file.
+    check_options(format, aggregation=aggregation, split=split, test_fraction=test_fraction,
+                  min_agreement=min_agreement, min_confidence=min_confidence, margin_from=margin_from)
+    check_output(output)
     report = export(
         engine(), project, format, output, aggregation=aggregation, min_agreement=min_agreement,
         min_confidence=min_confidence, split=split, test_fraction=test_fraction, margin_from=margin_from,

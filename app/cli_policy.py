@@ -87,6 +87,10 @@ def sft(
     from ppo.sft import SFTOptions, resolve_base, train_sft
     from reward.registry import register_model
 
+    from annotation.names import registry_name
+
+    if register:
+        name = registry_name(name, Path(output).name)  # refused now, not after training
     options = SFTOptions(epochs=epochs, max_steps=max_steps, learning_rate=lr if lr is not None else (1e-4 if lora else 2e-5),
                          batch_size=batch_size, max_length=max_length, lora=lora, seed=seed,
                          precision=precision).validate()

@@ -57,6 +57,10 @@ def ppo(
     from ppo.sft import resolve_base
     from ppo.train import PPOConfig, run_ppo
 
+    from annotation.names import registry_name
+
+    if register:
+        name = registry_name(name, Path(output).name)  # refused now, not after training
     overrides = list(set_ or [])
     if steps is not None:
         overrides.append(f"steps={steps}")

@@ -59,6 +59,10 @@ def train_rm(
     from reward.registry import register_model
     from reward.train import main_process, train_reward_model
 
+    from annotation.names import registry_name
+
+    if register:
+        name = registry_name(name, Path(output).name)  # refused now, not after training
     params = TrainParams(base=base, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
                          ensemble=ensemble, center_rewards=center_rewards, margin=margin, lora=lora,
                          precision=precision).validate()

@@ -53,6 +53,8 @@ class Settings:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+# Counts and durations where 0 or less means nothing sensible (max_field_chars 0 once meant "the default").
+_AT_LEAST_ONE = ("max_field_chars", "session_minutes", "heartbeat_seconds", "stale_after_seconds")
 
 
 def _coerce(name: str, value):
@@ -64,10 +66,14 @@ def _coerce(name: str, value):
     return value
 
 
+def _toml_path(environ) -> Path:
+    return Path(environ.get("RLHF_CONFIG", "rlhf.toml"))
+
+
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
     environ = os.environ if environ is None else environ
     values: dict = {}
-    toml_path = Path(environ.get("RLHF_CONFIG", "rlhf.toml"))
+    toml_path = _toml_path(environ)
     if toml_path.is_file():
         with open(toml_path, "rb") as fh:
             for key, value in tomllib.load(fh).items():
@@ -81,7 +87,29 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
                 values[name] = _coerce(name, env_value)
             except ValueError:
                 raise SettingsError(f"environment variable RLHF_{name.upper()}={env_value!r} is not a valid {name}") from None
+    for name in _AT_LEAST_ONE:
+        value = values.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise SettingsError(f"{setting_source(name, environ)}={value!r}: expected an integer >= 1")
     return Settings(**values)
+
+
+def setting_source(name: str, environ: dict[str, str] | None = None) -> str:
+    """Where the value of setting `name` comes from, for messages: its RLHF_ variable, the rlhf.toml
+    key, or (when neither sets it) the variable that would."""
+    environ = os.environ if environ is None else environ
+    var = f"RLHF_{name.upper()}"
+    if environ.get(var) not in (None, ""):
+        return var
+    toml_path = _toml_path(environ)
+    if toml_path.is_file():
+        try:
+            with open(toml_path, "rb") as fh:
+                if name in tomllib.load(fh):
+                    return f"{name} in {toml_path} ({var} not set)"
+        except (OSError, tomllib.TOMLDecodeError):
+            pass
+    return f"{var} (not set: the default)"
 
 
 @lru_cache(maxsize=1)

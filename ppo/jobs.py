@@ -72,10 +72,13 @@ def sft_rows(engine, data: str | None, project: str | None, aggregation: str = "
 
 def sft(params: dict, ctx) -> dict:
     """Supervised fine-tuning; params: data or project, base, name, parent_id, aggregation, and SFTOptions fields."""
+    from annotation.names import registry_name
     from ppo.sft import SFTOptions, resolve_base, train_sft
 
     known = {f.name for f in dataclasses.fields(SFTOptions)}
     _unknown("sft", params, known | set(SFT_SOURCE_KEYS))
+    name = registry_name(params.get("name"), f"sft-{params.get('project') or Path(str(params.get('data'))).stem}-job{ctx.job_id}",
+                         "sft: param 'name'")
     options = SFTOptions.from_params({k: v for k, v in params.items() if k in known})
     base = resolve_base(params.get("base"), ctx.settings.model_dir)
     project, data = params.get("project"), params.get("data")
@@ -90,7 +93,6 @@ def sft(params: dict, ctx) -> dict:
             raise _cancelled_error(ctx) from None
         raise
     parent_id = params.get("parent_id") or registered_policy_id(ctx.engine, base)
-    name = params.get("name") or f"sft-{project or Path(str(data)).stem}-job{ctx.job_id}"
     row = result.registration(name=name, project_id=project_id_of(ctx.engine, project), parent_id=parent_id)
     row["params"] = {**row["params"], "source": {"project": project} if project else {"data": str(data)}}
     return {"register": [row], "path": str(result.output_dir), "metrics": result.metrics}
@@ -163,6 +165,7 @@ def reward_model_path(engine, value: str) -> str:
 def ppo(params: dict, ctx) -> dict:
     """PPO on a reward model; params: policy?, reward_model, prompts or prompts_project, name?,
     parent_id?, n_prompts?, resume?, and PPOConfig fields by name. Registers the trained policy."""
+    from annotation.names import registry_name
     from ppo.generate import resolve_policy
     from ppo.prompts import project_prompts, read_prompts
     from ppo.sft import resolve_base
@@ -175,6 +178,8 @@ def ppo(params: dict, ctx) -> dict:
     if bool(params.get("prompts")) == bool(params.get("prompts_project")):
         raise PPOError("ppo: give exactly one of 'prompts' (a file) or 'prompts_project'")
     config = PPOConfig.from_dict({k: v for k, v in params.items() if k in known}, "ppo job params").validate()
+    name = registry_name(params.get("name"), f"ppo-{params.get('prompts_project') or Path(str(params.get('prompts'))).stem}-job{ctx.job_id}",
+                         "ppo: param 'name'")
     n = params.get("n_prompts")
     prompts = (read_prompts(params["prompts"], n) if params.get("prompts")
                else project_prompts(ctx.engine, params["prompts_project"], n))
@@ -200,7 +205,7 @@ def ppo(params: dict, ctx) -> dict:
     project = params.get("prompts_project")
     row = {
         "kind": "policy",
-        "name": params.get("name") or f"ppo-{project or Path(str(params.get('prompts'))).stem}-job{ctx.job_id}",
+        "name": name,
         "path": result["policy_path"],
         "base_model": policy,
         "project_id": project_id_of(ctx.engine, project),

@@ -51,8 +51,11 @@ def train_rm(params: dict, ctx) -> dict:
     from reward.registry import active_model
     from reward.train import train_reward_model
 
+    from annotation.names import registry_name
+
     tp = _train_params(params)
     project, data = params.get("project"), params.get("data")
+    name = registry_name(params.get("name"), f"rm-{project or Path(str(data)).stem}-job{ctx.job_id}", "train_rm: param 'name'")
     ctx.progress(0.0, f"loading pairs from {'project ' + repr(project) if project else data}")
     train, held = training_data(data=data, project=project, engine=ctx.engine,
                                 aggregation=params.get("aggregation", "majority"), margin=tp.margin,
@@ -68,7 +71,6 @@ def train_rm(params: dict, ctx) -> dict:
     check()
     result = train_reward_model(train, Path(ctx.run_dir) / "model", tp, eval_pairs=held or None, settings=ctx.settings,
                                 progress=lambda f, m: ctx.progress(0.02 + 0.97 * f, m), check=check, log=ctx.log)
-    name = params.get("name") or f"rm-{project or Path(str(data)).stem}-job{ctx.job_id}"
     row = {"kind": "reward", "name": name, "path": result["path"], "base_model": result["base_model"],
            "project_id": project_id, "data_hash": result["data_hash"], "data_rows": result["data_rows"],
            "params": {**result["params"], "aggregation": params.get("aggregation", "majority"),

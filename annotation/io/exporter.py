@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from annotation.aggregate import METHODS
 from annotation.errors import AnnotationError
 from annotation.io.formats import Pair, canonical_json, pair_text, prompt_as_hh, text_to_messages
 from annotation.store import Annotation, Item, User, read_connection
@@ -75,9 +76,22 @@ def split_of(content_hash: str, test_fraction: float = DEFAULT_TEST_FRACTION) ->
     return "test" if int.from_bytes(digest[:8], "big") / 2**64 < test_fraction else "train"
 
 
-def _check_filters(split, test_fraction, min_agreement, min_confidence, margin_from) -> None:
+def check_options(fmt: str | None = None, *, aggregation: str = "majority", split: str | None = None,
+                  test_fraction: float = DEFAULT_TEST_FRACTION, min_agreement: float | None = None,
+                  min_confidence: float | None = None, margin_from: str = "none") -> None:
+    """Refuse an export option with a value it does not take, naming the option and what it takes
+    (`rlhf export` calls this before it opens the store). `fmt` None: pairs, as project_pairs."""
+    if fmt is not None and fmt not in EXPORT_FORMATS:
+        raise AnnotationError(f"--format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    _check_filters(aggregation, split, test_fraction, min_agreement, min_confidence, margin_from)
+
+
+def _check_filters(aggregation, split, test_fraction, min_agreement, min_confidence, margin_from) -> None:
+    # Checked here, not only by aggregate(): a project without annotations never calls it.
+    if aggregation not in METHODS:
+        raise AnnotationError(f"--aggregation {aggregation!r}: unknown aggregation; expected one of {', '.join(METHODS)}")
     if split not in (None, "train", "test"):
-        raise AnnotationError(f"--split {split!r}: expected train or test")
+        raise AnnotationError(f"--split {split!r}: expected one of train, test")
     if not 0.0 < test_fraction < 1.0:
         raise AnnotationError(f"--test-fraction {test_fraction}: expected a number strictly between 0 and 1")
     for name, value in (("--min-agreement", min_agreement), ("--min-confidence", min_confidence)):
@@ -184,7 +198,7 @@ def project_pairs(
     """The project's pairs as export would write them: aggregated labels, ties/both-bad and items
     without a winner left out, filters and the deterministic split applied. Prompts are as stored
     (text, or chat messages); metadata has item_id, external_id, n_annotations, agreement, confidence."""
-    _check_filters(split, test_fraction, min_agreement, min_confidence, margin_from)
+    _check_filters(aggregation, split, test_fraction, min_agreement, min_confidence, margin_from)
     report = ExportReport(path="", format="pairs", project=project, aggregation=aggregation, split=split)
     with read_connection(engine) as conn:
         pid = _project_id(conn, project)
@@ -253,12 +267,30 @@ def _iter_annotation_rows(conn: Connection, project_id: int, report: ExportRepor
 # --------------------------------------------------------------------------- writing
 
 
+def check_output(out_path: str | Path) -> Path:
+    """`out_path` as a Path when a file can be written there; else an AnnotationError naming -o."""
+    text = str(out_path)
+    if isinstance(out_path, str) and text.endswith(("/", os.sep)):
+        raise AnnotationError(f"-o {text}: names a directory; expected a file name, e.g. {text.rstrip('/' + os.sep) or '.'}/pairs.jsonl")
+    path = Path(out_path)
+    if path.is_dir():
+        raise AnnotationError(f"-o {text}: is a directory; expected a file name, e.g. {path / 'pairs.jsonl'}")
+    parent = path.parent
+    if not parent.exists():
+        raise AnnotationError(f"-o {text}: the directory {parent} does not exist; create it first or choose another path")
+    if not parent.is_dir():
+        raise AnnotationError(f"-o {text}: {parent} is not a directory; expected a file path inside a directory")
+    return path
+
+
 @contextlib.contextmanager
 def _atomic_path(out_path: Path) -> Iterator[Path]:
     """A temporary path beside `out_path` that replaces it only when the block finishes cleanly."""
-    if not out_path.parent.is_dir():
-        raise AnnotationError(f"-o {out_path}: the directory {out_path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".part")
+    out_path = check_output(out_path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".part")
+    except OSError as exc:
+        raise AnnotationError(f"-o {out_path}: cannot write in {out_path.parent}: {exc.strerror}") from None
     os.close(fd)
     # mkstemp makes the file private (0600); give the export the permissions a plain open() would.
     umask = os.umask(0)
@@ -266,7 +298,10 @@ def _atomic_path(out_path: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~umask)
     try:
         yield Path(tmp)
-        os.replace(tmp, out_path)
+        try:
+            os.replace(tmp, out_path)
+        except OSError as exc:  # e.g. a directory made at out_path while the export ran
+            raise AnnotationError(f"-o {out_path}: cannot replace it: {exc.strerror}") from None
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -382,10 +417,9 @@ def export(
 ) -> ExportReport:
     """Write the project's pairs (fmt trl, trl-conversational, hh) or annotations to `out_path`,
     as Parquet when `parquet` is true or, when it is None, when the path ends in .parquet."""
-    if fmt not in EXPORT_FORMATS:
-        raise AnnotationError(f"--format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
-    _check_filters(split, test_fraction, min_agreement, min_confidence, margin_from)
-    out_path = Path(out_path)
+    check_options(fmt, aggregation=aggregation, split=split, test_fraction=test_fraction, min_agreement=min_agreement,
+                  min_confidence=min_confidence, margin_from=margin_from)
+    out_path = check_output(out_path)
     if parquet is None:
         parquet = out_path.suffix.lower() == ".parquet"
     with_margin = margin_from != "none"

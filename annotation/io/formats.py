@@ -27,7 +27,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
-from annotation.errors import InputError
+from annotation.errors import AnnotationError, InputError
 
 FORMATS = ("pairs", "trl", "trl-conversational", "hh", "prompts")
 LABELLED_FORMATS = ("trl", "trl-conversational", "hh")
@@ -36,6 +36,9 @@ HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
 DEFAULT_MAX_FIELD_CHARS = 100_000
 MAX_ID_CHARS = 200
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays and objects kept in metadata. Deeper values would overflow the stack
+when written (json.dumps) or read back; json.loads itself gives up near 1,000 levels."""
 
 _KNOWN = {
     "pairs": {"prompt", "response_a", "response_b", "id", "metadata", "source_a", "source_b", "gold_choice"},
@@ -219,9 +222,36 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, dict]]:
                     str(path), number, None, f"invalid JSON ({exc.msg} at column {exc.colno})",
                     "one complete JSON object per line",
                 ) from None
+            except RecursionError:
+                raise InputError(
+                    str(path), number, None, "JSON nested too deeply to read",
+                    f"arrays and objects nested at most {MAX_JSON_DEPTH} levels",
+                ) from None
             if not isinstance(obj, dict):
                 raise InputError(str(path), number, None, f"a JSON {_type_name(obj)}, not an object", "one JSON object per line")
             yield number, obj
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of arrays and objects in `value` (a scalar is 0), counted without recursion
+    and only until it passes `limit` (then limit + 1)."""
+    depth, level = 0, [value]
+    while level:
+        containers = [v for v in level if isinstance(v, (dict, list))]
+        if not containers:
+            break
+        depth += 1
+        if depth > limit:
+            break
+        level = [x for v in containers for x in (v.values() if isinstance(v, dict) else v)]
+    return depth
+
+
+def check_max_field_chars(value: int | None, what: str = "--max-field-chars") -> int | None:
+    """`value` when it is None (the default) or at least 1; otherwise an AnnotationError naming `what`."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise AnnotationError(f"{what} {value!r}: expected an integer >= 1 (the longest prompt or response accepted, in characters)")
+    return value
 
 
 def _type_name(value: Any) -> str:
@@ -277,7 +307,8 @@ class LineParser:
         self.requested = format
         self.format: str | None = None if format == "auto" else format
         self.format_line: int | None = None
-        self.max_chars = int(max_field_chars or DEFAULT_MAX_FIELD_CHARS)
+        check_max_field_chars(max_field_chars, "max_field_chars")
+        self.max_chars = DEFAULT_MAX_FIELD_CHARS if max_field_chars is None else max_field_chars
 
     def parse(self, line: int, obj: dict) -> Record | PromptRecord | Skip:
         line_format = detect_format(obj)
@@ -355,6 +386,9 @@ class LineParser:
         extra = {k: v for k, v in obj.items() if k not in _KNOWN[self.format]}
         if extra:
             meta = {**meta, "extra": extra}
+        if meta and json_depth(meta, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+            self._error(line, "metadata", f"nested more than {MAX_JSON_DEPTH} levels deep (unknown fields count as metadata)",
+                        f"arrays and objects nested at most {MAX_JSON_DEPTH} levels")
         margin = obj.get("margin")
         if margin is not None and "margin" in _KNOWN[self.format]:
             if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):

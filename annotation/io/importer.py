@@ -28,6 +28,7 @@ from annotation.io.formats import (
     iter_json_lines,
     prompt_hash,
 )
+from annotation.names import can_be_looked_up, check_username
 from annotation.store import Annotation, Item, Project, Prompt, User, utcnow
 
 BATCH_LINES = 2_000
@@ -69,8 +70,8 @@ def source_username(source: str) -> str:
     "import", else "import:<source>", so imported labels never mix with a person's own."""
     source = source.strip()
     if not source:
-        raise AnnotationError("the source annotator name must not be empty")
-    return source if source.startswith("import") else f"import:{source}"
+        raise AnnotationError("--source: the source annotator name must not be empty")
+    return check_username(source if source.startswith("import") else f"import:{source}", "--source: the import account name")
 
 
 def import_file(
@@ -92,6 +93,7 @@ def import_file(
 
         max_field_chars = get_settings().max_field_chars
     parser = LineParser(path, format, max_field_chars)
+    source_username(source_annotator)  # checked before anything is read or written
     report = ImportReport(path=str(path), format=parser.format, project=project)
     try:
         _import(engine, path, parser, report, project, source_annotator, created_by)
@@ -273,7 +275,7 @@ def _project_id(conn: Connection, name: str, created_by: int | None) -> int:
     from annotation.projects import create_project
     from sqlalchemy.orm import Session
 
-    pid = conn.scalar(select(_projects.c.id).where(_projects.c.name == name.strip()))
+    pid = conn.scalar(select(_projects.c.id).where(_projects.c.name == name.strip())) if can_be_looked_up(name) else None
     if pid is not None:
         return pid
     # create_project holds the default settings and their validation; run it on this connection

@@ -7,6 +7,7 @@ bytes go to the download button.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tempfile
 from pathlib import Path
 
@@ -125,9 +126,12 @@ with export_tab:
             filters["min_agreement"] = float(min_agreement)
         if split != "all":
             filters["split"] = split
-        file_name = f"{project.name}-{fmt}.{file_type}"
+        # The browser's suggested name may come from the project name, made safe; the file on the
+        # server never does (a name stored before names were checked could hold "../").
+        safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", project.name).strip("._-") or f"project-{project.id}"
+        file_name = f"{safe_name}-{fmt}.{file_type}"
         with tempfile.TemporaryDirectory(prefix="rlhf-export-") as tmp:
-            out = Path(tmp) / file_name
+            out = Path(tmp) / f"export.{file_type}"
             try:
                 report = export(engine, project.name, fmt, out, **filters)
             except AnnotationError as exc:
