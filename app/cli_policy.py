@@ -4,16 +4,16 @@ generation of new items for the next round of annotation.
     rlhf sft --data instructions.jsonl --output runs/sft-1 [--base PATH] [--lora] [--epochs 1] [--json]
     rlhf sft --project demo --output runs/sft-demo          # on the chosen responses of a project
     rlhf eval-policy --policy runs/ppo-1/policy --reference data/models/SmolLM2-135M-Instruct \\
-        --reward-model runs/rm-1 --prompts heldout.jsonl [--n 100] [--json]
+        --reward-model runs/rm-1 --prompts heldout.jsonl [--n 100] [--judge runs/rm-2 ...] [--json]
     rlhf generate --policy runs/ppo-1/policy [--policy-b runs/sft-1] --prompts prompts.jsonl --project round-2
 
---policy, --policy-b and --reward-model also take a registered model's id or name.
+--policy, --policy-b, --reward-model and --judge also take a registered model's id or name.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -30,7 +30,7 @@ MaxPromptLengthOpt = typer.Option(256, "--max-prompt-length", help="Prompt token
 # tests/test_ppo_cli.py checks that they agree.
 
 
-def _reward_model_path(value: str) -> str:
+def _reward_model_path(value: str, option: str = "--reward-model") -> str:
     if Path(value).is_dir():
         return value
     from annotation.store import transaction
@@ -39,7 +39,7 @@ def _reward_model_path(value: str) -> str:
     with transaction(engine()) as session:
         row = get_model(session, value)
         if row.kind != "reward":
-            raise PPOError(f"--reward-model {value}: registered model {row.id} is a {row.kind} model, not a reward model")
+            raise PPOError(f"{option} {value}: registered model {row.id} is a {row.kind} model, not a reward model")
         return row.path
 
 
@@ -131,11 +131,14 @@ def eval_policy(
     seed: int = SeedOpt,
     batch_size: int = BatchSizeOpt,
     samples: int = typer.Option(5, "--samples", help="Sample responses shown side by side."),
+    judge: Optional[List[str]] = typer.Option(None, "--judge", help="Another reward model (directory or registered id/name) whose "
+                                              "win rate is shown beside --reward-model's; repeatable."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Win rate of a policy over its reference as judged by a reward model, both mean rewards, KL to the reference."""
+    """Win rate of a policy over its reference as judged by a reward model (and by each --judge), both mean rewards,
+    KL to the reference; `self_judged` marks a verdict by the reward model the policy was trained on."""
     from app.settings import get_settings
-    from ppo.evaluate import SampleOptions, format_report, run_eval_policy
+    from ppo.evaluate import SampleOptions, format_report, run_eval_policy, training_reward_model
     from ppo.generate import resolve_policy
     from ppo.sft import resolve_base
 
@@ -144,8 +147,12 @@ def eval_policy(
     prompt_list = _prompts(prompts, prompts_project, n)
     policy_path, _ = resolve_policy(None if Path(policy).exists() else engine(), policy)
     reference_path = resolve_base(reference, get_settings().model_dir)
+    judge_paths = [_reward_model_path(j, "--judge") for j in judge or []]
+    # The run's files first; the registry only where it is already in use (a registered policy, or judges).
+    trained_on = training_reward_model(policy_path) or (
+        training_reward_model(policy_path, engine()) if judge_paths or not Path(policy).exists() else None)
     result = run_eval_policy(policy_path, reference_path, _reward_model_path(reward_model), prompt_list, options,
-                             n_samples=samples, progress=_progress(as_json))
+                             n_samples=samples, progress=_progress(as_json), judges=judge_paths, trained_on=trained_on)
     result.pop("rows")
     emit(result, as_json, format_report(result))
 

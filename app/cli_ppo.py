@@ -4,11 +4,14 @@
     rlhf ppo --reward-model runs/rm-1 --prompts-project demo --output runs/ppo-2 \\
         --config ppo.yaml --set learning_rate=3e-6 --set kl_penalty=k3 --lora
     rlhf ppo --reward-model runs/rm-1 --prompts prompts.jsonl --output runs/ppo-1 --resume
+    rlhf ppo --reward-model runs/rm-1 --judge runs/rm-2 --keep-best judge --prompts prompts.jsonl -o runs/ppo-3
     rlhf ppo-options            # every PPO option with its default and meaning
 
 --policy defaults to the fetched SmolLM2-135M-Instruct; --policy and --reward-model also take
-a registered model's id or name. Options come from ppo.train.PPOConfig: a YAML file of
-`key: value` lines (--config), then --set key=value (repeatable), then --steps/--lora.
+a registered model's id or name, and so does --judge (repeatable): a reward model PPO does not
+train on that scores held-out prompts every judge_every steps (see ppo.train). Options come from
+ppo.train.PPOConfig: a YAML file of `key: value` lines (--config), then --set key=value
+(repeatable), then --steps/--lora/--keep-best.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ def ppo(
     lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters; the reference is the policy with adapters off."),
     n_prompts: Optional[int] = typer.Option(None, "--n-prompts", help="Use the first N distinct prompts."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its newest checkpoint."),
+    judge: Optional[List[str]] = typer.Option(None, "--judge", help="A reward model (directory or registered id/name) PPO does not train on, "
+                                              "scoring held-out prompts every judge_every steps; repeatable."),
+    keep_best: Optional[str] = typer.Option(None, "--keep-best", help="last or judge: policy/ is the last step's, or the judged "
+                                            "step's with the highest judge reward (overrides the config's keep_best)."),
     name: Optional[str] = typer.Option(None, "--name", help="Registry name (default: the output directory's name)."),
     register: bool = typer.Option(True, "--register/--no-register", help="Record the policy in the registry when training has finished."),
     as_json: bool = JsonOpt,
@@ -66,6 +73,8 @@ def ppo(
         overrides.append(f"steps={steps}")
     if lora:
         overrides.append("lora=true")
+    if keep_best is not None:
+        overrides.append(f"keep_best={keep_best}")
     cfg = PPOConfig.from_yaml(config, overrides)
     out = Path(output)
     if resume:
@@ -79,10 +88,11 @@ def ppo(
     else:
         policy_path = resolve_base(None, get_settings().model_dir)
     reward_path = _reward_model_path(reward_model)
+    judge_paths = [_reward_model_path(j, "--judge") for j in judge or []]
     if not as_json:
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
     result = run_ppo(reward_path, prompt_list, out, policy=policy_path, config=cfg, progress=_progress(as_json),
-                     resume=resume or None)
+                     resume=resume or None, judges=judge_paths)
     model_id = None
     if register:
         from annotation.store import transaction
@@ -94,18 +104,24 @@ def ppo(
             "kind": "policy", "name": name or out.name, "path": str(Path(result["policy_path"]).resolve()),
             "base_model": policy_path, "project_id": project_id_of(eng, prompts_project),
             "data_hash": prompts_hash(prompt_list), "data_rows": len(prompt_list),
-            "params": {**cfg.to_dict(), "reward_model": reward_path}, "metrics": result["metrics"],
+            "params": {**cfg.to_dict(), "reward_model": reward_path, "judges": judge_paths,
+                       "kept_step": result["kept_step"]}, "metrics": result["metrics"],
             "parent_id": registered_policy_id(eng, policy_path),
         }
         with transaction(eng) as session:
             model_id = register_model(session, **row).id
     m = result["metrics"]
     payload = {"model_id": model_id, "output_dir": result["output_dir"], "policy_path": result["policy_path"],
-               "steps": m.get("steps"), "metrics": m, "diagnostics": result["diagnostics"]}
+               "steps": m.get("steps"), "kept_step": result["kept_step"], "judges": result["judge_paths"],
+               "metrics": m, "diagnostics": result["diagnostics"]}
+    judged = ""
+    if "judge_reward" in m:
+        judged = (f"\njudges ({', '.join(result['judges'])}): reward {m['judge_reward']:.3f} at the last step, peak "
+                  f"{m['judge_reward_peak']:.3f} at step {m['judge_peak_step']}; policy/ is step {result['kept_step']}'s")
     text = (f"policy trained: {result['policy_path']}" + (f" (model id {model_id})" if model_id else "")
             + f"\n{m.get('steps')} steps: reward {m.get('reward_mean_first', 0):.3f} -> {m.get('reward_mean', 0):.3f}"
             f" (mean of the last steps), KL {m.get('kl', 0):.2f} nats, kl_coef {m.get('kl_coef', 0):.4f}"
-            f"\n{format_warnings(result['diagnostics'])}")
+            f"{judged}\n{format_warnings(result['diagnostics'])}")
     emit(payload, as_json, text)
 
 

@@ -105,6 +105,37 @@ def value_loss_exploding(history: list[dict], window: int = WINDOW, factor: floa
     return None
 
 
+def over_optimisation(history: list[dict], share: float = 0.1, keep_best: str = "last") -> dict | None:
+    """The judges' reward (models PPO does not train on) has fallen from its peak while the
+    proxy's held-out reward kept rising: the policy now gains proxy reward by getting worse
+    (Gao, Schulman and Hilton 2022). The fall must exceed one standard error of the difference
+    (judge_reward_stderr at both steps) and `share` of the judges' rise to the peak."""
+    judged = [r for r in history if "judge_reward" in r and "proxy_reward_heldout" in r]
+    if len(judged) < 3:
+        return None
+    peak = max(judged, key=lambda r: r["judge_reward"])
+    last = judged[-1]
+    if peak is last:
+        return None
+    drop = peak["judge_reward"] - last["judge_reward"]
+    noise = math.sqrt(peak.get("judge_reward_stderr", 0.0) ** 2 + last.get("judge_reward_stderr", 0.0) ** 2)
+    rise = max(0.0, peak["judge_reward"] - judged[0]["judge_reward"])
+    proxy_rose = last["proxy_reward_heldout"] > peak["proxy_reward_heldout"]
+    if not (proxy_rose and drop > noise and drop > share * rise and drop > 0):
+        return None
+    kl = lambda r: r.get("kl_heldout", r.get("kl", float("nan")))
+    keep = (f"keep_best=judge keeps the step-{peak['step']} policy as policy/" if keep_best == "judge"
+            else f"set keep_best=judge to keep the step-{peak['step']} policy")
+    return _warning(
+        "over_optimisation", history,
+        f"the judges' reward fell from {peak['judge_reward']:.4g} at step {peak['step']} (KL {kl(peak):.2f}) to "
+        f"{last['judge_reward']:.4g} at step {last['step']} (KL {kl(last):.2f}) while the proxy's held-out reward rose "
+        f"from {peak['proxy_reward_heldout']:.4g} to {last['proxy_reward_heldout']:.4g}: the policy is over-optimising "
+        "the reward model it trains on",
+        f"raise init_kl_coef or lower target (a smaller KL budget), stop earlier (steps={peak['step']}), or {keep}",
+    )
+
+
 def check(history: list[dict], config: Any) -> list[dict]:
     """All warnings that apply to the history now, for a run with this PPOConfig."""
     checks: list[Callable[[], dict | None]] = [
@@ -113,5 +144,6 @@ def check(history: list[dict], config: Any) -> list[dict]:
         lambda: mode_collapse(history),
         lambda: length_limit(history, config.max_new_tokens),
         lambda: value_loss_exploding(history),
+        lambda: over_optimisation(history, keep_best=getattr(config, "keep_best", "last")),
     ]
     return [w for w in (c() for c in checks) if w is not None]

@@ -130,11 +130,12 @@ def generate(params: dict, ctx) -> dict:
 # --------------------------------------------------------------------------- ppo
 # `ppo(params, ctx)` (the PPO training job) belongs to ppo/train.py's owner and goes below.
 # The PPO page (app/pages/6_PPO.py) submits params {"policy": dir, "reward_model": dir,
-# "prompts": file | "prompts_project": name, "name"?: str, and PPOConfig fields by name}, and
+# "prompts": file | "prompts_project": name, "name"?: str, "judges"?: [dir | id | name], and PPOConfig fields by name}, and
 # reads the run's metrics.jsonl from the job's run dir or a folder up to two levels below it
 # (ppo.runs.find_run_dir), or from result["output_dir"].
 
-PPO_SOURCE_KEYS = ("policy", "reward_model", "prompts", "prompts_project", "name", "parent_id", "n_prompts", "resume")
+PPO_SOURCE_KEYS = ("policy", "reward_model", "prompts", "prompts_project", "name", "parent_id", "n_prompts", "resume",
+                   "judges")
 
 
 def prompts_hash(prompts: list) -> str:
@@ -148,7 +149,7 @@ def prompts_hash(prompts: list) -> str:
     return digest.hexdigest()[:16]
 
 
-def reward_model_path(engine, value: str) -> str:
+def reward_model_path(engine, value: str, param: str = "reward_model") -> str:
     """A reward model directory, or a registered reward model's id or name resolved to its path."""
     if Path(str(value)).is_dir():
         return str(value)
@@ -158,13 +159,14 @@ def reward_model_path(engine, value: str) -> str:
     with transaction(engine) as session:
         row = get_model(session, str(value))
         if row.kind != "reward":
-            raise PPOError(f"reward_model {value}: registered model {row.id} is a {row.kind} model, not a reward model")
+            raise PPOError(f"{param} {value}: registered model {row.id} is a {row.kind} model, not a reward model")
         return row.path
 
 
 def ppo(params: dict, ctx) -> dict:
     """PPO on a reward model; params: policy?, reward_model, prompts or prompts_project, name?,
-    parent_id?, n_prompts?, resume?, and PPOConfig fields by name. Registers the trained policy."""
+    parent_id?, n_prompts?, resume?, judges? (reward models PPO does not train on: directories or
+    registered ids/names), and PPOConfig fields by name. Registers the trained policy."""
     from annotation.names import registry_name
     from ppo.generate import resolve_policy
     from ppo.prompts import project_prompts, read_prompts
@@ -188,12 +190,17 @@ def ppo(params: dict, ctx) -> dict:
     else:
         policy = resolve_base(None, ctx.settings.model_dir)
     reward = reward_model_path(ctx.engine, params["reward_model"])
+    judges = params.get("judges") or []
+    if isinstance(judges, (str, int)):
+        judges = [judges]
+    judges = [reward_model_path(ctx.engine, str(j), "judges:") for j in judges]
     out = Path(ctx.run_dir) / "ppo"
-    ctx.log.info("PPO: policy %s, reward model %s, %d prompts, %d steps", policy, reward, len(prompts), config.steps)
+    ctx.log.info("PPO: policy %s, reward model %s, judges %s, %d prompts, %d steps", policy, reward, judges or "none",
+                 len(prompts), config.steps)
     ctx.progress(0.0, f"loading models; {len(prompts)} prompts")
     try:
         result = run_ppo(reward, prompts, out, policy=policy, config=config, progress=ctx.progress,
-                         cancelled=ctx.cancelled, resume=params.get("resume"))
+                         cancelled=ctx.cancelled, resume=params.get("resume"), judges=judges)
     except TrainingCancelled:
         raise _cancelled_error(ctx) from None
     if "policy_path" not in result:
@@ -211,7 +218,7 @@ def ppo(params: dict, ctx) -> dict:
         "project_id": project_id_of(ctx.engine, project),
         "data_hash": prompts_hash(prompts),
         "data_rows": len(prompts),
-        "params": {**config.to_dict(), "reward_model": reward,
+        "params": {**config.to_dict(), "reward_model": reward, "judges": judges, "kept_step": result.get("kept_step"),
                    "source": {"project": project} if project else {"prompts": str(params.get("prompts"))}},
         "metrics": result.get("metrics", {}),
         "parent_id": params.get("parent_id") or registered_policy_id(ctx.engine, policy),

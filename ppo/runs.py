@@ -85,6 +85,21 @@ def run_warnings(run_dir: str | Path | None, history: list[dict] | None = None) 
         return []  # a metrics file from an older run without every column the checks read
 
 
+def judge_curve_rows(history: list[dict]) -> list[dict[str, Any]]:
+    """Long-form rows (step, kl, metric, value) of the judged steps, for the over-optimisation
+    curve: the proxy's held-out reward and the judges' mean against the KL to the reference (the
+    held-out prompts' KL where logged, else the training batch's)."""
+    out = []
+    for r in history:
+        kl = r.get("kl_heldout", r.get("kl"))
+        if not isinstance(kl, (int, float)):
+            continue
+        for m in ("proxy_reward_heldout", "judge_reward"):
+            if isinstance(r.get(m), (int, float)):
+                out.append({"step": r["step"], "kl": float(kl), "metric": m, "value": float(r[m])})
+    return out
+
+
 def curve_rows(history: list[dict], metrics: tuple[str, ...] = CURVES) -> list[dict[str, Any]]:
     """Long-form rows (step, metric, value) for charting."""
     return [{"step": r["step"], "metric": m, "value": float(r[m])}

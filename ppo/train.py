@@ -8,6 +8,13 @@ that reads top to bottom like CleanRL's ppo.py: rollout, rewards and advantages,
 (`rlhf ppo`) and the job handler (`ppo.jobs.ppo`) call it. A run directory holds
 metrics.jsonl (one line per step), samples.jsonl, config.yaml, checkpoints/step-N/state.pt
 (everything needed to resume exactly), and, at the end, policy/ and value/ model directories.
+
+Judges (`train(..., judges=..., heldout_prompts=...)`, `run_ppo(..., judges=[dirs])`) are reward
+models PPO does not train on. Every `judge_every` steps the policy answers a fixed set of held-out
+prompts and the proxy (the training reward) and each judge score the answers: the proxy keeps
+rising as the policy exploits it while a judge's score peaks and falls (Gao, Schulman and Hilton
+2022, "Scaling laws for reward model overoptimization"). With keep_best=judge, policy/ is the
+policy of the step where the judges' mean peaked, and the last step's is kept in policy-last/.
 """
 
 from __future__ import annotations
@@ -34,6 +41,11 @@ from reward.precision import MODES as PRECISION_MODES
 from reward.precision import precision_plan
 
 logger = logging.getLogger("ppo.train")
+
+
+DEFAULT_JUDGE_EVERY = 10
+BEST_DIR = "best-policy"  # the judges' best policy so far, while a keep_best=judge run goes on
+LAST_DIR = "policy-last"  # the last step's policy when keep_best=judge kept an earlier one
 
 
 class TrainingCancelled(Exception):
@@ -87,6 +99,13 @@ class PPOConfig:
     """Normalise scores by the running mean and std of all scores so far."""
     ensemble_spread_coef: float = 0.0
     """With a reward-model ensemble: reward = mean - this * spread across members."""
+    # --- judges: reward models PPO does not train on, scoring held-out prompts
+    judge_every: int = 0
+    """PPO steps between evaluations on held-out prompts by the proxy and the judges (0: every 10 steps when judges are given, else off); the last step is always judged."""
+    judge_prompts: int = 32
+    """Held-out prompts split off the prompts (seeded) for the judges when none are given; training uses the rest."""
+    keep_best: str = "last"
+    """Which policy becomes policy/: last (the final step) or judge (the judged step with the highest mean judge reward)."""
     # --- KL penalty
     kl_penalty: str = "k1"
     """Per-token KL estimator in the reward: k1 (log ratio) or k3 (non-negative, lower variance)."""
@@ -154,10 +173,11 @@ class PPOConfig:
                 problems.append(message)
 
         for name in ("steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs",
-                     "max_new_tokens", "max_prompt_length", "horizon", "keep_checkpoints", "samples_every", "lora_r"):
+                     "max_new_tokens", "max_prompt_length", "horizon", "keep_checkpoints", "samples_every", "lora_r",
+                     "judge_prompts"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("save_every", "warmup_steps", "missing_eos_penalty", "ensemble_spread_coef", "weight_decay",
-                     "init_kl_coef", "vf_coef", "kl_hard_limit", "lora_dropout"):
+                     "init_kl_coef", "vf_coef", "kl_hard_limit", "lora_dropout", "judge_every"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("learning_rate", "temperature", "cliprange", "cliprange_value", "max_grad_norm", "adam_eps", "target"):
             need(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
@@ -167,6 +187,7 @@ class PPOConfig:
         need(self.lr_scheduler in ("constant", "linear", "cosine"),
              f"lr_scheduler must be constant, linear or cosine, got {self.lr_scheduler!r}")
         need(self.value_init in ("policy", "reward"), f"value_init must be 'policy' or 'reward', got {self.value_init!r}")
+        need(self.keep_best in ("last", "judge"), f"keep_best must be 'last' or 'judge', got {self.keep_best!r}")
         need(self.precision in PRECISION_MODES, f"precision must be one of {', '.join(PRECISION_MODES)}, got {self.precision!r}")
         need(self.approx_kl_stop is None or self.approx_kl_stop > 0,
              f"approx_kl_stop must be > 0 or null (off), got {self.approx_kl_stop}")
@@ -195,6 +216,10 @@ class PPOConfig:
     @property
     def kl_limit(self) -> float:
         return self.kl_hard_limit or 3.0 * self.target
+
+    def judge_interval(self, has_judges: bool) -> int:
+        """Steps between judge evaluations: judge_every, or DEFAULT_JUDGE_EVERY when judges are given."""
+        return self.judge_every or (DEFAULT_JUDGE_EVERY if has_judges else 0)
 
     def lora_options(self) -> dict:
         modules = self.lora_target_modules
@@ -396,6 +421,87 @@ class PromptSampler:
         return out
 
 
+def split_heldout(prompts: list, n: int, seed: int) -> tuple[list, list]:
+    """(training prompts, n held-out prompts): a seeded choice, the same for the same prompts and
+    seed (so a resumed run trains on the same prompts); both keep the prompts' order."""
+    if n >= len(prompts):
+        raise PPOError(f"judge_prompts={n} held-out prompts would leave none of the {len(prompts)} prompts to train on; "
+                       "lower judge_prompts or give more prompts")
+    chosen = set(random.Random(seed * 7919 + 17).sample(range(len(prompts)), n))
+    return ([p for i, p in enumerate(prompts) if i not in chosen], [p for i, p in enumerate(prompts) if i in chosen])
+
+
+def named_judges(judges) -> list[tuple[str, Callable]]:
+    """(name, reward function) pairs from a {name: fn} mapping, (name, fn) pairs, or functions
+    that carry a `name` (or `__name__`); a scorer object's .score is used. Names are made unique."""
+    if not judges:
+        return []
+    items = list(judges.items()) if isinstance(judges, dict) else list(judges)
+    out, seen = [], set()
+    for i, item in enumerate(items):
+        if isinstance(item, tuple) and len(item) == 2:
+            name, fn = item
+        else:
+            fn = item
+            name = getattr(item, "name", None) or getattr(item, "__name__", None) or f"judge{i + 1}"
+        if hasattr(fn, "score") and not callable(fn):
+            fn = fn.score
+        if not callable(fn):
+            raise PPOError(f"judge {name!r} is not a reward function fn(prompts, responses) -> tensor")
+        name, k = str(name), 2
+        base = name
+        while name in seen:
+            name, k = f"{base}-{k}", k + 1
+        seen.add(name)
+        out.append((name, fn))
+    return out
+
+
+@torch.no_grad()
+def judge_policy(inner, ref_model, tokenizer, prompts: list, prompt_rows: list[list[int]], reward_fn: Callable,
+                 judges: list[tuple[str, Callable]], *, config: "PPOConfig", seed: int, batch_size: int, device,
+                 plan) -> dict[str, list[float]]:
+    """One response per held-out prompt from the current policy, with the training sampling
+    settings, scored by the proxy (the training reward, raw) and each judge, and its KL to the
+    reference (k1 sum). Batch b samples under `seed + b` at every evaluation, so two steps differ
+    by the policy alone; the RNG is forked, so the training stream (and resume) is untouched."""
+    from ppo.rollout import collect, score_responses
+
+    texts, out = [], {"proxy": [], "kl": []}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for b, start in enumerate(range(0, len(prompt_rows), batch_size)):
+            torch.manual_seed(seed + b)
+            ro = collect(
+                inner, ref_model, tokenizer, prompts[start:start + batch_size], prompt_rows[start:start + batch_size],
+                reward_fn, max_new_tokens=config.max_new_tokens, temperature=config.temperature, device=device,
+                generate_ctx=lambda: plan.autocast("ppo_generate"), forward_ctx=lambda: plan.autocast("ppo_update"),
+            )
+            texts += ro.responses_text
+            out["proxy"] += ro.scores.tolist()
+            kl = core.kl_per_token(ro.logprobs, ro.ref_logprobs, "k1") * ro.response_mask.float()
+            out["kl"] += kl.sum(1).tolist()
+    for name, fn in judges:
+        out[f"judge/{name}"] = score_responses(fn, prompts, texts).tolist()
+    return out
+
+
+def judge_metrics(scores: dict[str, list[float]]) -> dict[str, float]:
+    """The metrics.jsonl fields of one judge evaluation: proxy_reward_heldout, kl_heldout, and with
+    judges judge_reward (the judges' mean), judge_reward_stderr (over prompts) and judge_reward/<name>."""
+    n = len(scores["proxy"])
+    row = {"proxy_reward_heldout": sum(scores["proxy"]) / n, "kl_heldout": sum(scores["kl"]) / n}
+    judges = [k for k in scores if k.startswith("judge/")]
+    if judges:
+        per_prompt = [sum(scores[k][i] for k in judges) / len(judges) for i in range(n)]
+        mean = sum(per_prompt) / n
+        var = sum((x - mean) ** 2 for x in per_prompt) / max(n - 1, 1)
+        row["judge_reward"] = mean
+        row["judge_reward_stderr"] = math.sqrt(var / n)
+        for k in judges:
+            row[f"judge_reward/{k[len('judge/'):]}"] = sum(scores[k]) / n
+    return row
+
+
 class MetricsLog:
     """metrics.jsonl plus, when installed and asked for, TensorBoard and MLflow."""
 
@@ -457,6 +563,8 @@ def train(
     value_model=None,
     ref_model=None,
     resume: str | Path | bool | None = None,
+    judges=None,
+    heldout_prompts: list | None = None,
 ) -> dict:
     """Run PPO and return a summary (paths, final metrics, diagnostics).
 
@@ -465,7 +573,11 @@ def train(
     sequence-classification model sharing the policy's tokenizer, or None for one built from
     the policy. ref_model: the frozen reference, or None for a copy of the initial policy (no
     copy with LoRA: adapters off). resume: True for the newest checkpoint in output_dir, or a
-    checkpoint directory.
+    checkpoint directory. judges: reward functions `fn(prompts, responses) -> tensor` that PPO
+    does not train on, each with a name (see named_judges); heldout_prompts: the fixed prompts
+    they judge on, never trained on. Every config.judge_interval steps and at the last step the
+    step's metrics row gets proxy_reward_heldout, kl_heldout, judge_reward, judge_reward_stderr
+    and judge_reward/<name> (judge_metrics).
     """
     from accelerate import Accelerator
 
@@ -478,6 +590,14 @@ def train(
     model, tokenizer = policy
     if not prompts:
         raise PPOError("no prompts to train on")
+    judges = named_judges(judges)
+    heldout_prompts = list(heldout_prompts or [])
+    if judges and not heldout_prompts:
+        raise PPOError("judges need held-out prompts (heldout_prompts) to score; none were given")
+    if config.keep_best == "judge" and not judges:
+        raise PPOError("keep_best=judge needs at least one judge (rlhf ppo --judge DIR, or judges=[...]); "
+                       "without one use keep_best=last")
+    judge_every = config.judge_interval(bool(judges)) if heldout_prompts else 0
     accelerator = Accelerator()
     sizes = config.sizes(accelerator.num_processes)
     device = accelerator.device
@@ -518,6 +638,10 @@ def train(
     prompt_rows = encode_prompts(tokenizer, prompts, config.max_prompt_length, config.use_chat_template)
     sampler = PromptSampler(len(prompts), config.seed)
     ckpt_root = out / "checkpoints"
+    # Each process judges its share of the held-out prompts; the rows are gathered before logging.
+    rank, world = accelerator.process_index, accelerator.num_processes
+    heldout_mine = heldout_prompts[rank::world]
+    heldout_rows = encode_prompts(tokenizer, heldout_mine, config.max_prompt_length, config.use_chat_template)
 
     # --- Resume: weights, optimiser, schedule, KL coefficient, reward moments, RNG
     start_step = 0
@@ -526,8 +650,10 @@ def train(
         if ckpt is None:
             raise PPOError(f"resume: no checkpoint under {ckpt_root}")
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
-        if state["config"] != _resumable(config.to_dict(), state["config"]):
-            changed = sorted(k for k, v in state["config"].items() if config.to_dict().get(k) != v and k not in RESUME_MAY_CHANGE)
+        # Fields added since the checkpoint was written count as their defaults.
+        saved_config = {**type(config)().to_dict(), **state["config"]}
+        if saved_config != _resumable(config.to_dict(), saved_config):
+            changed = sorted(k for k, v in saved_config.items() if config.to_dict().get(k) != v and k not in RESUME_MAY_CHANGE)
             raise PPOError(f"resume {ckpt}: config differs from the checkpoint's in {', '.join(changed)}")
         load_trainable_state(inner.policy, state["policy"])
         load_trainable_state(inner.value, state["value"])
@@ -541,6 +667,8 @@ def train(
     log = MetricsLog(out, config, keep_until=start_step)
     _keep_samples(out, start_step)
     warned: set[str] = set()
+    keeping_best = config.keep_best == "judge" and accelerator.is_main_process
+    best = _best_so_far(out, start_step, log.history) if keeping_best else None
 
     for step in range(start_step + 1, config.steps + 1):
         if cancelled is not None and cancelled():
@@ -666,6 +794,22 @@ def train(
             "time_update": t_end - t_update,
             "time_step": t_end - t_step,
         }
+        # --- Judges: the proxy and reward models PPO does not train on score held-out prompts
+        if judge_every and (step % judge_every == 0 or step == config.steps):
+            t_judge = time.perf_counter()
+            scores = judge_policy(inner, ref_model, tokenizer, heldout_mine, heldout_rows, reward_fn, judges,
+                                  config=config, seed=step_seed(config.seed, 0, rank), batch_size=sizes.local_batch_size,
+                                  device=device, plan=plan)
+            if world > 1:
+                from accelerate.utils import gather_object
+
+                shares = gather_object([scores])
+                scores = {k: [x for share in shares for x in share[k]] for k in scores}
+            row.update(judge_metrics(scores))
+            row["time_judge"] = time.perf_counter() - t_judge
+            if keeping_best and (best is None or row["judge_reward"] > best["judge_reward"]):
+                best = {"step": step, "judge_reward": row["judge_reward"]}
+                _save_best(out, inner, tokenizer, best)
         if accelerator.is_main_process:
             log.write(row)
             if step % config.samples_every == 0 or step == 1:
@@ -675,7 +819,8 @@ def train(
                     warned.add(w["code"])
                     logger.warning("step %d: %s %s", step, w["message"], w["suggestion"])
         if progress is not None:
-            progress(step / config.steps, f"step {step}/{config.steps}: reward {row['reward_mean']:.3f}, KL {row['kl']:.2f}")
+            judged = f", judge {row['judge_reward']:.3f}" if "judge_reward" in row else ""
+            progress(step / config.steps, f"step {step}/{config.steps}: reward {row['reward_mean']:.3f}, KL {row['kl']:.2f}{judged}")
 
         # --- Checkpoint
         if (config.save_every and step % config.save_every == 0) or step == config.steps:
@@ -688,6 +833,9 @@ def train(
     result = {"output_dir": str(out), "steps": config.steps, "config": config.to_dict()}
     if accelerator.is_main_process:
         result.update(_save_final(out, inner, tokenizer))
+        result.update(_keep_best(out, config, best))
+        result["judges"] = [name for name, _ in judges]
+        result["heldout_prompts"] = len(heldout_prompts)
         result["metrics"] = summary_metrics(log.history)
         result["diagnostics"] = diagnostics.check(log.history, config)
         (out / "summary.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
@@ -696,7 +844,7 @@ def train(
 
 # Fields a resumed run may change. Only `steps` touches training: a longer run re-stretches a
 # linear or cosine schedule from the resumed step on (keep `steps` to get exactly the next step).
-RESUME_MAY_CHANGE = {"steps", "save_every", "keep_checkpoints", "samples_every", "tensorboard", "mlflow"}
+RESUME_MAY_CHANGE = {"steps", "save_every", "keep_checkpoints", "samples_every", "tensorboard", "mlflow", "judge_every"}
 
 
 def _resumable(current: dict, saved: dict) -> dict:
@@ -776,29 +924,76 @@ def save_checkpoint(root: Path, step, config, inner, optimizer, scheduler, kl_ct
     return path
 
 
-def _save_final(out: Path, inner, tokenizer) -> dict:
-    """policy/ and value/ as plain model directories (LoRA merged in), loadable by load_policy."""
+def _save_model(module, target: Path, tokenizer) -> None:
+    """A plain model directory (LoRA merged in), loadable by load_policy."""
     from ppo.models import is_peft
 
+    if is_peft(module):
+        # Merged in place and unmerged after saving: a merged copy would add a whole model
+        # to the peak memory that LoRA is there to keep low.
+        from ppo.models import _base_weights
+
+        base = module.get_base_model()
+        module.merge_adapter()
+        try:
+            base.save_pretrained(target, state_dict=_base_weights(base.state_dict()))
+        finally:
+            module.unmerge_adapter()
+    else:
+        module.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+
+
+def _save_final(out: Path, inner, tokenizer) -> dict:
+    """policy/ and value/ as plain model directories (LoRA merged in), loadable by load_policy."""
     paths = {}
     for name, module in (("policy", inner.policy), ("value", inner.value)):
-        target = out / name
-        if is_peft(module):
-            # Merged in place and unmerged after saving: a merged copy would add a whole model
-            # to the peak memory that LoRA is there to keep low.
-            from ppo.models import _base_weights
-
-            base = module.get_base_model()
-            module.merge_adapter()
-            try:
-                base.save_pretrained(target, state_dict=_base_weights(base.state_dict()))
-            finally:
-                module.unmerge_adapter()
-        else:
-            module.save_pretrained(target)
-        tokenizer.save_pretrained(target)
-        paths[f"{name}_path"] = str(target)
+        _save_model(module, out / name, tokenizer)
+        paths[f"{name}_path"] = str(out / name)
     return paths
+
+
+def _save_best(out: Path, inner, tokenizer, best: dict) -> None:
+    """The policy of the best judged step so far in best-policy/, replaced whole (temp dir, then rename)."""
+    tmp, target = out / (BEST_DIR + ".tmp"), out / BEST_DIR
+    shutil.rmtree(tmp, ignore_errors=True)
+    _save_model(inner.policy, tmp, tokenizer)
+    (tmp / "kept.json").write_text(json.dumps(best), encoding="utf-8")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def _best_so_far(out: Path, start_step: int, history: list[dict]) -> dict | None:
+    """The best judged step a resumed keep_best=judge run starts from: best-policy/'s, unless it
+    was written after the checkpoint resumed from (those steps run again and judge again)."""
+    path = out / BEST_DIR / "kept.json"
+    if start_step and path.is_file():
+        best = json.loads(path.read_text(encoding="utf-8"))
+        if best["step"] <= start_step:
+            return best
+    shutil.rmtree(out / BEST_DIR, ignore_errors=True)
+    judged = [r for r in history if "judge_reward" in r]
+    if judged:
+        peak = max(judged, key=lambda r: r["judge_reward"])
+        logger.warning("keep_best=judge: the policy of judged step %d is not saved any more; the best is chosen among "
+                       "the steps after %d", peak["step"], start_step)
+    return None
+
+
+def _keep_best(out: Path, config: PPOConfig, best: dict | None) -> dict:
+    """With keep_best=judge, policy/ becomes the best judged step's policy and the last step's
+    moves to policy-last/ (value/ stays the last step's). Says which step policy/ holds."""
+    last = {"keep_best": config.keep_best, "kept_step": config.steps}
+    if config.keep_best != "judge" or best is None or best["step"] == config.steps:
+        shutil.rmtree(out / BEST_DIR, ignore_errors=True)
+        return last
+    shutil.rmtree(out / LAST_DIR, ignore_errors=True)
+    os.replace(out / "policy", out / LAST_DIR)
+    os.replace(out / BEST_DIR, out / "policy")
+    logger.info("keep_best=judge: policy/ is step %d's (judge reward %.4f); the last step's is in %s/",
+                best["step"], best["judge_reward"], LAST_DIR)
+    return {"keep_best": "judge", "kept_step": best["step"], "kept_judge_reward": best["judge_reward"],
+            "policy_last_path": str(out / LAST_DIR)}
 
 
 SUMMARY_KEYS = ("reward_mean", "reward_std", "kl", "kl_coef", "entropy", "response_length", "value_loss")
@@ -813,6 +1008,15 @@ def summary_metrics(history: list[dict], last: int = 5) -> dict:
     summary = {k: sum(r[k] for r in tail) / len(tail) for k in SUMMARY_KEYS}
     summary["reward_mean_first"] = history[0]["reward_mean"]
     summary["steps"] = history[-1]["step"]
+    judged = [r for r in history if "proxy_reward_heldout" in r]
+    if judged:
+        summary["proxy_reward_heldout"] = judged[-1]["proxy_reward_heldout"]
+        summary["kl_heldout"] = judged[-1]["kl_heldout"]
+    judged = [r for r in judged if "judge_reward" in r]
+    if judged:
+        peak = max(judged, key=lambda r: r["judge_reward"])
+        summary.update(judge_reward=judged[-1]["judge_reward"], judge_reward_peak=peak["judge_reward"],
+                       judge_peak_step=peak["step"])
     return summary
 
 
@@ -827,10 +1031,17 @@ def run_ppo(
     progress=None,
     cancelled=None,
     resume=None,
+    judges: list[str | Path] | None = None,
+    heldout_prompts: list | None = None,
 ) -> dict:
     """PPO from paths: load the policy (LoRA per config), the reward model (reward.score), and the
     value model (from the reward model when config.value_init == 'reward' and it shares the
-    policy's tokenizer, else from the policy); then train()."""
+    policy's tokenizer, else from the policy); then train().
+
+    judges: reward model directories PPO does not train on (never the proxy's), loaded like the
+    reward model (each re-tokenizes the text, so any tokenizer will do). heldout_prompts: the
+    prompts they judge on; when none are given and judging is on, config.judge_prompts of the
+    prompts are split off (split_heldout, seeded) and PPO trains on the rest."""
     from ppo.models import load_policy, load_value_model, same_tokenizer
 
     config = (config or PPOConfig()).validate()
@@ -838,6 +1049,13 @@ def run_ppo(
         from reward.score import load_reward_model
     except ImportError:
         raise PPOError("reward.score is not available; cannot load a reward model") from None
+    judge_paths = [str(j) for j in judges or []]
+    check_judges(config, reward_model, judge_paths)
+    if heldout_prompts is None and (judge_paths or config.judge_every):
+        prompts, heldout_prompts = split_heldout(list(prompts), config.judge_prompts, config.seed)
+        logger.info("judges: %d held-out prompts split off (judge_prompts); training on the other %d",
+                    len(heldout_prompts), len(prompts))
+    judge_fns = [(judge_name(j, i, judge_paths), load_reward_model(j).score) for i, j in enumerate(judge_paths)]
     scorer = load_reward_model(str(reward_model))
     model, tokenizer = load_policy(policy)
     value_model = None
@@ -857,6 +1075,40 @@ def run_ppo(
     else:
         reward_fn = scorer.score
     result = train(config, (model, tokenizer), reward_fn, prompts, output_dir, progress, cancelled,
-                   value_model=value_model, resume=resume)
-    result.update({"policy_base": str(policy), "reward_model": str(reward_model)})
+                   value_model=value_model, resume=resume, judges=judge_fns, heldout_prompts=heldout_prompts)
+    result.update({"policy_base": str(policy), "reward_model": str(reward_model),
+                   "judge_paths": dict(zip(result.get("judges", []), judge_paths))})
+    summary = Path(output_dir) / "summary.json"
+    if "policy_path" in result and summary.is_file():
+        # Main process only. What the run was trained and judged on, for eval-policy's self_judged check.
+        summary.write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
     return result
+
+
+def check_judges(config: PPOConfig, reward_model: str | Path, judges: list[str | Path]) -> None:
+    """Raise PPOError for judges that make no sense: the proxy reward model itself (it would judge
+    its own exploits), the same judge twice, or keep_best=judge without any judge."""
+    proxy = Path(str(reward_model)).resolve()
+    seen = set()
+    for j in judges:
+        path = Path(str(j)).resolve()
+        if path == proxy:
+            raise PPOError(f"--judge {j} (job param judges) is the reward model PPO trains on (--reward-model); "
+                           "a judge must be a reward model PPO does not train on")
+        if path in seen:
+            raise PPOError(f"--judge {j} (job param judges) is given twice")
+        seen.add(path)
+    if config.keep_best == "judge" and not judges:
+        raise PPOError("keep_best=judge needs at least one judge (--judge DIR, job param judges); "
+                       "without one use keep_best=last")
+
+
+def judge_name(path: str, index: int, paths: list[str]) -> str:
+    """A judge's name in the metrics (judge_reward/<name>): its directory's name, or, for a
+    model/ folder, its run's; the position is added where two names clash."""
+    p = Path(path).resolve()
+    name = p.parent.name if p.name in ("model", "policy") else p.name
+    others = [Path(q).resolve() for i, q in enumerate(paths) if i != index]
+    if any((o.parent.name if o.name in ("model", "policy") else o.name) == name for o in others):
+        name = f"{name}-{index + 1}"
+    return name

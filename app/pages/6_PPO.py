@@ -21,9 +21,9 @@ from annotation.store import session_factory  # noqa: E402
 from app.jobs import cancel_job, get_job, job_run_dir, list_jobs, log_tail, submit_job  # noqa: E402
 from app.settings import get_settings  # noqa: E402
 from ppo.errors import PPOError  # noqa: E402
-from ppo.runs import curve_rows, find_run_dir, read_config, read_metrics, read_samples, run_warnings  # noqa: E402
+from ppo.runs import curve_rows, find_run_dir, judge_curve_rows, read_config, read_metrics, read_samples, run_warnings  # noqa: E402
 from ppo.sft import DEFAULT_POLICY  # noqa: E402
-from ppo.train import PPOConfig  # noqa: E402
+from ppo.train import PPOConfig, check_judges, field_docs  # noqa: E402
 from reward.registry import list_models  # noqa: E402
 
 engine = get_engine()
@@ -51,11 +51,17 @@ with start_tab:
     if not reward_models:
         st.info("No reward model is registered yet: train one on the Reward page or with `rlhf train-rm` first.")
     else:
-        defaults = PPOConfig()
+        defaults, docs = PPOConfig(), field_docs()
         reward_choices = {f"{name} (#{id_}){' — active' if active else ''}": path for id_, name, path, active in reward_models}
+        # Outside the form, so that the judges offered below are the other reward models.
+        reward_label = st.selectbox("Reward model", list(reward_choices), key="ppo_reward")
         with st.form("ppo_start"):
             policy_label = st.selectbox("Policy to train", list(policy_choices), key="ppo_policy")
-            reward_label = st.selectbox("Reward model", list(reward_choices), key="ppo_reward")
+            judge_labels = st.multiselect(
+                "Judges: reward models PPO does not train on, scoring held-out prompts (optional)",
+                [label for label in reward_choices if label != reward_label], key="ppo_judges",
+                help=docs["judge_every"])
+            keep_best = st.selectbox("Keep", ["last", "judge"], key="ppo_keep_best", help=docs["keep_best"])
             prompts_project = st.selectbox("Prompts from project", projects, key="ppo_prompts_project") if projects else None
             prompts_file = st.text_input("…or a prompts file on the server (JSONL)", key="ppo_prompts_file")
             c1, c2, c3 = st.columns(3)
@@ -81,8 +87,13 @@ with start_tab:
                 params["prompts_project"] = prompts_project
             if run_name.strip():
                 params["name"] = run_name.strip()
+            if judge_labels:
+                params["judges"] = [reward_choices[label] for label in judge_labels]
+            if keep_best != defaults.keep_best:
+                params["keep_best"] = keep_best
             try:
-                PPOConfig.from_dict({k: v for k, v in params.items() if k in PPOConfig.__dataclass_fields__}).validate()
+                config = PPOConfig.from_dict({k: v for k, v in params.items() if k in PPOConfig.__dataclass_fields__}).validate()
+                check_judges(config, params["reward_model"], params.get("judges", []))
                 if "prompts" not in params and "prompts_project" not in params:
                     raise PPOError("choose a project or a prompts file to take prompts from")
                 job_id = submit_job(engine, "ppo", params, created_by=user.id)
@@ -129,6 +140,19 @@ def _run_view(job_id: int) -> None:
         left, right = st.columns(2)
         left.altair_chart(reward_chart, width="stretch")
         right.altair_chart(kl_chart, width="stretch")
+        judged = pd.DataFrame(judge_curve_rows(history))
+        if not judged.empty:
+            # Gao et al.'s over-optimisation curve: the proxy keeps rising with KL, a judge peaks and falls.
+            # Each on its own axis: the proxy and the judges score on different scales.
+            base = alt.Chart(judged).encode(x=alt.X("kl:Q", title="KL to reference (nats, held-out prompts)"),
+                                            tooltip=["step:Q", "metric:N", "value:Q", "kl:Q"])
+            proxy_line = (base.transform_filter(alt.datum.metric == "proxy_reward_heldout").mark_line(point=True)
+                          .encode(y=alt.Y("value:Q", title="proxy reward (held-out)")))
+            judge_line = (base.transform_filter(alt.datum.metric == "judge_reward").mark_line(point=True, color="#2ca02c")
+                          .encode(y=alt.Y("value:Q", title="judges' reward (held-out)")))
+            st.altair_chart(alt.layer(proxy_line, judge_line).resolve_scale(y="independent")
+                            .properties(title="Over-optimisation: proxy (blue) and judges (green) against KL", height=260),
+                            width="stretch")
         warnings = run_warnings(run_dir, history)
         for w in warnings:
             st.warning(f"step {w['step']} — {w['message']}. Suggested: {w['suggestion']}")
