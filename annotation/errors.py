@@ -30,3 +30,11 @@ class StoreError(AnnotationError):
     def __init__(self, url: str | None, reason: str):
         self.url, self.reason = url, reason
         super().__init__(f"cannot open the database{f' {url}' if url else ''}: {reason}")
+
+
+class JobCancelled(Exception):
+    """Raised inside a job when its cancellation was requested; the job runner (app.jobs) marks the job cancelled.
+
+    It lives here, in the lowest layer, so the job handlers in reward/ and ppo/ can raise it without
+    importing app/ (DESIGN.md, Layers). It is not an AnnotationError: nothing was wrong with the input.
+    """

@@ -1,5 +1,8 @@
 """Model versions in the `models` table: register, list, look up, and mark one reward model active per project.
 
+Reward models and policies alike are written here, beside the table (DESIGN.md: one registry
+function for every caller): the reward side, the policy side and the app all reach down to it.
+
 Functions take a session and never commit: the caller's `transaction(engine)` decides, so that a
 job's result and its registered models land together or not at all.
 """
@@ -9,8 +12,8 @@ from __future__ import annotations
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from annotation.errors import AnnotationError
 from annotation.store import MODEL_KINDS, RegisteredModel
-from reward.errors import RewardError
 
 FIELDS = ("kind", "name", "path", "base_model", "parent_id", "project_id", "job_id", "data_hash", "data_rows",
           "params", "metrics", "active")
@@ -20,12 +23,12 @@ def register_model(session: Session, **fields) -> RegisteredModel:
     """Insert one model row. Required: kind, name, path; the rest of FIELDS are optional."""
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
-        raise RewardError(f"unknown model field(s) {', '.join(unknown)}; expected some of {', '.join(FIELDS)}")
+        raise AnnotationError(f"unknown model field(s) {', '.join(unknown)}; expected some of {', '.join(FIELDS)}")
     for required in ("kind", "name", "path"):
         if not fields.get(required):
-            raise RewardError(f"a registered model needs '{required}'")
+            raise AnnotationError(f"a registered model needs '{required}'")
     if fields["kind"] not in MODEL_KINDS:
-        raise RewardError(f"model kind '{fields['kind']}' is unknown; expected one of {', '.join(MODEL_KINDS)}")
+        raise AnnotationError(f"model kind '{fields['kind']}' is unknown; expected one of {', '.join(MODEL_KINDS)}")
     fields["path"] = str(fields["path"])
     fields.setdefault("params", {})
     fields.setdefault("metrics", {})
@@ -59,7 +62,7 @@ def get_model(session: Session, id_or_name: int | str) -> RegisteredModel:
             .order_by(RegisteredModel.created_at.desc(), RegisteredModel.id.desc()).limit(1)
         ).first()
     if row is None:
-        raise RewardError(f"no registered model with id or name '{id_or_name}'; `rlhf models list` shows them")
+        raise AnnotationError(f"no registered model with id or name '{id_or_name}'; `rlhf models list` shows them")
     return row
 
 
@@ -67,9 +70,9 @@ def set_active(session: Session, model_id: int) -> RegisteredModel:
     """Mark a reward model active, and every other reward model of the same project inactive."""
     row = session.get(RegisteredModel, int(model_id))
     if row is None:
-        raise RewardError(f"no registered model with id {model_id}")
+        raise AnnotationError(f"no registered model with id {model_id}")
     if row.kind != "reward":
-        raise RewardError(f"model {model_id} is a {row.kind} model; only reward models can be marked active")
+        raise AnnotationError(f"model {model_id} is a {row.kind} model; only reward models can be marked active")
     same_project = (RegisteredModel.project_id.is_(None) if row.project_id is None
                     else RegisteredModel.project_id == row.project_id)
     session.execute(

@@ -30,8 +30,11 @@ def import_cmd(
     """Import a JSONL file into a project; nothing is written unless every line is valid."""
     from annotation.io import import_file
     from annotation.io.formats import check_max_field_chars
+    from app.settings import get_settings
 
     check_max_field_chars(max_field_chars)  # before the store is opened
+    if max_field_chars is None:
+        max_field_chars = get_settings().max_field_chars
     report = import_file(engine(), path, project, format=format, source_annotator=source, max_field_chars=max_field_chars)
     skipped = sum(report.skipped.values())
     lines = [

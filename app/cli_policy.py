@@ -33,8 +33,8 @@ MaxPromptLengthOpt = typer.Option(256, "--max-prompt-length", help="Prompt token
 def _reward_model_path(value: str, option: str = "--reward-model") -> str:
     if Path(value).is_dir():
         return value
+    from annotation.registry import get_model
     from annotation.store import transaction
-    from reward.registry import get_model
 
     with transaction(engine()) as session:
         row = get_model(session, value)
@@ -81,11 +81,11 @@ def sft(
     """Supervised fine-tuning (TRL SFTTrainer) with the chat template; the result is registered as a policy."""
     import logging
 
+    from annotation.registry import register_model
     from annotation.store import transaction
     from app.settings import get_settings
     from ppo.jobs import project_id_of, registered_policy_id, sft_rows
     from ppo.sft import SFTOptions, resolve_base, train_sft
-    from reward.registry import register_model
 
     from annotation.names import registry_name
 

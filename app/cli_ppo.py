@@ -95,9 +95,9 @@ def ppo(
                      resume=resume or None, judges=judge_paths)
     model_id = None
     if register:
+        from annotation.registry import register_model
         from annotation.store import transaction
         from ppo.jobs import prompts_hash, project_id_of, registered_policy_id
-        from reward.registry import register_model
 
         eng = engine()
         row = {

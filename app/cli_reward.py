@@ -53,10 +53,10 @@ def train_rm(
     """Train a reward model (TRL RewardTrainer, Bradley-Terry loss) and register it."""
     import logging
 
+    from annotation.registry import register_model
     from annotation.store import transaction
     from app.settings import get_settings
     from reward.data import project_id_of, training_data
-    from reward.registry import register_model
     from reward.train import main_process, train_reward_model
 
     from annotation.names import registry_name
@@ -123,10 +123,10 @@ def eval_rm(
     as_json: bool = JsonOpt,
 ) -> None:
     """Accuracy, margin, Bradley-Terry log-loss, calibration (ECE), agreement and length-bias breakdowns."""
+    from annotation.registry import get_model
     from annotation.store import transaction
     from reward.data import load_pairs
     from reward.evaluate import evaluate_model, save_reliability_plot
-    from reward.registry import get_model
 
     eng = None
     if not Path(model).is_dir():
@@ -163,9 +163,9 @@ def models_list(
     as_json: bool = JsonOpt,
 ) -> None:
     """Registered models, newest first, with their key metrics."""
+    from annotation.registry import list_models
     from annotation.store import transaction
     from reward.data import project_id_of
-    from reward.registry import list_models
 
     eng = engine()
     pid = project_id_of(eng, project)
@@ -182,8 +182,8 @@ def models_list(
 @models_cli.command("activate")
 def models_activate(model: str = typer.Argument(..., help="Registered reward model id or name."), as_json: bool = JsonOpt) -> None:
     """Mark a reward model active for its project (the one PPO and the app use by default)."""
+    from annotation.registry import get_model, set_active
     from annotation.store import transaction
-    from reward.registry import get_model, set_active
 
     with transaction(engine()) as session:
         row = set_active(session, get_model(session, model).id)

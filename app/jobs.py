@@ -48,7 +48,7 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from annotation.errors import AnnotationError
+from annotation.errors import AnnotationError, JobCancelled  # JobCancelled: re-exported for handlers and tests
 from annotation.store import JOB_KINDS, JOB_STATUSES, Job, User, is_sqlite, make_engine, transaction, utcnow
 
 HANDLERS: dict[str, str] = {
@@ -69,10 +69,6 @@ LOG_NAME = "job.log"
 
 class JobError(AnnotationError):
     """A job request that cannot be done (unknown kind, bad params, no such job); the message says why."""
-
-
-class JobCancelled(Exception):
-    """Raised inside a job when its cancellation was requested; the runner marks the job cancelled."""
 
 
 # --------------------------------------------------------------------------- handlers
@@ -354,7 +350,7 @@ def _on_sigterm(signum, frame):
 
 def _complete(engine: Engine, job_id: int, result: dict) -> list[int]:
     """Register the result's models and mark the job succeeded, together or not at all."""
-    from reward.registry import register_model
+    from annotation.registry import register_model
 
     if not isinstance(result, dict):
         raise JobError(f"the job handler returned {type(result).__name__}; expected a dict")
@@ -719,7 +715,7 @@ def _main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "run" or not argv[1].isdigit():
         print("usage: python -m app.jobs run JOB_ID", file=sys.stderr)
         return 2
-    # Import through the package, not __main__, so handlers' `app.jobs.JobCancelled` is this one.
+    # Import through the package, not __main__, so handlers that import app.jobs share this one copy of it.
     from app.jobs import run_job as run
 
     return run(int(argv[1]))

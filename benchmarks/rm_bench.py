@@ -132,9 +132,10 @@ def main() -> int:
     parser.add_argument("--tmp", default=None)
     args = parser.parse_args()
     if args.base is None:
+        from app.settings import get_settings
         from reward.train import resolve_base
 
-        args.base = resolve_base("minilm")
+        args.base = resolve_base("minilm", get_settings())
     from reward.train import TrainParams
 
     args.batch_size = TrainParams().batch_size

@@ -29,8 +29,8 @@ SECOND_SAMPLE_SEED_OFFSET = 1_000_003
 
 def resolve_policy(engine, value: str) -> tuple[str, str]:
     """(path, name) for a model directory or a registered policy's id or name."""
+    from annotation.registry import list_models
     from annotation.store import transaction
-    from reward.registry import list_models
 
     path = Path(value)
     if path.exists():
@@ -43,14 +43,14 @@ def resolve_policy(engine, value: str) -> tuple[str, str]:
                         break
         return str(path), name or _dir_name(path)
     if engine is not None:
-        from reward.errors import RewardError
-        from reward.registry import get_model
+        from annotation.errors import AnnotationError
+        from annotation.registry import get_model
 
         try:
             with transaction(engine) as session:
                 row = get_model(session, value)
                 kind, row_path, row_name = row.kind, row.path, row.name
-        except RewardError:
+        except AnnotationError:
             pass
         else:
             if kind != "policy":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from annotation.errors import JobCancelled
 from ppo.errors import PPOError
 
 SFT_SOURCE_KEYS = ("data", "project", "aggregation", "base", "name", "parent_id")
@@ -20,8 +21,6 @@ GENERATE_KEYS = ("policy", "policy_b", "prompts", "prompts_project", "project", 
 
 
 def _cancelled_error(ctx):
-    from app.jobs import JobCancelled
-
     return JobCancelled(f"job {ctx.job_id} cancelled")
 
 
@@ -43,8 +42,8 @@ def project_id_of(engine, project: str | None) -> int | None:
 
 def registered_policy_id(engine, path: str) -> int | None:
     """The id of the registered policy stored at `path`, if any (the parent of a model trained from it)."""
+    from annotation.registry import list_models
     from annotation.store import transaction
-    from reward.registry import list_models
 
     target = Path(path).resolve()
     with transaction(engine) as session:
@@ -153,8 +152,8 @@ def reward_model_path(engine, value: str, param: str = "reward_model") -> str:
     """A reward model directory, or a registered reward model's id or name resolved to its path."""
     if Path(str(value)).is_dir():
         return str(value)
+    from annotation.registry import get_model
     from annotation.store import transaction
-    from reward.registry import get_model
 
     with transaction(engine) as session:
         row = get_model(session, str(value))

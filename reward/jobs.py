@@ -16,6 +16,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from annotation.errors import JobCancelled
 from reward.errors import RewardError
 
 SOURCE_KEYS = ("project", "data", "aggregation", "eval_fraction", "name", "parent_id")
@@ -36,8 +37,6 @@ def _train_params(params: dict):
 
 
 def _checker(ctx):
-    from app.jobs import JobCancelled
-
     def check() -> None:
         if ctx.cancelled():
             raise JobCancelled(f"job {ctx.job_id} cancelled")
@@ -46,9 +45,9 @@ def _checker(ctx):
 
 
 def train_rm(params: dict, ctx) -> dict:
+    from annotation.registry import active_model
     from annotation.store import transaction
     from reward.data import project_id_of, training_data
-    from reward.registry import active_model
     from reward.train import train_reward_model
 
     from annotation.names import registry_name
@@ -85,10 +84,10 @@ def _summary(metrics: dict) -> dict:
 
 
 def eval_rm(params: dict, ctx) -> dict:
+    from annotation.registry import get_model
     from annotation.store import transaction
     from reward.data import load_pairs
     from reward.evaluate import evaluate_model
-    from reward.registry import get_model
 
     unknown = sorted(set(params) - {"model", "project", "data", "split", "aggregation"})
     if unknown:

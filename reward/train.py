@@ -1,7 +1,8 @@
 """Reward-model training with TRL's RewardTrainer (Bradley-Terry loss), single models and bootstrap ensembles.
 
     from reward.train import TrainParams, train_reward_model
-    result = train_reward_model(train_pairs, Path("runs/rm-1"), TrainParams(base="minilm"), eval_pairs=held_out)
+    result = train_reward_model(train_pairs, Path("runs/rm-1"), TrainParams(base="minilm"), eval_pairs=held_out,
+                                settings=settings)  # the caller's settings: "minilm" is fetched under their model_dir
 
 What we set on top of TRL's defaults, and why:
 - precision by plan (reward.precision): fp32 weights always, bf16 autocast only where it is native
@@ -128,10 +129,8 @@ def hardware_plan(precision: str = "auto") -> dict:
 def resolve_base(name: str, settings=None) -> str:
     """A base model name (minilm, smollm2), a local directory or a hub id, as something from_pretrained loads."""
     if name in BASE_ALIASES:
-        if settings is None:
-            from app.settings import get_settings
-
-            settings = get_settings()
+        if settings is None:  # the app's settings come in as an argument (DESIGN.md, Layers)
+            raise RewardError(f"base '{name}' is a fetched model's name; resolve_base needs the settings to find it under their model_dir")
         path = Path(settings.model_dir) / BASE_ALIASES[name]
         if not (path / "config.json").is_file():
             raise RewardError(f"base '{name}' is not fetched: {path} has no config.json; run `rlhf models fetch` first")

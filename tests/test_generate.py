@@ -93,10 +93,10 @@ def test_generate_cli_and_job_write_items_named_after_registered_policies(settin
     from typer.testing import CliRunner
 
     import app.cli_policy  # noqa: F401  (adds the policy commands to the app)
+    from annotation.registry import register_model
     from annotation.store import init_db
     from app.cli import cli
     from ppo.jobs import generate
-    from reward.registry import register_model
 
     engine = init_db(settings.db_url)
     with transaction(engine) as s:

@@ -69,8 +69,8 @@ def test_rlhf_ppo_trains_registers_and_prints_diagnostics(files, settings, tmp_p
     saved = (out / "config.yaml").read_text()
     assert "learning_rate: 0.001" in saved and "missing_eos_penalty: 1.0" in saved and "batch_size: 8" in saved
 
+    from annotation.registry import get_model
     from annotation.store import transaction
-    from reward.registry import get_model
 
     with transaction(settings_engine(settings)) as session:
         row = get_model(session, "ppo-tiny")

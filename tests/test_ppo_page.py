@@ -21,7 +21,7 @@ def open_page(engine, username):
 
 
 def register(engine, **fields):
-    from reward.registry import register_model
+    from annotation.registry import register_model
 
     with transaction(engine) as s:
         return register_model(s, **fields).id

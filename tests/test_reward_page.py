@@ -49,7 +49,7 @@ def test_retrain_button_queues_a_train_rm_job_for_the_project(store):
 
 
 def test_versions_show_metrics_and_make_active_switches_the_flag(store, tmp_path):
-    from reward.registry import register_model
+    from annotation.registry import register_model
 
     with transaction(store) as s:
         pid = s.scalar(select(Project.id).where(Project.name == "demo"))

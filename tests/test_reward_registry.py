@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from annotation.errors import AnnotationError
 from annotation.projects import create_project
+from annotation.registry import active_model, get_model, list_models, register_model, set_active
 from annotation.store import RegisteredModel, transaction
-from reward.errors import RewardError
-from reward.registry import active_model, get_model, list_models, register_model, set_active
 
 
 def _setup(engine):
@@ -51,11 +51,11 @@ def test_lineage_lookup_and_listing(engine):
 def test_registry_errors_are_clear(engine):
     p1, p2, a, b, c, pol = _setup(engine)
     with transaction(engine) as s:
-        with pytest.raises(RewardError, match="only reward models can be marked active"):
+        with pytest.raises(AnnotationError, match="only reward models can be marked active"):
             set_active(s, pol)
-        with pytest.raises(RewardError, match="no registered model with id or name 'nope'"):
+        with pytest.raises(AnnotationError, match="no registered model with id or name 'nope'"):
             get_model(s, "nope")
-        with pytest.raises(RewardError, match="model kind 'critic' is unknown"):
+        with pytest.raises(AnnotationError, match="model kind 'critic' is unknown"):
             register_model(s, kind="critic", name="x", path="/x")
-        with pytest.raises(RewardError, match="unknown model field"):
+        with pytest.raises(AnnotationError, match="unknown model field"):
             register_model(s, kind="reward", name="x", path="/x", accuracy=1)

@@ -161,9 +161,9 @@ def test_sft_cli_registers_the_policy_only_when_training_has_finished(settings, 
     from typer.testing import CliRunner
 
     import app.cli_policy  # noqa: F401  (adds the policy commands to the app)
+    from annotation.registry import list_models
     from annotation.store import init_db, transaction
     from app.cli import cli
-    from reward.registry import list_models
 
     data = tmp_path / "sft.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n", encoding="utf-8")

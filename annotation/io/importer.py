@@ -88,10 +88,7 @@ def import_file(
 
     Nothing is written unless the whole file is valid. See annotation.io.formats for the formats.
     """
-    if max_field_chars is None:
-        from app.settings import get_settings
-
-        max_field_chars = get_settings().max_field_chars
+    # None: annotation.io.formats.DEFAULT_MAX_FIELD_CHARS. The app passes its max_field_chars setting.
     parser = LineParser(path, format, max_field_chars)
     source_username(source_annotator)  # checked before anything is read or written
     report = ImportReport(path=str(path), format=parser.format, project=project)

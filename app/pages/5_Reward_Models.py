@@ -18,9 +18,8 @@ import pandas as pd  # noqa: E402
 
 from annotation.browse import list_projects  # noqa: E402
 from annotation.errors import AnnotationError  # noqa: E402
+from annotation.registry import activate, model_rows, run_files  # noqa: E402
 from app.jobs import cancel_job, get_job, list_jobs, log_tail, submit_job  # noqa: E402
-from reward.errors import RewardError  # noqa: E402
-from reward.registry import activate, model_rows, run_files  # noqa: E402
 from reward.train import TrainParams  # noqa: E402
 
 engine = get_engine()
@@ -108,7 +107,7 @@ if st.button("Make active"):
     try:
         activate(engine, pick)
         st.rerun()
-    except RewardError as exc:
+    except AnnotationError as exc:
         st.error(str(exc))
 
 curves, calib, length = [], [], []

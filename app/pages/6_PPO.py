@@ -17,6 +17,7 @@ user = page_user("researcher")
 
 from annotation.browse import list_projects  # noqa: E402  (after the role check)
 from annotation.errors import AnnotationError  # noqa: E402
+from annotation.registry import list_models  # noqa: E402
 from annotation.store import session_factory  # noqa: E402
 from app.jobs import cancel_job, get_job, job_run_dir, list_jobs, log_tail, submit_job  # noqa: E402
 from app.settings import get_settings  # noqa: E402
@@ -24,7 +25,6 @@ from ppo.errors import PPOError  # noqa: E402
 from ppo.runs import curve_rows, find_run_dir, judge_curve_rows, read_config, read_metrics, read_samples, run_warnings  # noqa: E402
 from ppo.sft import DEFAULT_POLICY  # noqa: E402
 from ppo.train import PPOConfig, check_judges, field_docs  # noqa: E402
-from reward.registry import list_models  # noqa: E402
 
 engine = get_engine()
 settings = get_settings()
