@@ -184,9 +184,15 @@ def log_tail(job: dict, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def cancel_job(engine: Engine, job_id: int) -> str:
-    """Cancel a job: a queued one at once, a running one by asking its worker. Returns the new status."""
+def cancel_job(engine: Engine, job_id: int, *, by_user_id: int | None = None) -> str:
+    """Cancel a job: a queued one at once, a running one by asking its worker. Returns the new status.
+    `by_user_id`: the app user asking, checked here to be an active researcher or admin (None: the
+    command line, whose operator owns the database)."""
+    from annotation.auth import require_role
+
     with transaction(engine) as session:
+        if by_user_id is not None:
+            require_role(session.get(User, by_user_id), "researcher")
         job = session.get(Job, job_id)
         if job is None:
             raise JobError(f"no job with id {job_id}; `rlhf jobs list` shows them")

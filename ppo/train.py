@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -387,7 +388,10 @@ def step_seed(seed: int, step: int, process_index: int) -> int:
 def rng_state() -> dict:
     import numpy as np
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # Plain tensors, ints and tuples only, so a checkpoint loads with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -397,7 +401,8 @@ def set_rng_state(state: dict) -> None:
     import numpy as np
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -649,7 +654,12 @@ def train(
         ckpt = latest_checkpoint(ckpt_root) if resume is True else Path(resume)
         if ckpt is None:
             raise PPOError(f"resume: no checkpoint under {ckpt_root}")
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint is data (tensors, numbers, strings); nothing in it is unpickled
+        # as code, whatever directory --resume names.
+        try:
+            state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+            raise PPOError(f"resume {ckpt}: state.pt is not a PPO checkpoint this version can read ({exc})") from None
         # Fields added since the checkpoint was written count as their defaults.
         saved_config = {**type(config)().to_dict(), **state["config"]}
         if saved_config != _resumable(config.to_dict(), saved_config):

@@ -109,6 +109,30 @@ def test_cancel_while_queued_is_immediate_and_the_worker_never_runs_it(jset):
         jobs.cancel_job(eng, job_id)
 
 
+def test_cancel_from_the_app_checks_the_user_inside_the_action(jset):
+    """The pages' Cancel buttons pass the acting user: an annotator, or a researcher deactivated since
+    the page was drawn, cannot cancel a job."""
+    from annotation.auth import create_user
+    from annotation.errors import AnnotationError
+    from annotation.store import User
+
+    _, eng = jset
+    with transaction(eng) as s:
+        ann = create_user(s, "ann-cancel", None, "annotator").id
+        res = create_user(s, "res-cancel", None, "researcher").id
+    job_id = jobs.submit_job(eng, "t_ok", {})
+    with pytest.raises(AnnotationError, match="permission denied"):
+        jobs.cancel_job(eng, job_id, by_user_id=ann)
+    with transaction(eng) as s:
+        s.get(User, res).active = False
+    with pytest.raises(AnnotationError, match="not logged in"):
+        jobs.cancel_job(eng, job_id, by_user_id=res)
+    assert jobs.get_job(eng, job_id)["status"] == "queued"
+    with transaction(eng) as s:
+        s.get(User, res).active = True
+    assert jobs.cancel_job(eng, job_id, by_user_id=res) == "cancelled"
+
+
 def test_claims_are_atomic_under_concurrent_workers(jset):
     _, eng = jset
     ids = {jobs.submit_job(eng, "t_ok", {"i": i}) for i in range(24)}

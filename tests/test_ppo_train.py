@@ -180,6 +180,25 @@ def test_resume_from_checkpoint_gives_the_same_next_step(tmp_path):
         assert torch.equal(pa, pb), name
 
 
+class _RunsOnLoad:
+    """A pickle payload: unpickling it calls os.system. weights_only loading must refuse it."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch ran-on-load",))
+
+
+def test_resume_never_unpickles_code_from_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000001"
+    ckpt.mkdir(parents=True)
+    torch.save({"step": 1, "config": _RunsOnLoad()}, ckpt / "state.pt")
+    with pytest.raises(PPOError, match="is not a PPO checkpoint this version can read"):
+        train(small_config(steps=2), tiny_policy(), share_of_yes, tiny_prompts(), tmp_path / "run", resume=True)
+    assert not (tmp_path / "ran-on-load").exists()
+
+
 def test_resume_refuses_a_changed_config(tmp_path):
     train(small_config(steps=1, learning_rate=2e-3), tiny_policy(), share_of_yes, tiny_prompts(), tmp_path / "a")
     with pytest.raises(PPOError, match="learning_rate"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from app.ui import get_engine, page_user, user_caption
+from app.ui import escape_markdown, get_engine, page_user, user_caption
 
 user = page_user("researcher")
 
@@ -61,21 +61,22 @@ with items_tab:
         item_id = st.selectbox("Open item", frame["item_id"].tolist(), key="data_item_id")
         detail = item_detail(engine, project.id, int(item_id))
         with st.container(border=True):
-            st.markdown(f"**Item {detail['item_id']}**" + (f" · external id `{detail['external_id']}`" if detail["external_id"] else ""))
+            st.markdown(f"**Item {detail['item_id']}**"
+                        + (f" · external id {escape_markdown(detail['external_id'])}" if detail["external_id"] else ""))
             turns = chat_turns(detail["prompt"])
             if turns is None:
-                st.markdown(str(detail["prompt"]))
+                st.text(str(detail["prompt"]))  # item text verbatim: no Markdown, no remote images
             else:
                 for turn in turns:
                     with st.chat_message(turn["role"] if turn["role"] in ("user", "assistant") else "system"):
-                        st.markdown(turn["content"])
+                        st.text(turn["content"])
             a_col, b_col = st.columns(2)
             with a_col:
-                st.markdown(f"**A** · source: `{detail['source_a'] or 'unknown'}`")
-                st.markdown(detail["response_a"])
+                st.markdown(f"**A** · source: {escape_markdown(detail['source_a'] or 'unknown')}")
+                st.text(detail["response_a"])
             with b_col:
-                st.markdown(f"**B** · source: `{detail['source_b'] or 'unknown'}`")
-                st.markdown(detail["response_b"])
+                st.markdown(f"**B** · source: {escape_markdown(detail['source_b'] or 'unknown')}")
+                st.text(detail["response_b"])
             if detail["flags"]:
                 st.markdown("**Flags**")
                 st.dataframe(detail["flags"], hide_index=True)

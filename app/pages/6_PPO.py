@@ -11,14 +11,14 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from app.ui import get_engine, page_user, user_caption
+from app.ui import REFUSED_MESSAGE, action_user, get_engine, page_user, user_caption
 
 user = page_user("researcher")
 
 from annotation.browse import list_projects  # noqa: E402  (after the role check)
 from annotation.errors import AnnotationError  # noqa: E402
 from annotation.registry import list_models  # noqa: E402
-from annotation.store import session_factory  # noqa: E402
+from annotation.store import reading  # noqa: E402
 from app.jobs import cancel_job, get_job, job_run_dir, list_jobs, log_tail, submit_job  # noqa: E402
 from app.settings import get_settings  # noqa: E402
 from ppo.errors import PPOError  # noqa: E402
@@ -32,7 +32,7 @@ settings = get_settings()
 st.title("PPO")
 user_caption(user)
 
-with session_factory(engine)() as session:
+with reading(engine) as session:  # read-only: no write lock on SQLite
     policies = [(m.id, m.name, m.path, m.base_model, m.parent_id, m.created_at, dict(m.metrics or {}))
                 for m in list_models(session, kind="policy")]
     reward_models = [(m.id, m.name, m.path, m.active) for m in list_models(session, kind="reward")]
@@ -108,11 +108,16 @@ with start_tab:
 
 
 def _run_view(job_id: int) -> None:
+    # A fragment reruns alone, without the page's page_user check: check again on every rerun.
+    acting = action_user("researcher")
+    if acting is None:
+        st.error(REFUSED_MESSAGE)
+        return
     job = get_job(engine, job_id)
     st.progress(float(job["progress"]), text=f"job {job_id}: {job['status']} — {job['message'] or 'waiting for a worker'}")
     if job["status"] in ("queued", "running") and st.button("Cancel this run", key=f"ppo_cancel_{job_id}"):
         try:
-            cancel_job(engine, job_id)
+            cancel_job(engine, job_id, by_user_id=acting.id)
         except AnnotationError as exc:
             st.error(str(exc))
         st.rerun()
