@@ -12,7 +12,7 @@ import streamlit as st
 from sqlalchemy import text
 
 from app.settings import get_settings
-from app.ui import allowed_pages, current_user, get_engine, log_out, page_title, try_log_in, WRONG_LOGIN_MESSAGE
+from app.ui import PAGES_DIR, allowed_pages, current_user, get_engine, log_out, page_title, sync_cookie, try_log_in
 
 DEFAULT_MODELS = ("SmolLM2-135M-Instruct", "all-MiniLM-L6-v2")
 
@@ -27,8 +27,9 @@ def _login_form() -> None:
             password = st.text_input("Password", type="password", key="login_password")
             submitted = st.form_submit_button("Log in", type="primary")
         if submitted:
-            if try_log_in(username, password) is None:
-                st.error(WRONG_LOGIN_MESSAGE)
+            user, why = try_log_in(username, password)
+            if user is None:
+                st.error(why)
             else:
                 st.rerun()
 
@@ -69,10 +70,16 @@ def home() -> None:
 
 def main() -> None:
     st.set_page_config(page_title="RLHF Studio", layout="wide")
+    sync_cookie()
     user = current_user()
     pages = [st.Page(home, title="Home", url_path="home", default=True)]
-    for path in allowed_pages(user.role if user else None):
-        pages.append(st.Page(f"pages/{path.name}", title=page_title(path)))
+    # Every page is registered, so a bookmark or a reload reaches the page asked for and that page's
+    # own check answers (log in first / not for your role), never "Page not found"; the menu shows
+    # only the allowed ones.
+    allowed = set(allowed_pages(user.role if user else None))
+    for path in sorted(PAGES_DIR.glob("[0-9]*_*.py")):
+        pages.append(st.Page(f"pages/{path.name}", title=page_title(path),
+                             visibility="visible" if path in allowed else "hidden"))
     nav = st.navigation(pages)
     if user is not None:
         with st.sidebar:

@@ -7,8 +7,8 @@ on the server on every rerun, so opening a page by URL gives a refusal and nothi
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -16,12 +16,20 @@ import streamlit as st
 from sqlalchemy.engine import Engine
 
 from annotation.auth import authenticate
-from annotation.store import User, init_db, reading, session_factory, utcnow
+from annotation.sessions import close_session, login_stamp, open_session, record_failure, record_success, session_user, throttled
+from annotation.store import User, init_db, reading, utcnow
 from app.settings import get_settings
 
 # A failed login waits this long on top of argon2's own cost, so guessing is slow whatever failed.
 FAILED_LOGIN_DELAY_S = 1.0
 WRONG_LOGIN_MESSAGE = "Wrong username or password."
+TOO_MANY_LOGINS_MESSAGE = "Too many failed logins for this account or from this address; try again in 15 minutes."
+BUSY_MESSAGE = "The server is busy checking other logins; try again in a moment."
+SESSION_COOKIE = "rlhf_session"
+# argon2 costs 64 MiB and a core per check: many parallel guesses must not exhaust the server.
+MAX_PASSWORD_CHECKS = 2
+PASSWORD_CHECK_WAIT_S = 10.0
+_password_checks = threading.BoundedSemaphore(MAX_PASSWORD_CHECKS)
 
 PAGES_DIR = Path(__file__).with_name("pages")
 # Which roles see each page in the menu (admins see everything). The pages check again themselves:
@@ -49,49 +57,100 @@ def get_engine() -> Engine:
 
 
 def current_user() -> User | None:
-    """The logged-in user, re-read from the store (a deactivated user is out at once), or None."""
-    user_id = st.session_state.get("user_id")
-    expires = st.session_state.get("login_expires")
-    if user_id is None or expires is None or utcnow() > expires:
-        st.session_state.pop("user_id", None)
+    """The logged-in user, re-read from the store (a deactivated user is out at once), or None.
+
+    A browser that reloads, or opens a bookmark, starts a new Streamlit session: it is logged in
+    again from its session cookie (annotation.sessions), checked on the server."""
+    state = st.session_state
+    if state.get("user_id") is None and not _resume_from_cookie():
         return None
-    # A read-only session: on SQLite it takes no write lock, so page reruns never queue behind
-    # an import or an annotator's submit.
-    with reading(get_engine()) as session:
-        user = session.get(User, user_id)
-    if user is None or not user.active or st.session_state.get("login_stamp") != login_stamp(user):
-        st.session_state.pop("user_id", None)
+    expires = state.get("login_expires")
+    if expires is None or utcnow() > expires:
+        state.pop("user_id", None)
+        return None
+    token = state.get("session_token")
+    if token is not None:
+        # The server-side session decides: revoked (logged out elsewhere), expired or invalidated.
+        found = session_user(get_engine(), token)
+        user = found[0] if found is not None and found[0].id == state["user_id"] else None
+    else:
+        # A read-only session: on SQLite it takes no write lock, so page reruns never queue behind
+        # an import or an annotator's submit.
+        with reading(get_engine()) as session:
+            user = session.get(User, state["user_id"])
+        if user is not None and (not user.active or state.get("login_stamp") != login_stamp(user)):
+            user = None
+    if user is None:
+        state.pop("user_id", None)
+        state.pop("session_token", None)
         return None
     return user
 
 
-def login_stamp(user: User) -> str:
-    """A digest of what a login was granted on: the password hash and the role. A password reset or
-    a role change alters it, which ends every session opened before (deactivation already does)."""
-    return hashlib.sha256(f"{user.id}\0{user.password_hash}\0{user.role}".encode()).hexdigest()
+def _resume_from_cookie() -> bool:
+    token = st.context.cookies.get(SESSION_COOKIE)
+    found = session_user(get_engine(), token) if isinstance(token, str) and token else None
+    if found is None:
+        return False
+    user, expires = found
+    st.session_state.update(user_id=user.id, login_stamp=login_stamp(user), login_expires=expires, session_token=token)
+    return True
 
 
 def log_in(user: User) -> None:
-    st.session_state["user_id"] = user.id
-    st.session_state["login_stamp"] = login_stamp(user)
-    st.session_state["login_expires"] = utcnow() + dt.timedelta(minutes=get_settings().session_minutes)
+    minutes = get_settings().session_minutes
+    token = open_session(get_engine(), user, minutes, client=_client())
+    st.session_state.update(user_id=user.id, login_stamp=login_stamp(user), session_token=token,
+                            login_expires=utcnow() + dt.timedelta(minutes=minutes))
+    st.session_state["cookie_to_set"] = (token, int(minutes * 60))
 
 
 def log_out() -> None:
+    close_session(get_engine(), st.session_state.get("session_token"))
     # Everything in the session belongs to the user who leaves: the current item, choices, exports.
     for key in list(st.session_state.keys()):
         del st.session_state[key]
+    st.session_state["cookie_to_set"] = ("", 0)
 
 
-def try_log_in(username: str, password: str) -> User | None:
-    """Log in with a username and password; on failure wait, and say nothing about which part was wrong."""
-    with session_factory(get_engine())() as session:
-        user = authenticate(session, username or "", password or "")
+def sync_cookie() -> None:
+    """Write (after a login) or clear (after a logout) the session cookie in the browser. Streamlit
+    reads cookies (st.context.cookies) but has no call that sets one, so a one-line script does;
+    the token is URL-safe base64, never user text. SameSite=Strict: no other site sends it."""
+    pending = st.session_state.pop("cookie_to_set", None)
+    if pending is None:
+        return
+    token, max_age = pending
+    secure = "; Secure" if str(st.context.url or "").startswith("https://") else ""
+    st.html(f"<script>document.cookie = '{SESSION_COOKIE}={token}; Path=/; Max-Age={max_age}; SameSite=Strict{secure}';"
+            "</script>", unsafe_allow_javascript=True, width=1)
+
+
+def _client() -> str:
+    return str(getattr(st.context, "ip_address", None) or "unknown")
+
+
+def try_log_in(username: str, password: str) -> tuple[User | None, str]:
+    """Log in with a username and password: (user, "") or (None, why). On failure it waits and says
+    nothing about which part was wrong; too many failures for a username or a client are refused
+    without a password check, and at most MAX_PASSWORD_CHECKS argon2 checks run at once."""
+    engine, client, username = get_engine(), _client(), (username or "").strip()
+    if throttled(engine, username, client):
+        return None, TOO_MANY_LOGINS_MESSAGE
+    if not _password_checks.acquire(timeout=PASSWORD_CHECK_WAIT_S):
+        return None, BUSY_MESSAGE
+    try:
+        with reading(engine) as session:
+            user = authenticate(session, username, password or "")
+    finally:
+        _password_checks.release()
     if user is None:
+        record_failure(engine, username, client)
         time.sleep(FAILED_LOGIN_DELAY_S)
-        return None
+        return None, WRONG_LOGIN_MESSAGE
+    record_success(engine, username)
     log_in(user)
-    return user
+    return user, ""
 
 
 def action_user(*roles: str) -> User | None:

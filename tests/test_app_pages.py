@@ -273,9 +273,12 @@ def test_home_says_models_ready_when_present(store):
 
     for name in ("SmolLM2-135M-Instruct", "all-MiniLM-L6-v2"):
         (get_settings().model_dir / name).mkdir(parents=True)
-    at = open_page(APP / "Home.py", store, "ann1")
+    at = open_page(APP / "Home.py", store, "res")
     text = all_text(at)
     assert "Models ready" in text and "Models missing" not in text
+    # Annotators are not shown the database URL or the server's paths.
+    text = all_text(open_page(APP / "Home.py", store, "ann1"))
+    assert "Welcome, **ann1**" in text and "Database" not in text and "Models" not in text
 
 
 @pytest.mark.parametrize("username,password", [("ann1", "wrong-password"), ("nobody", PASSWORD)])
@@ -293,6 +296,35 @@ def test_logout_clears_session(store):
     at.sidebar.button(key="logout").click().run()
     assert "user_id" not in at.session_state
     assert at.text_input(key="login_username") is not None
+
+
+def test_login_opens_a_server_session_that_logout_revokes(store):
+    from annotation.sessions import session_user
+
+    at = login_form(AppTest.from_file(str(APP / "Home.py"), default_timeout=TIMEOUT).run(), "ann1", PASSWORD)
+    token = at.session_state["session_token"]
+    assert session_user(store, token)[0].username == "ann1"
+    at.sidebar.button(key="logout").click().run()
+    assert session_user(store, token) is None and "session_token" not in at.session_state
+
+
+def test_guessing_is_throttled_per_username_without_checking_the_password(store, monkeypatch):
+    import app.ui as ui
+    from annotation.sessions import FAILURES_PER_USERNAME
+
+    monkeypatch.setattr(ui, "FAILED_LOGIN_DELAY_S", 0.0)
+    at = AppTest.from_file(str(APP / "Home.py"), default_timeout=TIMEOUT).run()
+    for _ in range(FAILURES_PER_USERNAME):
+        at = login_form(at, "ann1", "wrong-password")
+        assert [e.value for e in at.error] == [ui.WRONG_LOGIN_MESSAGE]
+    checked = []
+    monkeypatch.setattr(ui, "authenticate", lambda *a: checked.append(a))
+    at = login_form(at, "ann1", PASSWORD)  # the right password, too late
+    assert [e.value for e in at.error] == [ui.TOO_MANY_LOGINS_MESSAGE] and "user_id" not in at.session_state
+    assert checked == []  # refused before any argon2 work
+    monkeypatch.undo()
+    at = login_form(AppTest.from_file(str(APP / "Home.py"), default_timeout=TIMEOUT).run(), "res", PASSWORD)
+    assert at.session_state["user_id"] == user_id(store, "res")  # other accounts are not locked out
 
 
 # ----------------------------------------------------------------------------- annotate
