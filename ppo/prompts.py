@@ -49,6 +49,27 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list:
     return prompts[:limit] if limit else prompts
 
 
+def save_uploaded_prompts(folder: str | Path, upload_name: str, data: bytes) -> Path:
+    """Keep a prompts file uploaded through the app in `folder`, under a name of ours (never the
+    upload's), after checking that it reads as prompts. The app offers an upload, not a server path,
+    so that nobody can make the worker read an arbitrary file. A bad file raises PPOError naming the
+    upload and keeps nothing."""
+    import uuid
+
+    from annotation.errors import InputError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"prompts-{uuid.uuid4().hex}.jsonl"
+    path.write_bytes(data)
+    try:
+        read_prompts(path)
+    except (InputError, PPOError) as exc:
+        path.unlink(missing_ok=True)
+        raise PPOError(str(exc).replace(str(path), upload_name)) from None
+    return path
+
+
 def project_prompts(engine, project: str, limit: int | None = None) -> list:
     """A project's prompts: its prompts table, else the distinct prompts of its items, oldest first."""
     from sqlalchemy import select

@@ -103,11 +103,12 @@ def open_page_as(page: Path, engine, username: str, *, timeout: float = 60):
     from sqlalchemy import select
     from streamlit.testing.v1 import AppTest
 
-    from annotation.store import User, session_factory, utcnow
+    from annotation.store import User, reading
 
     at = AppTest.from_file(str(page), default_timeout=timeout)
-    with session_factory(engine)() as s:
-        set_login(at, engine, s.scalar(select(User.id).where(User.username == username)))
+    with reading(engine) as s:
+        user_id = s.scalar(select(User.id).where(User.username == username))
+    set_login(at, engine, user_id)
     return at.run()
 
 
@@ -115,10 +116,10 @@ def set_login(at, engine, user_id: int, minutes: float = 60) -> None:
     """Put an AppTest session in the state app.ui.log_in leaves: who, until when, on what stamp."""
     import datetime as dt
 
-    from annotation.store import User, session_factory, utcnow
+    from annotation.store import User, reading, utcnow
     from app.ui import login_stamp
 
-    with session_factory(engine)() as s:
+    with reading(engine) as s:
         user = s.get(User, user_id)
         stamp = login_stamp(user) if user is not None else None
     at.session_state["user_id"] = user_id

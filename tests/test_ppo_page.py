@@ -101,3 +101,21 @@ def test_generation_is_queued_for_a_target_project(store, tmp_path):
         (job,) = s.scalars(select(Job)).all()
     assert job.kind == "generate" and job.params == {"policy": str(tmp_path / "ppo2"), "prompts_project": "demo",
                                                       "project": "round-2", "n": 50, "temperature": 1.0}
+
+
+def test_prompts_come_from_a_project_or_an_upload_never_a_server_path(store, tmp_path):
+    """The page offered a text box for "a prompts file on the server", which let a researcher make the
+    worker read (and show) any JSONL on the machine. Now it takes an upload, kept under a name of ours."""
+    from ppo.errors import PPOError
+    from ppo.prompts import read_prompts, save_uploaded_prompts
+
+    register(store, kind="reward", name="rm-hh", path=str(tmp_path / "rm"))
+    at = open_page(store, "res")
+    assert not [t for t in at.text_input if "server" in (t.label or "").lower()]
+    folder = tmp_path / "uploads"
+    saved = save_uploaded_prompts(folder, "../../etc/passwd.jsonl", b'{"prompt": "hi"}\n{"prompt": "yo"}\n')
+    assert saved.parent == folder and saved.name.startswith("prompts-") and read_prompts(saved) == ["hi", "yo"]
+    with pytest.raises(PPOError, match=r"mine\.jsonl") as err:
+        save_uploaded_prompts(folder, "mine.jsonl", b'{"no": "prompt"}\n')
+    assert str(folder) not in str(err.value)
+    assert list(folder.iterdir()) == [saved]  # the bad upload kept nothing

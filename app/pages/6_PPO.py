@@ -7,6 +7,8 @@ running). The page only reads run files through ppo.runs and submits jobs throug
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import altair as alt
 import pandas as pd
 import streamlit as st
@@ -22,12 +24,14 @@ from annotation.store import reading  # noqa: E402
 from app.jobs import cancel_job, get_job, job_run_dir, list_jobs, log_tail, submit_job  # noqa: E402
 from app.settings import get_settings  # noqa: E402
 from ppo.errors import PPOError  # noqa: E402
+from ppo.prompts import save_uploaded_prompts  # noqa: E402
 from ppo.runs import curve_rows, find_run_dir, judge_curve_rows, read_config, read_metrics, read_samples, run_warnings  # noqa: E402
 from ppo.sft import DEFAULT_POLICY  # noqa: E402
 from ppo.train import PPOConfig, check_judges, field_docs  # noqa: E402
 
 engine = get_engine()
 settings = get_settings()
+
 
 st.title("PPO")
 user_caption(user)
@@ -49,7 +53,7 @@ start_tab, runs_tab, policies_tab, generate_tab = st.tabs(["Start a run", "Runs"
 
 with start_tab:
     if not reward_models:
-        st.info("No reward model is registered yet: train one on the Reward page or with `rlhf train-rm` first.")
+        st.info("No reward model is registered yet: train one on the Reward Models page or with `rlhf train-rm` first.")
     else:
         defaults, docs = PPOConfig(), field_docs()
         reward_choices = {f"{name} (#{id_}){' — active' if active else ''}": path for id_, name, path, active in reward_models}
@@ -63,7 +67,8 @@ with start_tab:
                 help=docs["judge_every"])
             keep_best = st.selectbox("Keep", ["last", "judge"], key="ppo_keep_best", help=docs["keep_best"])
             prompts_project = st.selectbox("Prompts from project", projects, key="ppo_prompts_project") if projects else None
-            prompts_file = st.text_input("…or a prompts file on the server (JSONL)", key="ppo_prompts_file")
+            # An upload, not a server path: a path typed here would let the worker read any file on the server.
+            prompts_upload = st.file_uploader("…or upload a prompts file (JSONL)", type=["jsonl"], key="ppo_prompts_upload")
             c1, c2, c3 = st.columns(3)
             steps = c1.number_input("steps", 1, 100_000, defaults.steps, key="ppo_steps")
             batch_size = c2.number_input("batch_size", 1, 4096, defaults.batch_size, key="ppo_batch_size")
@@ -81,8 +86,8 @@ with start_tab:
                       "steps": int(steps), "batch_size": int(batch_size), "mini_batch_size": int(mini_batch_size),
                       "learning_rate": float(learning_rate), "init_kl_coef": float(init_kl_coef), "target": float(target),
                       "max_new_tokens": int(max_new_tokens), "temperature": float(temperature), "lora": bool(lora)}
-            if prompts_file.strip():
-                params["prompts"] = prompts_file.strip()
+            if prompts_upload is not None:
+                params["prompts_upload"] = prompts_upload
             elif prompts_project:
                 params["prompts_project"] = prompts_project
             if run_name.strip():
@@ -94,8 +99,12 @@ with start_tab:
             try:
                 config = PPOConfig.from_dict({k: v for k, v in params.items() if k in PPOConfig.__dataclass_fields__}).validate()
                 check_judges(config, params["reward_model"], params.get("judges", []))
-                if "prompts" not in params and "prompts_project" not in params:
-                    raise PPOError("choose a project or a prompts file to take prompts from")
+                if "prompts_upload" not in params and "prompts_project" not in params:
+                    raise PPOError("choose a project or upload a prompts file to take prompts from")
+                if "prompts_upload" in params:
+                    upload = params.pop("prompts_upload")
+                    params["prompts"] = str(save_uploaded_prompts(Path(settings.runs_dir) / "uploads", upload.name,
+                                                                  upload.getvalue()))
                 job_id = submit_job(engine, "ppo", params, created_by=user.id)
             except (PPOError, AnnotationError) as exc:
                 st.error(str(exc))
