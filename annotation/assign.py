@@ -53,7 +53,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from annotation.errors import AnnotationError
 from annotation.projects import completion
-from annotation.store import Annotation, Assignment, Item, ItemFlag, Project, User, transaction, utcnow
+from annotation.store import Annotation, Assignment, Item, ItemFlag, Project, User, reading, transaction, utcnow
 
 T = TypeVar("T")
 
@@ -531,24 +531,27 @@ def undo_last(engine: Engine, annotator_id: int, project_id: int, *, window_seco
 
 COMPLETION_CACHE_SECONDS = 10.0
 """How stale the project completion shown by `progress` may be. completion() reads every annotation
-of the project (about 0.2 s at 100k items, holding SQLite's write lock); the annotate page asks for
-progress after every item, so twenty annotators would otherwise run it several times a second."""
+of the project's items (about 0.2 s at 100k items); the annotate page asks for progress after every
+item, so twenty annotators would otherwise run it several times a second."""
 _completion_cache: "weakref.WeakKeyDictionary[Engine, dict[int, tuple[float, float]]]" = weakref.WeakKeyDictionary()
 
 
-def progress(engine: Engine, project_id: int, annotator_id: int, *, now: dt.datetime | None = None) -> dict:
+def progress(engine: Engine, project_id: int, annotator_id: int, *, now: dt.datetime | None = None,
+             fresh: bool = False) -> dict:
     """The annotator's annotations in this project today (UTC) and in total (exact), and the project's
-    completion (0..1, from annotation.projects.completion, at most COMPLETION_CACHE_SECONDS old)."""
+    completion (0..1, from annotation.projects.completion, at most COMPLETION_CACHE_SECONDS old, or
+    exact with `fresh`: the page asks for that when it says the annotator is done, so that "No items
+    left" never stands beside a stale "50%"). Reads only: no write lock on SQLite."""
     now = _naive_utc(now)
     midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
     key = {"annotator": annotator_id, "project": project_id, "since": midnight}
-    with _writer_lock(engine), transaction(engine) as session:
+    with reading(engine) as session:
         project = session.get(Project, project_id)
         if project is None:
             raise AnnotationError(f"no project with id {project_id}")
         cache = _completion_cache.setdefault(engine, {})
         cached = cache.get(project_id)
-        if cached is None or time.monotonic() - cached[0] > COMPLETION_CACHE_SECONDS:
+        if fresh or cached is None or time.monotonic() - cached[0] > COMPLETION_CACHE_SECONDS:
             cached = cache[project_id] = (time.monotonic(), completion(session, project)["completion"])
         return {
             "today": session.execute(_MINE_SINCE, key).scalar_one(),

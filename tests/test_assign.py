@@ -350,6 +350,8 @@ def test_progress_reuses_a_recent_project_completion_but_counts_the_annotators_o
     task = next_item(engine, project, b)
     submit(engine, b, task.item_id, "a")
     assert progress(engine, project, b) == {"today": 1, "total": 1, "project_completion": 0.0}  # completion cached
+    # When the page says "no items left" it asks for the exact figure.
+    assert progress(engine, project, b, fresh=True)["project_completion"] == pytest.approx(0.5)
     monkeypatch.setattr(assign, "COMPLETION_CACHE_SECONDS", 0.0)
     assert progress(engine, project, b)["project_completion"] == pytest.approx(0.5)
 

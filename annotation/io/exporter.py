@@ -298,14 +298,26 @@ def _atomic_path(out_path: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~umask)
     try:
         yield Path(tmp)
+        # Durable before it is visible: the file's bytes, then (after the rename) the directory entry,
+        # so a crash never leaves a complete-looking export with missing data (Parquet included).
+        _fsync(tmp, os.O_RDONLY)
         try:
             os.replace(tmp, out_path)
         except OSError as exc:  # e.g. a directory made at out_path while the export ran
             raise AnnotationError(f"-o {out_path}: cannot replace it: {exc.strerror}") from None
+        _fsync(out_path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _fsync(path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(", ", ": ")).encode

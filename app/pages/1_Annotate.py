@@ -206,8 +206,8 @@ def _clock() -> None:
     st.metric("Time on this item", f"{elapsed // 60}:{elapsed % 60:02d}")
 
 
-def _progress(project) -> None:
-    figures = assign.progress(engine, project.id, user.id)
+def _progress(project, done: bool) -> None:
+    figures = assign.progress(engine, project.id, user.id, fresh=done)
     cols = st.columns(4)
     cols[0].metric("My annotations today", figures["today"])
     cols[1].metric("My annotations in total", figures["total"])
@@ -252,7 +252,7 @@ flash = state.pop("ann_flash", None)
 if flash:
     getattr(st, flash[0])(flash[1])
 
-_progress(project)
+_progress(project, done=task is None)
 
 if task is None:
     st.success("No items left for you in this project. Thank you!")
