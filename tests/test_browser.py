@@ -313,3 +313,64 @@ def test_login_survives_a_reload_and_a_bookmark_and_logout_ends_it(app_url, brow
         expect(page.get_by_text("Please log in on the Home page first")).to_be_visible()
         page.context.close()
     assert FOREIGN_REQUESTS == []
+
+
+@pytest.fixture
+def two_apps_on_one_database(db_url, tmp_path):
+    """Two app processes serving one database, as behind a load balancer."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("the two-process deployment is shown on PostgreSQL, the database it is documented for")
+    prepare_store(tmp_path / "data", db_url).dispose()
+    env = {"RLHF_DATA_DIR": str(tmp_path / "data"), "RLHF_DB_URL": db_url, "HF_HUB_OFFLINE": "1"}
+    procs, urls = [], []
+    try:
+        for name in ("a", "b"):
+            port = free_port()
+            procs.append(start_app(REPO, env, port, tmp_path / f"streamlit-{name}.log"))
+            urls.append(f"http://127.0.0.1:{port}")
+        yield urls, db_url
+    finally:
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except Exception:
+                proc.kill()
+
+
+def test_two_app_processes_on_one_postgresql_keep_every_guarantee(two_apps_on_one_database, browser):
+    """A login made on one process is valid on the other (the session lives in the database); an
+    annotator moving between processes mid-work and another on the second process give every item
+    exactly its k=2 annotations, nobody twice, nothing lost; a third finds nothing left."""
+    from playwright.sync_api import expect
+
+    (url_a, url_b), db_url = two_apps_on_one_database
+    with screenshots_on_failure():
+        ann1 = new_page(browser)
+        log_in(ann1, url_a, "ann1")
+        ann1.goto(f"{url_b}/Annotate")  # the other process: same cookie, no second login
+        expect(ann1.get_by_test_id("stMainBlockContainer").get_by_text("Logged in as ann1 (annotator)")).to_be_visible()
+        annotate_by_keyboard(ann1, 1, 0, "Q")
+        ann1.goto(f"{url_a}/Annotate")
+        annotate_by_keyboard(ann1, 2, 1, "Q")
+        expect(ann1.get_by_text("No items left for you in this project")).to_be_visible()
+        ann2 = new_page(browser)
+        log_in(ann2, url_b, "ann2")
+        go_to(ann2, "Annotate")
+        annotate_by_keyboard(ann2, 3, 0, None)
+        res = new_page(browser)
+        log_in(res, url_a, "res")
+        go_to(res, "Annotate")
+        expect(res.get_by_text("No items left for you in this project")).to_be_visible()
+        for page in (ann1, ann2, res):
+            page.context.close()
+    engine = make_engine(db_url)
+    with session_factory(engine)() as session:
+        rows = session.execute(select(User.username, Annotation.item_id)
+                               .join(Annotation, Annotation.annotator_id == User.id)).all()
+    engine.dispose()
+    per_item: dict[int, list[str]] = {}
+    for name, item_id in rows:
+        per_item.setdefault(item_id, []).append(name)
+    assert len(rows) == 6 and len(per_item) == 3
+    assert all(sorted(names) == ["ann1", "ann2"] for names in per_item.values()), per_item
