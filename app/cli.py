@@ -179,7 +179,7 @@ def _register_commands() -> None:
     # Each area keeps its commands in a module of its own; importing it adds them to `cli`.
     import importlib
 
-    for name in ("app.cli_data", "app.cli_agreement", "app.cli_reward", "app.cli_ppo", "app.cli_policy", "app.cli_jobs", "app.cli_serve"):
+    for name in ("app.cli_data", "app.cli_agreement", "app.cli_reward", "app.cli_ppo", "app.cli_policy", "app.cli_jobs", "app.cli_serve", "app.cli_plan", "app.cli_leaderboard"):
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as exc:
