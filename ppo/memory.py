@@ -361,3 +361,18 @@ def plan_rows(plan: dict[str, Any]) -> list[dict[str, Any]]:
         total["total"] = plan["per_gpu"]["total"] / GB
     rows.append(total)
     return rows
+
+
+def plan_summary(plan: dict[str, Any]) -> str:
+    """One line under the table: the total, where it fits and the GPU count it needs."""
+    fits = [f"{size} GB" for size in GPU_SIZES_GB if plan["fits"][str(size)]] or ["none of the usual GPU sizes"]
+    if plan["accounting"] == "textbook":
+        left = plan["left_out"]
+        return (f"{plan['total'] / GB:.0f} GB in all: {plan['gpus_needed_80gb']} GPUs of 80 GB "
+                f"({80 * USABLE_FRACTION:.0f} GB usable each). Left out: fp32 master weights {left['master_weights'] / GB:.0f} GB "
+                f"and Adam moments {left['optimizer_state'] / GB:.0f} GB ({plan['total_with_left_out'] / GB:.0f} GB, "
+                f"{plan['gpus_needed_80gb_with_left_out']} GPUs), and activations.")
+    needed = plan["min_gpus_80gb"]
+    return (f"Peak per GPU {plan['per_gpu']['total'] / GB:.1f} GB over {plan['gpus']} GPU(s); fits on {', '.join(fits)} "
+            f"(using {USABLE_FRACTION:.1%} of each). Smallest power-of-two count on 80 GB GPUs: "
+            f"{needed if needed else 'none up to 64'}." + "".join(f" {h[0].upper()}{h[1:]}." for h in plan.get("hints", [])))

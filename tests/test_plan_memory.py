@@ -317,3 +317,31 @@ def test_the_planner_imports_no_torch():
             "assert r.exit_code == 0, r.output; assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---- the PPO page's planner -----------------------------------------------------------------
+
+def test_ppo_page_plans_memory_with_the_same_function(store):
+    from browser_helpers import open_page_as
+
+    at = open_page_as(REPO / "app" / "pages" / "6_PPO.py", store, "res")
+    assert not at.exception, at.exception
+    assert any(e.label == "Plan memory for a larger run" for e in at.expander)
+    at.text_input(key="plan_size").set_value("70b")
+    at.selectbox(key="plan_accounting").set_value("textbook")
+    at.run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    assert list(table["model"]) == ["policy", "value", "reference", "reward", "total"]
+    assert list(table["total"]) == [280, 280, 140, 140, 840]
+    assert any("12 GPUs of 80 GB" in c.value for c in at.caption)
+    at.selectbox(key="plan_accounting").set_value("mixed-precision")
+    at.selectbox(key="plan_zero").set_value(3)
+    at.selectbox(key="plan_gpus").set_value(64)
+    at.checkbox(key="plan_checkpointing").check()
+    at.run()
+    expected = plan_memory(MemorySpec(model_size="70b", zero=3, gpus=64, grad_checkpointing=True))
+    assert at.dataframe[0].value["total"].iloc[-1] == round(expected["per_gpu"]["total"] / GB, 2)
+    at.text_input(key="plan_size").set_value("huge")
+    at.run()
+    assert any("--model-size 'huge'" in e.value for e in at.error)

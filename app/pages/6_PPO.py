@@ -24,6 +24,7 @@ from annotation.store import reading  # noqa: E402
 from app.jobs import cancel_job, get_job, job_run_dir, list_jobs, log_tail, submit_job  # noqa: E402
 from app.settings import get_settings  # noqa: E402
 from ppo.errors import PPOError  # noqa: E402
+from ppo.memory import ACCOUNTINGS, ALGOS, GPU_COUNTS, PRECISIONS, MemorySpec, plan_memory, plan_rows, plan_summary  # noqa: E402
 from ppo.prompts import save_uploaded_prompts  # noqa: E402
 from ppo.runs import curve_rows, find_run_dir, judge_curve_rows, read_config, read_metrics, read_samples, run_warnings  # noqa: E402
 from ppo.sft import DEFAULT_POLICY  # noqa: E402
@@ -112,6 +113,30 @@ with start_tab:
                 st.session_state["ppo_flash"] = f"PPO run queued as job {job_id}; follow it on the Runs tab."
                 st.session_state["ppo_job"] = job_id
                 st.rerun()
+
+    with st.expander("Plan memory for a larger run"):
+        st.caption("Memory per GPU for PPO, DPO or GRPO past one machine: the same numbers as `rlhf plan-memory`.")
+        m1, m2, m3 = st.columns(3)
+        plan_algo = m1.selectbox("Algorithm", ALGOS, key="plan_algo")
+        plan_size = m2.text_input("Model size", MemorySpec.model_size, key="plan_size", help=MemorySpec.help("model_size"))
+        plan_precision = m3.selectbox("Precision", PRECISIONS, key="plan_precision", help=MemorySpec.help("precision"))
+        plan_zero = m1.selectbox("ZeRO stage (3 = FSDP full shard)", [0, 1, 2, 3], key="plan_zero", help=MemorySpec.help("zero"))
+        plan_gpus = m2.selectbox("GPUs", GPU_COUNTS, key="plan_gpus", help=MemorySpec.help("gpus"))
+        plan_accounting = m3.selectbox("Accounting", ACCOUNTINGS, key="plan_accounting", help=MemorySpec.help("accounting"))
+        plan_seq_len = m1.number_input("Sequence length", 1, 1_000_000, MemorySpec.seq_len, key="plan_seq_len")
+        plan_micro_batch = m2.number_input("Micro-batch", 1, 4096, MemorySpec.micro_batch, key="plan_micro_batch")
+        plan_lora = m3.checkbox("LoRA", key="plan_lora", help=MemorySpec.help("lora"))
+        plan_checkpointing = m3.checkbox("Gradient checkpointing", key="plan_checkpointing", help=MemorySpec.help("grad_checkpointing"))
+        try:
+            plan = plan_memory(MemorySpec(algo=plan_algo, model_size=plan_size, precision=plan_precision, lora=plan_lora,
+                                          zero=int(plan_zero), gpus=int(plan_gpus), grad_checkpointing=plan_checkpointing,
+                                          seq_len=int(plan_seq_len), micro_batch=int(plan_micro_batch),
+                                          accounting=plan_accounting))
+        except PPOError as exc:
+            st.error(str(exc))
+        else:
+            st.dataframe(pd.DataFrame(plan_rows(plan)).round(2), hide_index=True)
+            st.caption(plan_summary(plan))
 
 # ----------------------------------------------------------------------------- runs
 
