@@ -214,6 +214,18 @@ def _database_error(exc: Exception) -> str | None:
     return None
 
 
+def _click_exceptions() -> tuple[type, ...]:
+    """Usage errors (no such option, a bad value for an option's type): click's, and the copy of
+    click that Typer 0.2x bundles and raises its own from."""
+    kinds = []
+    for module in ("click", "typer._click.exceptions"):
+        try:
+            kinds.append(__import__(module, fromlist=["ClickException"]).ClickException)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(kinds)
+
+
 def main() -> None:
     _register_commands()
     try:
@@ -230,9 +242,7 @@ def main() -> None:
         typer.echo("aborted", err=True)
         sys.exit(1)
     except Exception as exc:  # click's usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, _click_exceptions()):
             exc.show()
             sys.exit(exc.exit_code)
         message = _database_error(exc)

@@ -425,3 +425,12 @@ def test_data_page_export_file_is_not_named_from_the_project_name(store):
     assert escaped == []
     with transaction(store) as s:
         assert s.scalar(select(Project.name)) == evil
+
+
+@pytest.mark.parametrize("args", [["export", "--nope"], ["import", "x.jsonl", "--project", "p", "--max-field-chars", "many"],
+                                  ["train-rm", "--data", "x", "-o", "y", "--epochs", "two"]])
+def test_usage_errors_of_typers_own_parser_exit_2_without_a_traceback(monkeypatch, capsys, args):
+    """Typer 0.2x raises its usage errors from the copy of click it bundles, which main() did not
+    recognise: an unknown option or a value of the wrong type printed a traceback and exited 1."""
+    code, err = run_main(monkeypatch, capsys, *args)
+    assert code == 2 and "Traceback" not in err and "Error:" in err
