@@ -1,9 +1,11 @@
 """Quality: can a project's labels be trusted, and which annotators and items need a look.
 
 Agreement metrics with bootstrap intervals, a heatmap of pairwise Cohen's kappa, the per-annotator
-table with outliers marked, position-bias and tie-rate charts, agreement over time and the most
-disputed items with their votes. Every figure comes from annotation.agreement, the same functions
-as `rlhf agreement`; this page only renders them.
+table with outliers marked, position-bias and tie-rate charts, agreement over time, the most
+disputed items with their votes and, where items name the sources (models) of their responses, a
+leaderboard of those sources with bootstrap intervals. Every figure comes from annotation.agreement
+and annotation.leaderboard, the same functions as `rlhf agreement` and `rlhf leaderboard`; this
+page only renders them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import altair as alt  # noqa: E402  (after the role check)
 import pandas as pd  # noqa: E402
 
 from annotation import agreement as ag  # noqa: E402
+from annotation import leaderboard as lb  # noqa: E402
+from annotation.errors import AnnotationError  # noqa: E402
 from annotation.browse import list_projects, prompt_text  # noqa: E402
 
 DISPUTED_SHOWN = 10
@@ -35,6 +39,18 @@ def project_quality(db_url: str, project: str, resamples: int) -> tuple[pd.DataF
     # Cached for a minute per (store, project, resamples): reruns from widget clicks reuse it.
     votes = ag.load_votes(get_engine(), project)
     return votes, ag.project_report(votes, bootstrap=resamples)
+
+
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
+def project_sources(db_url: str, project: str, resamples: int, ties: str) -> tuple[int, dict | None, str | None]:
+    # (items with two sources, leaderboard or None, why there is none), cached like project_quality.
+    n_sourced = lb.count_sourced_items(get_engine(), project)
+    if not n_sourced:
+        return 0, None, None
+    try:
+        return n_sourced, lb.project_leaderboard(get_engine(), project, bootstrap=resamples, ties=ties), None
+    except AnnotationError as exc:
+        return n_sourced, None, str(exc)
 
 
 projects = list_projects(engine)
@@ -85,7 +101,10 @@ st.caption(
     f"({report['ordinal_scale']['excluded_why']})."
 )
 
-annotators_tab, time_tab, disputed_tab = st.tabs(["Annotators", "Over time", "Disputed items"])
+ties = st.session_state.get("quality_ties", "half")
+n_sourced, board, no_board = project_sources(get_settings().db_url, name, int(resamples), ties)
+tabs = st.tabs(["Annotators", "Over time", "Disputed items"] + (["Leaderboard"] if n_sourced else []))
+annotators_tab, time_tab, disputed_tab = tabs[:3]
 
 # ----------------------------------------------------------------------------- annotators
 
@@ -202,3 +221,51 @@ with disputed_tab:
                     if item["gold_choice"]:
                         st.caption(f"Gold: {item['gold_choice']}")
                 st.dataframe(votes.loc[votes["item_id"] == item_id, vote_columns], hide_index=True, width="stretch")
+
+# ----------------------------------------------------------------------------- leaderboard of sources
+
+if n_sourced:
+    with tabs[3]:
+        st.subheader("Leaderboard")
+        st.radio(
+            "Ties", ["half", "ignore"], horizontal=True, key="quality_ties",
+            help="half: a tie is half a win for each side (Chatbot Arena's rule); ignore: ties are left out.",
+        )
+        if board is None:
+            st.info(no_board)
+        else:
+            ranked = pd.DataFrame(board["ratings"])
+            ranked.insert(0, "rank", range(1, len(ranked) + 1))
+            columns = {
+                "rank": "Rank", "source": "Source", "rating": "Rating", "low": "Low", "high": "High",
+                "battles": "Battles", "wins": "Wins", "losses": "Losses", "ties": "Ties",
+            }
+            points = st.column_config.NumberColumn(format="%.1f")
+            st.dataframe(
+                ranked[list(columns)].rename(columns=columns), hide_index=True, width="stretch", key="quality_leaderboard",
+                column_config={"Rating": points, "Low": points, "High": points},
+            )
+            order = list(ranked["source"])
+            y = alt.Y("source:N", sort=order, title=None)
+            tooltip = ["source", alt.Tooltip("rating:Q", format=".1f"), alt.Tooltip("low:Q", format=".1f"),
+                       alt.Tooltip("high:Q", format=".1f"), "battles"]
+            dots = alt.Chart(ranked).mark_point(filled=True, size=70).encode(
+                x=alt.X("rating:Q", title="rating (Elo scale)", scale=alt.Scale(zero=False)), y=y, tooltip=tooltip,
+            )
+            chart = dots
+            if ranked["low"].notna().any():
+                bars = alt.Chart(ranked.dropna(subset=["low", "high"])).mark_rule(strokeWidth=2).encode(
+                    x="low:Q", x2="high:Q", y=y, tooltip=tooltip,
+                )
+                chart = bars + dots
+            st.altair_chart(chart.properties(height=32 * len(ranked) + 40), width="stretch")
+            boot = board["bootstrap"]
+            st.caption(
+                f"{board['n_battles']} battles among {board['n_sources']} sources, from {n_sourced} items whose responses "
+                f"name two sources. Bradley-Terry ratings, rating {board['method']['centre']}; 400 points is a factor "
+                f"of 10 in the odds of winning."
+                + (f" Bars: {boot['confidence']:.0%} bootstrap intervals ({boot['resamples']} resamples of annotations)."
+                   if boot["resamples"] else "")
+            )
+            for key, note in board["notes"].items():
+                st.info(f"{key}: {note}")
