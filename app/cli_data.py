@@ -2,11 +2,14 @@
 
     rlhf import ../shared/data/hh-rlhf-harmless/dev.jsonl --project hh
     rlhf import data/samples/prompts.jsonl --project demo --format prompts
+    rlhf import pairs.parquet --project hh --json
+    rlhf import ultrafeedback_dir/ --project uf --split train_prefs
     rlhf export --project hh --format trl -o out.jsonl --split train
     rlhf export --project hh --format annotations -o audit.parquet --json
 
 Thin shells over annotation.io; bad input comes back as an AnnotationError that app.cli.main
-prints as "error: FILE:LINE: field ...: problem; expected ..." with exit code 2.
+prints as "error: FILE:LINE: field ...: problem; expected ..." with exit code 2 (FILE:row N for
+Parquet, DIR:SPLIT/row N for a datasets directory).
 """
 
 from __future__ import annotations
@@ -15,19 +18,21 @@ from typing import Optional
 
 import typer
 
+from annotation.io.formats import FORMATS
 from app.cli import JsonOpt, cli, emit, engine
 
 
 @cli.command("import")
 def import_cmd(
-    path: str = typer.Argument(..., help="JSONL file: pairs, trl, trl-conversational, hh or prompts."),
+    path: str = typer.Argument(..., help="JSONL file, Parquet file, or datasets directory (Dataset/DatasetDict.save_to_disk)."),
     project: str = typer.Option(..., "--project", help="Project to import into; created with default settings if missing."),
-    format: str = typer.Option("auto", "--format", help="auto (detect from the first line), pairs, trl, trl-conversational, hh or prompts."),
+    format: str = typer.Option("auto", "--format", help="auto (detect from the first row) or one of: " + ", ".join(FORMATS) + "."),
+    split: Optional[str] = typer.Option(None, "--split", help="Only this split of a datasets DatasetDict directory (default: every split)."),
     source: str = typer.Option("import", "--source", help="Name of the annotator account labelled lines are recorded under (prefixed 'import:')."),
     max_field_chars: Optional[int] = typer.Option(None, "--max-field-chars", help="Longest prompt or response accepted (default: the max_field_chars setting)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Import a JSONL file into a project; nothing is written unless every line is valid."""
+    """Import a JSONL or Parquet file or a datasets directory into a project; nothing is written unless every row is valid."""
     from annotation.io import import_file
     from annotation.io.formats import check_max_field_chars
     from app.settings import get_settings
@@ -35,10 +40,13 @@ def import_cmd(
     check_max_field_chars(max_field_chars)  # before the store is opened
     if max_field_chars is None:
         max_field_chars = get_settings().max_field_chars
-    report = import_file(engine(), path, project, format=format, source_annotator=source, max_field_chars=max_field_chars)
+    report = import_file(engine(), path, project, format=format, source_annotator=source, max_field_chars=max_field_chars,
+                         split=split)
     skipped = sum(report.skipped.values())
+    rows = "lines" if report.container == "jsonl" else "rows"
+    splits = f", splits {', '.join(report.splits)}" if report.splits else ""
     lines = [
-        f"imported {path} ({report.format}) into project '{project}': {report.lines} lines",
+        f"imported {path} ({report.format}, {report.container}{splits}) into project '{project}': {report.lines} {rows}",
         f"  items added: {report.items_added}, prompts added: {report.prompts_added}, annotations added: {report.annotations_added}",
         f"  already present: {report.duplicates}, skipped: {skipped}",
     ]

@@ -1,6 +1,19 @@
-"""Preference file formats: reading and validating JSONL lines, format detection, pairs, prompt text.
+"""Preference data formats: reading and validating rows, format detection, pairs, prompt text.
 
-One JSON object a line, UTF-8. The formats (names used by `--format` and in reports):
+Rows come from one of three containers, all read streaming and checked the same way:
+- a JSONL file: one JSON object a line, UTF-8; errors name the line (`FILE:LINE`);
+- a Parquet file (`.parquet`, or any file starting with Parquet's magic bytes), read one record
+  batch at a time (pyarrow holds at most one row group's Arrow data); errors name the row
+  (`FILE:row N`);
+- a Hugging Face `datasets` directory written by `Dataset.save_to_disk` or
+  `DatasetDict.save_to_disk`, memory-mapped by `datasets.load_from_disk` and read one Arrow batch
+  at a time, every split in order or the one asked for; errors name `DIR:row N` (a Dataset) or
+  `DIR:SPLIT/row N` (a DatasetDict).
+Rows count from 0, as `table.slice(N)` and `dataset[N]` do. In Arrow data a null (or a float NaN,
+as pandas writes a missing value) at the top level of a row counts as a field that is absent, so
+a table whose columns hold two formats' fields is "mixed formats" just as such a JSONL file is.
+
+The formats (names used by `--format` and in reports), the same in every container:
 
 - `pairs`: items to annotate, `{"prompt", "response_a", "response_b"[, "id", "metadata",
   "source_a", "source_b", "gold_choice"]}`; no label.
@@ -12,6 +25,13 @@ One JSON object a line, UTF-8. The formats (names used by `--format` and in repo
 - `hh`: raw HH-RLHF transcripts `{"chosen", "rejected"}`; the prompt is everything up to and
   including the last "\\n\\nAssistant:", the rest of each side is its response. Lines whose
   sides differ before that point, or whose response is empty, are skipped and counted.
+- `ultrafeedback`: the UltraFeedback-binarized layout, `{"prompt"` (text), `"chosen", "rejected"`
+  (message lists, each ending in the assistant's response)`[, "score_chosen", "score_rejected",
+  "messages", "prompt_id", "id", "metadata", "margin"]}`. The prompt stored is the messages before
+  the last turn (the same on both sides, else the row is skipped and counted), or `prompt` as one
+  user turn when there are none. The scores go to the item's metadata and, with both present and
+  no explicit `margin`, margin = score_chosen - score_rejected. `messages` (the chosen
+  conversation again) and `prompt_id` (a hash of the prompt) are not kept.
 - `prompts`: `{"prompt"[, "id", "metadata"]}`, for generation and PPO.
 
 Unknown fields are kept under `metadata["extra"]` rather than dropped. Anything malformed raises
@@ -29,8 +49,9 @@ from typing import Any, Iterator
 
 from annotation.errors import AnnotationError, InputError
 
-FORMATS = ("pairs", "trl", "trl-conversational", "hh", "prompts")
-LABELLED_FORMATS = ("trl", "trl-conversational", "hh")
+FORMATS = ("pairs", "trl", "trl-conversational", "hh", "ultrafeedback", "prompts")
+"""Every import format, in the order help texts and the app list them; `auto` detects one per input."""
+LABELLED_FORMATS = ("trl", "trl-conversational", "hh", "ultrafeedback")
 CHAT_ROLES = ("system", "user", "assistant")
 HH_ASSISTANT = "\n\nAssistant:"
 HH_HUMAN = "\n\nHuman:"
@@ -45,6 +66,8 @@ _KNOWN = {
     "trl": {"prompt", "chosen", "rejected", "id", "metadata", "margin"},
     "trl-conversational": {"prompt", "chosen", "rejected", "id", "metadata", "margin"},
     "hh": {"chosen", "rejected", "id", "metadata", "margin"},
+    "ultrafeedback": {"prompt", "chosen", "rejected", "score_chosen", "score_rejected", "messages", "prompt_id",
+                      "id", "metadata", "margin"},
     "prompts": {"prompt", "id", "metadata"},
 }
 _GOLD_CHOICES = ("a", "b", "tie", "both_bad")
@@ -61,15 +84,17 @@ class Pair:
     margin: float | None = None
     """How strongly chosen is preferred (TRL's optional `margin`), when known."""
     metadata: dict = dataclasses.field(default_factory=dict)
-    line: int = 0
-    """Line of the file the pair came from; 0 for pairs built from the store."""
+    line: int | str = 0
+    """Where in the input the pair came from: the JSONL line, or "row N" / "SPLIT/row N" of Arrow
+    data; 0 for pairs built from the store."""
 
 
 @dataclasses.dataclass
 class Record:
-    """One validated line of a pairs or labelled file, before it becomes an item."""
+    """One validated row of a pairs or labelled input, before it becomes an item."""
 
-    line: int
+    line: int | str
+    """The JSONL line number, or "row N" / "SPLIT/row N" of Arrow data (as in error messages)."""
     prompt: str | list[dict]
     first: str
     """response_a for `pairs`, the chosen response for labelled formats."""
@@ -85,7 +110,7 @@ class Record:
 
 @dataclasses.dataclass
 class PromptRecord:
-    line: int
+    line: int | str
     prompt: str | list[dict]
     external_id: str | None = None
     meta: dict = dataclasses.field(default_factory=dict)
@@ -93,9 +118,9 @@ class PromptRecord:
 
 @dataclasses.dataclass
 class Skip:
-    """A line a converter declines (it is counted, not an error), e.g. HH sides that differ early."""
+    """A row a converter declines (it is counted, not an error), e.g. HH sides that differ early."""
 
-    line: int
+    line: int | str
     reason: str
 
 
@@ -232,6 +257,166 @@ def iter_json_lines(path: str | Path) -> Iterator[tuple[int, dict]]:
             yield number, obj
 
 
+# --------------------------------------------------------------------------- reading rows: JSONL, Parquet, datasets
+
+CONTAINERS = ("jsonl", "parquet", "datasets")
+DATASETS_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
+"""Files that `save_to_disk` writes: a DatasetDict's top level has the first, a Dataset's the others."""
+ARROW_BATCH_ROWS = 1_000
+"""Rows of Arrow data turned into Python objects at a time; only one batch is held as objects."""
+_ARROW_EXPECTED = "columns of strings, numbers, booleans, lists or structs (cast or drop the column)"
+
+
+@dataclasses.dataclass
+class Rows:
+    """The rows of one input, to iterate once: (where, object) for each row, where `where` is the
+    JSONL line number or "row N" / "SPLIT/row N" of Arrow data, as errors name it."""
+
+    path: str
+    container: str
+    """One of CONTAINERS."""
+    splits: list[str]
+    """The DatasetDict splits read, in order; empty for files and single Datasets."""
+    rows: Iterator[tuple[int | str, dict]]
+
+    def __iter__(self) -> Iterator[tuple[int | str, dict]]:
+        return self.rows
+
+
+def read_rows(path: str | Path, *, split: str | None = None) -> Rows:
+    """The rows of a JSONL file, a Parquet file or a datasets directory, streaming.
+
+    The container is opened and its columns checked here, before any row is read, so a file that
+    is not what it claims (or a `split` it does not have) fails before an import opens a transaction.
+    """
+    p = Path(path)
+    if p.is_dir():
+        return _dataset_rows(p, split)
+    if split is not None:
+        raise AnnotationError(f"--split {split}: {path} is a file; --split picks one split of a datasets DatasetDict directory")
+    if _is_parquet(p):
+        return _parquet_rows(p)
+    return Rows(str(path), "jsonl", [], iter_json_lines(path))
+
+
+def _is_parquet(path: Path) -> bool:
+    if path.suffix.lower() == ".parquet":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"PAR1"
+    except OSError:
+        return False  # iter_json_lines says why it cannot be read
+
+
+def _parquet_rows(path: Path) -> Rows:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise InputError(str(path), None, None, "cannot read the file: no such file", "a readable Parquet file")
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(str(path), None, None, f"not a readable Parquet file ({exc})", "a Parquet file") from None
+    target = _json_schema(str(path), pf.schema_arrow)
+
+    def rows() -> Iterator[tuple[str, dict]]:
+        n = 0
+        try:
+            for batch in pf.iter_batches(batch_size=ARROW_BATCH_ROWS):
+                for obj in _arrow_rows(batch, target):
+                    yield f"row {n}", obj
+                    n += 1
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(str(path), f"row {n}", None, f"cannot read the Parquet data ({exc})", "an intact Parquet file") from None
+        finally:
+            pf.close()
+
+    return Rows(str(path), "parquet", [], rows())
+
+
+def _dataset_rows(path: Path, split: str | None) -> Rows:
+    if not any((path / name).is_file() for name in DATASETS_MARKERS):
+        raise InputError(str(path), None, None, "a directory without " + ", ".join(DATASETS_MARKERS),
+                         "a JSONL or Parquet file, or a directory written by Dataset.save_to_disk or DatasetDict.save_to_disk")
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path), keep_in_memory=False)  # memory-mapped: nothing is read yet
+    except Exception as exc:  # noqa: BLE001 - the loader raises many types for a damaged directory
+        raise InputError(str(path), None, None, f"cannot load the datasets directory ({type(exc).__name__}: {exc})",
+                         "a directory written by Dataset.save_to_disk or DatasetDict.save_to_disk") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded)
+        if split is not None:
+            if split not in loaded:
+                raise AnnotationError(f"--split {split}: {path} has no split '{split}'; expected one of {', '.join(names)}")
+            names = [split]
+        parts = [(f"{name}/", loaded[name]) for name in names]
+    else:
+        if split is not None:
+            raise AnnotationError(f"--split {split}: {path} holds one Dataset, not a DatasetDict of splits; leave out --split")
+        names, parts = [], [("", loaded)]
+    targets = [_json_schema(str(path), ds.data.schema) for _, ds in parts]  # every split checked before any row is read
+
+    def rows() -> Iterator[tuple[str, dict]]:
+        for (prefix, ds), target in zip(parts, targets):
+            n = 0
+            for table in ds.with_format("arrow").iter(batch_size=ARROW_BATCH_ROWS):
+                for obj in _arrow_rows(table, target):
+                    yield f"{prefix}row {n}", obj
+                    n += 1
+
+    return Rows(str(path), "datasets", names, rows())
+
+
+def _arrow_rows(batch, target) -> Iterator[dict]:
+    """The rows of one record batch (or batch-sized table) as dicts, nulls and NaN left out."""
+    if target is not None:
+        batch = batch.cast(target)
+    for row in batch.to_pylist():
+        yield {k: v for k, v in row.items() if v is not None and not (type(v) is float and v != v)}
+
+
+def _json_schema(path: str, schema):
+    """The schema to cast Arrow data to so that every value is JSON (dates, times and decimals
+    become text, half floats floats), or None when it already is; a column that cannot be is an
+    InputError naming it."""
+    import pyarrow as pa
+
+    fields, changed = [], False
+    for f in schema:
+        if _json_like(f.type):
+            fields.append(f)
+            continue
+        if pa.types.is_temporal(f.type) or pa.types.is_decimal(f.type):
+            fields.append(f.with_type(pa.string()))
+        elif pa.types.is_float16(f.type):
+            fields.append(f.with_type(pa.float64()))
+        else:
+            raise InputError(path, None, f.name, f"a column of Arrow type {f.type}, which has no JSON value", _ARROW_EXPECTED)
+        changed = True
+    return pa.schema(fields) if changed else None
+
+
+def _json_like(t) -> bool:
+    import pyarrow as pa
+
+    types = pa.types
+    if types.is_string(t) or types.is_large_string(t) or types.is_string_view(t) or types.is_boolean(t) \
+            or types.is_integer(t) or types.is_null(t):
+        return True
+    if types.is_floating(t):
+        return not types.is_float16(t)
+    if types.is_list(t) or types.is_large_list(t) or types.is_fixed_size_list(t) or types.is_list_view(t) \
+            or types.is_large_list_view(t) or types.is_dictionary(t):
+        return _json_like(t.value_type)
+    if types.is_struct(t):
+        return all(_json_like(t.field(i).type) for i in range(t.num_fields))
+    return False
+
+
 def json_depth(value: Any, limit: int) -> int:
     """Nesting depth of arrays and objects in `value` (a scalar is 0), counted without recursion
     and only until it passes `limit` (then limit + 1)."""
@@ -270,7 +455,8 @@ def detect_format(obj: dict) -> str | None:
     if "chosen" in obj or "rejected" in obj:
         get = obj.get
         if type(get("chosen")) is list or type(get("rejected")) is list or type(get("prompt")) is list:
-            return "trl-conversational"
+            # A text prompt beside message lists is UltraFeedback's layout, not TRL's.
+            return "ultrafeedback" if type(get("prompt")) is str else "trl-conversational"
         if "prompt" in obj:
             return "trl"
         chosen = obj.get("chosen")
@@ -291,6 +477,9 @@ def _compatible(line_format: str | None, file_format: str, obj: dict) -> bool:
         return True
     if file_format == "hh" and line_format == "trl" and "prompt" not in obj:
         return True
+    # An UltraFeedback row without its prompt looks like implicit-prompt TRL; its own check says "missing".
+    if file_format == "ultrafeedback" and line_format == "trl-conversational" and "prompt" not in obj:
+        return True
     return False
 
 
@@ -298,7 +487,8 @@ def _compatible(line_format: str | None, file_format: str, obj: dict) -> bool:
 
 
 class LineParser:
-    """Validates lines of one file in one format and turns them into records."""
+    """Validates the rows of one input (JSONL lines, Parquet or datasets rows) in one format and
+    turns them into records. `line` is the JSONL line number, or "row N" / "SPLIT/row N"."""
 
     def __init__(self, path: str | Path, format: str = "auto", max_field_chars: int | None = None):
         if format != "auto" and format not in FORMATS:
@@ -310,7 +500,7 @@ class LineParser:
         check_max_field_chars(max_field_chars, "max_field_chars")
         self.max_chars = DEFAULT_MAX_FIELD_CHARS if max_field_chars is None else max_field_chars
 
-    def parse(self, line: int, obj: dict) -> Record | PromptRecord | Skip:
+    def parse(self, line: int | str, obj: dict) -> Record | PromptRecord | Skip:
         line_format = detect_format(obj)
         if self.format is None:
             if line_format is None:
@@ -319,8 +509,11 @@ class LineParser:
         elif not _compatible(line_format, self.format, obj):
             if line_format is None:
                 self._unknown(line, obj)
-            where = f"line {self.format_line} made the file {self.format}" if self.format_line else f"--format is {self.format}"
-            raise InputError(self.path, line, None, f"mixed formats: this line is {line_format} but {where}", "one format per file")
+            if isinstance(line, str):  # a row of Arrow data
+                this, where = "row", f"{self.format_line} is {self.format}" if self.format_line is not None else f"--format is {self.format}"
+            else:
+                this, where = "line", f"line {self.format_line} made the file {self.format}" if self.format_line else f"--format is {self.format}"
+            raise InputError(self.path, line, None, f"mixed formats: this {this} is {line_format} but {where}", "one format per file")
         return getattr(self, "_" + self.format.replace("-", "_"))(line, obj)
 
     # ---- field checks
@@ -332,7 +525,8 @@ class LineParser:
         fields = ", ".join(sorted(obj)) or "none"
         self._error(line, None, f"not a known format (fields: {fields})",
                     'pairs {"prompt","response_a","response_b"}, trl {"prompt"?,"chosen","rejected"}, '
-                    'hh {"chosen","rejected"} or prompts {"prompt"}')
+                    'hh {"chosen","rejected"}, ultrafeedback {"prompt","chosen":[messages],"rejected":[messages]} '
+                    'or prompts {"prompt"}')
 
     def _require(self, line: int, obj: dict, field: str) -> Any:
         if field not in obj:
@@ -467,6 +661,31 @@ class LineParser:
             return Skip(line, "sides differ before the last Assistant turn")
         return self._labelled(line, prompt, chosen[cut["chosen"]:], rejected[cut["rejected"]:], external_id, meta, margin)
 
+    def _ultrafeedback(self, line: int | str, obj: dict) -> Record | Skip:
+        prompt_text = self._text(line, self._require(line, obj, "prompt"), "prompt")
+        chosen = self._messages(line, self._require(line, obj, "chosen"), "chosen")
+        rejected = self._messages(line, self._require(line, obj, "rejected"), "rejected")
+        external_id, meta, margin = self._common(line, obj)
+        scores = {}
+        for field in ("score_chosen", "score_rejected"):
+            value = obj.get(field)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                self._error(line, field, f"{value!r} is not a finite number", "a number")
+            scores[field] = value
+        for field, side in (("chosen", chosen), ("rejected", rejected)):
+            if side[-1]["role"] != "assistant":
+                self._error(line, field, f"ends in role {side[-1]['role']!r}", "a message list ending in the assistant's response")
+        if chosen[:-1] != rejected[:-1]:
+            return Skip(line, "sides differ before the last assistant turn")
+        prompt = chosen[:-1] or [{"role": "user", "content": prompt_text}]
+        if margin is None and len(scores) == 2:
+            margin = float(scores["score_chosen"] - scores["score_rejected"])
+        if scores:
+            meta = {**meta, **scores}
+        return self._labelled(line, prompt, chosen[-1]["content"], rejected[-1]["content"], external_id, meta, margin)
+
     def _labelled(self, line, prompt, chosen, rejected, external_id, meta, margin) -> Record | Skip:
         if not chosen.strip() or not rejected.strip():
             return Skip(line, "empty response")
@@ -491,20 +710,23 @@ def _split_shared_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:idx], chosen[idx:], rejected[idx:]
 
 
-def iter_records(path: str | Path, *, format: str = "auto", max_field_chars: int | None = None) -> Iterator[Record | PromptRecord | Skip]:
-    """Validated records of a file, streaming. The parser's detected format is on `.format` once
-    the first line is read; use `LineParser` directly to see it."""
+def iter_records(path: str | Path, *, format: str = "auto", max_field_chars: int | None = None,
+                 split: str | None = None) -> Iterator[Record | PromptRecord | Skip]:
+    """Validated records of a JSONL or Parquet file or a datasets directory, streaming. The
+    parser's detected format is on `.format` once the first row is read; use `LineParser` directly
+    to see it."""
     parser = LineParser(path, format, max_field_chars)
-    for line, obj in iter_json_lines(path):
+    for line, obj in read_rows(path, split=split):
         yield parser.parse(line, obj)
 
 
 def scan_pairs(path: str | Path, *, format: str = "auto", max_field_chars: int | None = None) -> tuple[list[Pair], dict[str, int]]:
-    """The labelled pairs of a file and the count of skipped lines per reason."""
+    """The labelled pairs of a JSONL or Parquet file or a datasets directory, and the count of
+    skipped rows per reason."""
     parser = LineParser(path, format, max_field_chars)
     pairs: list[Pair] = []
     skipped: dict[str, int] = {}
-    for line, obj in iter_json_lines(path):
+    for line, obj in read_rows(path):
         rec = parser.parse(line, obj)
         if isinstance(rec, Skip):
             skipped[rec.reason] = skipped.get(rec.reason, 0) + 1
@@ -520,6 +742,6 @@ def scan_pairs(path: str | Path, *, format: str = "auto", max_field_chars: int |
 
 
 def read_pairs(path: str | Path, *, format: str = "auto") -> list[Pair]:
-    """The labelled pairs of a trl, trl-conversational or hh file (skipped lines are left out;
+    """The labelled pairs of a trl, trl-conversational, hh or ultrafeedback input (skipped rows are left out;
     `scan_pairs` also returns their count). Bad input raises InputError."""
     return scan_pairs(path, format=format)[0]

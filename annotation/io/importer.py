@@ -1,10 +1,12 @@
-"""Importing preference files into a project: streamed, validated, all-or-nothing, idempotent.
+"""Importing preference data into a project: streamed, validated, all-or-nothing, idempotent.
 
-The file is read line by line and written in batches inside ONE database transaction, so memory
-stays bounded however long the file is, and any bad line rolls back everything written before
-it. Items are keyed by a content hash (unique per project): rows whose hash exists are looked up
-per batch and skipped, so re-importing a file adds nothing on SQLite and PostgreSQL alike.
-Labelled lines also get one annotation by a source annotator account that cannot log in.
+The input is a JSONL file, a Parquet file or a `datasets` save_to_disk directory (see
+annotation.io.formats). It is read row by row (Arrow data one record batch at a time) and written
+in batches inside ONE database transaction, so memory stays bounded however long the input is,
+and any bad row rolls back everything written before it. Items are keyed by a content hash
+(unique per project): rows whose hash exists are looked up per batch and skipped, so importing
+the same data again adds nothing on SQLite and PostgreSQL alike, whatever container it came in.
+Labelled rows also get one annotation by a source annotator account that cannot log in.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ from annotation.io.formats import (
     LineParser,
     PromptRecord,
     Record,
+    Rows,
     Skip,
     canonical_json,
     chosen_goes_first,
     item_hash,
-    iter_json_lines,
     prompt_hash,
+    read_rows,
 )
 from annotation.names import can_be_looked_up, check_username
 from annotation.store import Annotation, Item, Project, Prompt, User, utcnow
@@ -50,16 +53,20 @@ class ImportReport:
     path: str
     format: str | None
     lines: int = 0
-    """Non-blank lines read."""
+    """Non-blank lines (JSONL) or rows (Parquet, datasets) read."""
     items_added: int = 0
     prompts_added: int = 0
     annotations_added: int = 0
     duplicates: int = 0
-    """Lines whose item or prompt was already in the project (or earlier in the file)."""
+    """Rows whose item or prompt was already in the project (or earlier in the input)."""
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
-    """Lines the converter declined, per reason (e.g. HH sides that differ before the last turn)."""
+    """Rows the converter declined, per reason (e.g. HH sides that differ before the last turn)."""
     project: str = ""
     source_annotator: str | None = None
+    container: str = "jsonl"
+    """jsonl, parquet or datasets (annotation.io.formats.CONTAINERS)."""
+    splits: list[str] = dataclasses.field(default_factory=list)
+    """The DatasetDict splits imported, in order; empty for files and single Datasets."""
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,17 +90,20 @@ def import_file(
     source_annotator: str = "import",
     max_field_chars: int | None = None,
     created_by: int | None = None,
+    split: str | None = None,
 ) -> ImportReport:
-    """Import one JSONL file into `project` (created with default settings when missing).
+    """Import a JSONL or Parquet file or a datasets directory into `project` (created with default
+    settings when missing); `split` picks one split of a DatasetDict directory (default: all).
 
-    Nothing is written unless the whole file is valid. See annotation.io.formats for the formats.
+    Nothing is written unless every row is valid. See annotation.io.formats for the formats.
     """
     # None: annotation.io.formats.DEFAULT_MAX_FIELD_CHARS. The app passes its max_field_chars setting.
     parser = LineParser(path, format, max_field_chars)
     source_username(source_annotator)  # checked before anything is read or written
-    report = ImportReport(path=str(path), format=parser.format, project=project)
+    rows = read_rows(path, split=split)  # the container is opened and its columns checked before the transaction
+    report = ImportReport(path=str(path), format=parser.format, project=project, container=rows.container, splits=rows.splits)
     try:
-        _import(engine, path, parser, report, project, source_annotator, created_by)
+        _import(engine, rows, parser, report, project, source_annotator, created_by)
     except IntegrityError:
         # Two imports into one project at the same moment (PostgreSQL; SQLite queues writers): both
         # saw a hash or project name as new. This one rolled back whole, so running it again is safe.
@@ -104,18 +114,21 @@ def import_file(
     return report
 
 
-def _import(engine, path, parser, report, project, source_annotator, created_by) -> None:
+def _import(engine, rows: Rows, parser, report, project, source_annotator, created_by) -> None:
     with engine.begin() as conn:
         job = _Importer(conn, parser, report, project, source_annotator, created_by)
         batch: list = []
-        for line, obj in iter_json_lines(path):
+        for line, obj in rows:
             report.lines += 1
             batch.append(parser.parse(line, obj))
             if len(batch) >= BATCH_LINES:
                 job.write(batch)
                 batch = []
         if report.lines == 0:
-            raise InputError(str(path), None, None, "no JSON lines in the file", "one JSON object per line")
+            if rows.container == "jsonl":
+                raise InputError(rows.path, None, None, "no JSON lines in the file", "one JSON object per line")
+            where = f"split {', '.join(rows.splits)}" if rows.splits else rows.container
+            raise InputError(rows.path, None, None, f"no rows in the {where} data", "at least one row")
         job.write(batch)
         report.format = parser.format
 

@@ -1,7 +1,9 @@
-"""Projects: create a project, edit its settings and guidelines, import a JSONL file, see completion.
+"""Projects: create a project, edit its settings and guidelines, import a JSONL or Parquet file, see completion.
 
 An upload goes through annotation.io.import_file, the same code and the same errors as
-`rlhf import`; the upload is saved under its own file name first so that errors name it.
+`rlhf import`; the upload is saved under its own file name first so that errors name it. A
+datasets directory (save_to_disk) is a folder of files, which a browser upload cannot carry: the
+page says to use `rlhf import DIR` for it.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ user = page_user("researcher")
 
 from annotation.browse import list_projects  # noqa: E402  (after the role check)
 from annotation.errors import AnnotationError  # noqa: E402
+from annotation.io.formats import FORMATS  # noqa: E402
 from annotation.projects import create_project, project_summaries, update_project  # noqa: E402
 from annotation.store import CHOICES, Project, reading, transaction  # noqa: E402
 from app.settings import get_settings  # noqa: E402
 
-IMPORT_FORMATS = ["auto", "pairs", "trl", "trl-conversational", "hh", "prompts"]
+IMPORT_FORMATS = ["auto", *FORMATS]
 CHOICE_LABELS = {"a": "A better", "b": "B better", "tie": "Tie", "both_bad": "Both bad"}
 
 engine = get_engine()
@@ -142,8 +145,10 @@ with edit_tab:
 with import_tab:
     target = st.selectbox("Import into project", names, key="proj_import_target")
     fmt = st.selectbox("Format", IMPORT_FORMATS, key="proj_import_format",
-                       help="auto detects pairs, TRL (standard or conversational) and HH-RLHF files; prompts imports prompts only.")
-    upload = st.file_uploader("JSONL file", type=["jsonl", "json"], key="proj_upload")
+                       help="auto detects pairs, TRL (standard or conversational), HH-RLHF and UltraFeedback data; "
+                            "prompts imports prompts only.")
+    upload = st.file_uploader("JSONL or Parquet file", type=["jsonl", "json", "parquet"], key="proj_upload",
+                              help="A datasets directory (save_to_disk) cannot be uploaded: import it with `rlhf import DIR --project NAME`.")
     if st.button("Import", type="primary", disabled=upload is None, key="proj_import"):
         _import_upload(target, upload, fmt)
     result = st.session_state.get("proj_import_result")
