@@ -38,7 +38,7 @@ ROLES = ("annotator", "researcher", "admin")
 CHOICES = ("a", "b", "tie", "both_bad")
 STRENGTHS = {1: "slight", 2: "clear", 3: "strong"}
 FLAG_KINDS = ("skip", "broken", "unsafe")
-JOB_KINDS = ("train_rm", "eval_rm", "sft", "ppo", "generate", "export")
+JOB_KINDS = ("train_rm", "eval_rm", "sft", "ppo", "dpo", "grpo", "rloo", "generate", "export")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 MODEL_KINDS = ("reward", "policy")
 

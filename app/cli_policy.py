@@ -6,6 +6,9 @@ generation of new items for the next round of annotation.
     rlhf eval-policy --policy runs/ppo-1/policy --reference data/models/SmolLM2-135M-Instruct \\
         --reward-model runs/rm-1 --prompts heldout.jsonl [--n 100] [--judge runs/rm-2 ...] [--json]
     rlhf generate --policy runs/ppo-1/policy [--policy-b runs/sft-1] --prompts prompts.jsonl --project round-2
+    rlhf dpo --data pairs.jsonl --output runs/dpo-1 [--base runs/sft-1] [--lora] [--beta 0.1] [--loss-type sigmoid]
+    rlhf grpo --reward-model runs/rm-1 --prompts prompts.jsonl --output runs/grpo-1 [--policy runs/sft-1] [--steps 100]
+    rlhf rloo --reward-model runs/rm-1 --prompts-project demo --output runs/rloo-1 [--lora]
 
 --policy, --policy-b, --reward-model and --judge also take a registered model's id or name.
 """
@@ -186,3 +189,172 @@ def generate(
             f"({result['source_a']} vs {result['source_b']}); {result['duplicates']} already there, "
             f"{result['identical']} with identical responses, {result['empty_response']} with an empty response left out")
     emit(result, as_json, text)
+
+
+# --------------------------------------------------------------------------- dpo, grpo, rloo (TRL trainers)
+# Defaults come from the options dataclasses (ppo.dpo and ppo.grpo import no torch), so they are written once.
+
+from ppo.dpo import LOSS_TYPES as DPO_LOSS_TYPES, DPOOptions  # noqa: E402
+from ppo.grpo import GRPO_LOSS_TYPES, GRPOOptions  # noqa: E402
+
+_DPO = DPOOptions()
+_ONLINE = GRPOOptions()
+
+
+def _register_policy(result, eng, name: str, output: str, project: Optional[str], source: dict, base: str) -> int:
+    """The models-table row of a finished TRL run, with its lineage: parent = the base's row when it is registered."""
+    from annotation.registry import register_model
+    from annotation.store import transaction
+    from ppo.jobs import project_id_of, registered_policy_id
+
+    row = result.registration(name=name, project_id=project_id_of(eng, project), parent_id=registered_policy_id(eng, base))
+    row["path"] = str(Path(output).resolve())
+    row["params"] = {**row["params"], "source": source}
+    with transaction(eng) as session:
+        return register_model(session, **row).id
+
+
+def _log(as_json: bool, what: str):
+    import logging
+
+    if not as_json:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return logging.getLogger(f"rlhf.{what}").info
+
+
+@cli.command()
+def dpo(
+    data: Optional[str] = typer.Option(None, "--data", help="Preference JSONL: TRL prompt/chosen/rejected (standard or conversational) or hh."),
+    project: Optional[str] = typer.Option(None, "--project", help="Train on a project's aggregated pairs instead."),
+    output: str = typer.Option(..., "--output", "-o", help="Model directory to create; must not exist or be empty."),
+    base: Optional[str] = typer.Option(None, "--base", help="Starting policy (usually an SFT run): a model directory or hub id (default: the fetched SmolLM2-135M-Instruct)."),
+    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters (merged into the saved model); the reference is the model with adapters off."),
+    lora_r: int = typer.Option(_DPO.lora_r, "--lora-r", help="LoRA rank."),
+    beta: float = typer.Option(_DPO.beta, "--beta", help="Pull towards the reference: higher stays closer."),
+    loss_type: str = typer.Option(_DPO.loss_type, "--loss-type", help="TRL's DPO loss: " + ", ".join(DPO_LOSS_TYPES) + "."),
+    label_smoothing: float = typer.Option(_DPO.label_smoothing, "--label-smoothing", help="Label-flip probability for robust, exo_pair, aot."),
+    epochs: float = typer.Option(_DPO.epochs, "--epochs", help="Passes over the pairs."),
+    max_steps: int = typer.Option(_DPO.max_steps, "--max-steps", help="Stop after this many optimizer steps (-1: all epochs)."),
+    lr: Optional[float] = typer.Option(None, "--lr", "--learning-rate", help=f"Peak learning rate (default {_DPO.learning_rate:g}, or 1e-5 with --lora)."),
+    batch_size: int = typer.Option(_DPO.batch_size, "--batch-size", help="Pairs per forward pass."),
+    gradient_accumulation_steps: int = typer.Option(_DPO.gradient_accumulation_steps, "--gradient-accumulation-steps", help="Forward passes per optimizer step."),
+    max_length: int = typer.Option(_DPO.max_length, "--max-length", help="Tokens per prompt + response after the chat template."),
+    aggregation: str = typer.Option("majority", "--aggregation", help="Label aggregation for --project: majority or dawid-skene."),
+    seed: int = typer.Option(_DPO.seed, "--seed", help="Seed for data order and adapter initialisation."),
+    precision: str = typer.Option(_DPO.precision, "--precision", help=PRECISION_HELP),
+    name: Optional[str] = typer.Option(None, "--name", help="Registry name (default: the output directory's name)."),
+    register: bool = typer.Option(True, "--register/--no-register", help="Record the policy in the registry when training has finished."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """DPO (TRL DPOTrainer) on preference pairs; the result is registered as a policy with its data lineage."""
+    from annotation.names import registry_name
+    from app.settings import get_settings
+    from ppo.dpo import train_dpo
+    from ppo.jobs import dpo_pairs
+    from ppo.sft import resolve_base
+    from reward.train import main_process
+
+    if register:
+        name = registry_name(name, Path(output).name)  # refused now, not after training
+    options = DPOOptions(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, epochs=epochs, max_steps=max_steps,
+                         learning_rate=lr if lr is not None else (1e-5 if lora else _DPO.learning_rate), batch_size=batch_size,
+                         gradient_accumulation_steps=gradient_accumulation_steps, max_length=max_length, lora=lora,
+                         lora_r=lora_r, seed=seed, precision=precision).validate()
+    base_path = resolve_base(base, get_settings().model_dir)
+    eng = engine() if (project or register) else None
+    pairs = dpo_pairs(eng, data, project, aggregation)
+    result = train_dpo(pairs, output, base=base_path, options=options, log=_log(as_json, "dpo"))
+    if not main_process():
+        return  # under accelerate launch the first process registers and reports the run
+    model_id = None
+    if register:
+        model_id = _register_policy(result, eng, name or Path(output).name, output, project,
+                                    {"project": project} if project else {"data": str(data)}, base_path)
+    m = result.metrics
+    payload = {"model_id": model_id, "path": str(output), "base_model": base_path, "rows": result.rows,
+               "data_hash": result.data_hash, "metrics": m}
+    emit(payload, as_json, f"policy trained: {output}" + (f" (model id {model_id})" if model_id else "")
+         + f"\n{result.rows} pairs, {m['steps']} steps, loss {m['first_loss']:.4f} -> {m['final_loss']:.4f}, "
+         f"reward margin {m['first_reward_margin']:.3f} -> {m['final_reward_margin']:.3f}, "
+         f"accuracy {m['final_reward_accuracy']:.2f}, {m['runtime_s']:.0f} s")
+
+
+def _online_command(algorithm: str):
+    """`rlhf grpo` and `rlhf rloo`: one set of options (GRPOOptions), two TRL trainers."""
+
+    def command(
+        reward_model: str = typer.Option(..., "--reward-model", help="Reward model run directory (or registered id/name) that scores the completions."),
+        prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL of prompts (any import format: only the prompts are used)."),
+        prompts_project: Optional[str] = typer.Option(None, "--prompts-project", help="Take the prompts of a project instead."),
+        n_prompts: Optional[int] = typer.Option(None, "--n-prompts", help="Use the first N distinct prompts."),
+        output: str = typer.Option(..., "--output", "-o", help="Model directory to create; must not exist or be empty."),
+        policy: Optional[str] = typer.Option(None, "--policy", help="Starting policy: a directory or registered policy (default: SmolLM2-135M-Instruct)."),
+        steps: int = typer.Option(_ONLINE.steps, "--steps", help="Optimizer steps."),
+        num_generations: int = typer.Option(_ONLINE.num_generations, "--num-generations", help="Completions per prompt (the group compared)."),
+        batch_size: int = typer.Option(_ONLINE.batch_size, "--batch-size", help="Completions per forward pass; a multiple of --num-generations."),
+        gradient_accumulation_steps: int = typer.Option(_ONLINE.gradient_accumulation_steps, "--gradient-accumulation-steps", help="Forward passes per optimizer step."),
+        max_completion_length: int = typer.Option(_ONLINE.max_completion_length, "--max-completion-length", help="Longest completion in tokens."),
+        temperature: float = typer.Option(_ONLINE.temperature, "--temperature", help="Sampling temperature."),
+        lr: Optional[float] = typer.Option(None, "--lr", "--learning-rate", help=f"Peak learning rate (default {_ONLINE.learning_rate:g}, or 1e-5 with --lora)."),
+        beta: Optional[float] = typer.Option(None, "--beta", help="KL coefficient to the reference (default TRL's: grpo 0.0, rloo 0.05)."),
+        loss_type: Optional[str] = typer.Option(None, "--loss-type", help="grpo only: " + ", ".join(GRPO_LOSS_TYPES) + " (default dapo)."),
+        ensemble_spread_coef: float = typer.Option(_ONLINE.ensemble_spread_coef, "--ensemble-spread-coef", help="With an ensemble: reward = mean - this * spread."),
+        lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters (merged into the saved model); the reference is the model with adapters off."),
+        lora_r: int = typer.Option(_ONLINE.lora_r, "--lora-r", help="LoRA rank."),
+        seed: int = typer.Option(_ONLINE.seed, "--seed", help="Seed for sampling, data order and adapters."),
+        precision: str = typer.Option(_ONLINE.precision, "--precision", help=PRECISION_HELP),
+        use_vllm: bool = typer.Option(False, "--use-vllm", help="GPU and vllm installed: generate with vLLM (TRL's use_vllm)."),
+        vllm_mode: str = typer.Option(_ONLINE.vllm_mode, "--vllm-mode", help="colocate (in this process) or server (a running `trl vllm-serve`)."),
+        vllm_server_base_url: Optional[str] = typer.Option(None, "--vllm-server-base-url", help="With --vllm-mode server: its URL."),
+        vllm_gpu_memory_utilization: float = typer.Option(_ONLINE.vllm_gpu_memory_utilization, "--vllm-gpu-memory-utilization", help="With colocate: GPU memory share for vLLM."),
+        name: Optional[str] = typer.Option(None, "--name", help="Registry name (default: the output directory's name)."),
+        register: bool = typer.Option(True, "--register/--no-register", help="Record the policy in the registry when training has finished."),
+        as_json: bool = JsonOpt,
+    ) -> None:
+        from annotation.names import registry_name
+        from app.settings import get_settings
+        from ppo.generate import resolve_policy
+        from ppo.grpo import train_online
+        from ppo.sft import resolve_base
+        from reward.train import main_process
+
+        if register:
+            name = registry_name(name, Path(output).name)  # refused now, not after training
+        options = GRPOOptions(
+            steps=steps, num_generations=num_generations, batch_size=batch_size,
+            gradient_accumulation_steps=gradient_accumulation_steps, max_completion_length=max_completion_length,
+            temperature=temperature, learning_rate=lr if lr is not None else (1e-5 if lora else _ONLINE.learning_rate),
+            beta=beta, loss_type=loss_type, ensemble_spread_coef=ensemble_spread_coef, lora=lora, lora_r=lora_r, seed=seed,
+            precision=precision, use_vllm=use_vllm, vllm_mode=vllm_mode, vllm_server_base_url=vllm_server_base_url,
+            vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
+        ).check_for(algorithm)
+        prompt_list = _prompts(prompts, prompts_project, n_prompts)
+        if policy:
+            policy_path, _ = resolve_policy(None if Path(policy).exists() else engine(), policy)
+        else:
+            policy_path = resolve_base(None, get_settings().model_dir)
+        reward_path = _reward_model_path(reward_model)
+        result = train_online(algorithm, prompt_list, output, base=policy_path, reward=reward_path, options=options,
+                              log=_log(as_json, algorithm), progress=_progress(as_json))
+        if not main_process():
+            return  # under accelerate launch the first process registers and reports the run
+        model_id = None
+        if register:
+            model_id = _register_policy(result, engine(), name or Path(output).name, output, prompts_project,
+                                        {"project": prompts_project} if prompts_project else {"prompts": str(prompts)},
+                                        policy_path)
+        m = result.metrics
+        payload = {"model_id": model_id, "path": str(output), "base_model": policy_path, "reward_model": reward_path,
+                   "rows": result.rows, "data_hash": result.data_hash, "metrics": m}
+        emit(payload, as_json, f"policy trained: {output}" + (f" (model id {model_id})" if model_id else "")
+             + f"\n{result.rows} prompts, {m['steps']} steps, mean reward {m['reward_first_quarter']:.3f} (first quarter) -> "
+             f"{m['reward_last_quarter']:.3f} (last quarter), {m['runtime_s']:.0f} s")
+
+    command.__name__ = algorithm
+    return command
+
+
+cli.command("grpo", help="GRPO (TRL GRPOTrainer) on one of our reward models: completions scored against their "
+                         "prompt's group; the result is registered as a policy.")(_online_command("grpo"))
+cli.command("rloo", help="RLOO (TRL RLOOTrainer) on one of our reward models: each completion's baseline is its "
+                         "siblings' mean reward; the result is registered as a policy.")(_online_command("rloo"))

@@ -56,11 +56,14 @@ HANDLERS: dict[str, str] = {
     "eval_rm": "reward.jobs:eval_rm",
     "sft": "ppo.jobs:sft",
     "ppo": "ppo.jobs:ppo",
+    "dpo": "ppo.jobs:dpo",
+    "grpo": "ppo.jobs:grpo",
+    "rloo": "ppo.jobs:rloo",
     "generate": "ppo.jobs:generate",
     "export": "app.jobs:export_job",
 }
 EXTRA_HANDLERS_ENV = "RLHF_EXTRA_JOB_HANDLERS"
-ACCELERATE_KINDS = ("train_rm", "sft", "ppo")
+ACCELERATE_KINDS = ("train_rm", "sft", "ppo", "dpo", "grpo", "rloo")
 """Job kinds the worker starts through `accelerate launch` when the accelerate_config setting is set."""
 CANCEL_GRACE_SECONDS = 10.0
 """How long a job may take to stop after SIGTERM before the worker sends SIGKILL."""

@@ -1,4 +1,4 @@
-"""Job handlers of the policy side for the worker (named in app.jobs.HANDLERS): sft, generate, ppo.
+"""Job handlers of the policy side for the worker (named in app.jobs.HANDLERS): sft, generate, ppo, dpo, grpo, rloo.
 
     rlhf jobs submit sft --params-json '{"project": "demo", "epochs": 1, "lora": true}'
     rlhf jobs submit generate --params-json '{"policy": "runs/job-7/policy", "prompts_project": "demo", "project": "round-2"}'
@@ -224,3 +224,111 @@ def ppo(params: dict, ctx) -> dict:
     }
     return {"register": [row], "output_dir": result["output_dir"], "metrics": result.get("metrics", {}),
             "diagnostics": result.get("diagnostics", [])}
+
+
+# --------------------------------------------------------------------------- dpo, grpo, rloo (TRL trainers)
+# Written like `sft` above: options from the trainer's options dataclass, the model at <run dir>/policy,
+# one registry row with its data lineage, cancel through ctx.cancelled.
+
+DPO_SOURCE_KEYS = ("data", "project", "aggregation", "base", "name", "parent_id")
+ONLINE_SOURCE_KEYS = ("policy", "reward_model", "prompts", "prompts_project", "n_prompts", "name", "parent_id")
+
+
+def dpo_pairs(engine, data: str | None, project: str | None, aggregation: str = "majority") -> list:
+    """Preference pairs from a labelled file (trl, trl-conversational, hh) or a project's aggregated labels (exactly one)."""
+    if bool(data) == bool(project):
+        raise PPOError("give exactly one of --data FILE or --project NAME")
+    if data:
+        from annotation.io import read_pairs
+
+        if not Path(data).is_file():
+            raise PPOError(f"--data {data}: no such file; expected a JSONL file of preference pairs")
+        pairs = read_pairs(str(data))
+        if not pairs:
+            raise PPOError(f"--data {data}: no labelled pairs (TRL prompt/chosen/rejected lines) to train on")
+        return pairs
+    from annotation.io import project_pairs
+
+    pairs = project_pairs(engine, project, aggregation=aggregation)
+    if not pairs:
+        raise PPOError(f"project '{project}' has no aggregated pairs yet (ties and both-bad are left out); annotate some first")
+    return pairs
+
+
+def _trained(ctx, train):
+    """Run `train()`; a stop asked for by a cancel becomes JobCancelled."""
+    try:
+        return train()
+    except PPOError:
+        if ctx.cancelled():
+            raise _cancelled_error(ctx) from None
+        raise
+
+
+def dpo(params: dict, ctx) -> dict:
+    """DPO (TRL DPOTrainer); params: data or project, aggregation, base, name, parent_id, and DPOOptions fields."""
+    from annotation.names import registry_name
+    from ppo.dpo import DPOOptions, train_dpo
+    from ppo.sft import resolve_base
+
+    known = {f.name for f in dataclasses.fields(DPOOptions)}
+    _unknown("dpo", params, known | set(DPO_SOURCE_KEYS))
+    project, data = params.get("project"), params.get("data")
+    name = registry_name(params.get("name"), f"dpo-{project or Path(str(data)).stem}-job{ctx.job_id}", "dpo: param 'name'")
+    options = DPOOptions.from_params({k: v for k, v in params.items() if k in known})
+    base = resolve_base(params.get("base"), ctx.settings.model_dir)
+    ctx.progress(0.0, f"reading pairs from {'project ' + repr(project) if project else data}")
+    pairs = dpo_pairs(ctx.engine, data, project, params.get("aggregation", "majority"))
+    ctx.log.info("%d pairs, base %s", len(pairs), base)
+    result = _trained(ctx, lambda: train_dpo(pairs, Path(ctx.run_dir) / "policy", base=base, options=options, log=ctx.log.info,
+                                             progress=lambda f, m: ctx.progress(0.02 + 0.97 * f, m), should_stop=ctx.cancelled))
+    row = result.registration(name=name, project_id=project_id_of(ctx.engine, project),
+                              parent_id=params.get("parent_id") or registered_policy_id(ctx.engine, base))
+    row["params"] = {**row["params"], "source": {"project": project} if project else {"data": str(data)}}
+    return {"register": [row], "path": str(result.output_dir), "metrics": result.metrics}
+
+
+def _online(algorithm: str, params: dict, ctx) -> dict:
+    from annotation.names import registry_name
+    from ppo.generate import resolve_policy
+    from ppo.grpo import GRPOOptions, train_online
+    from ppo.prompts import project_prompts, read_prompts
+    from ppo.sft import resolve_base
+
+    known = {f.name for f in dataclasses.fields(GRPOOptions)}
+    _unknown(algorithm, params, known | set(ONLINE_SOURCE_KEYS))
+    if not params.get("reward_model"):
+        raise PPOError(f"{algorithm}: param 'reward_model' (a directory, or a registered reward model's id or name) is required")
+    if bool(params.get("prompts")) == bool(params.get("prompts_project")):
+        raise PPOError(f"{algorithm}: give exactly one of 'prompts' (a file) or 'prompts_project'")
+    options = GRPOOptions.from_params({k: v for k, v in params.items() if k in known}, algorithm)
+    project = params.get("prompts_project")
+    name = registry_name(params.get("name"), f"{algorithm}-{project or Path(str(params.get('prompts'))).stem}-job{ctx.job_id}",
+                         f"{algorithm}: param 'name'")
+    n = params.get("n_prompts")
+    prompts = read_prompts(params["prompts"], n) if params.get("prompts") else project_prompts(ctx.engine, project, n)
+    policy = (resolve_policy(ctx.engine, str(params["policy"]))[0] if params.get("policy")
+              else resolve_base(None, ctx.settings.model_dir))
+    reward = reward_model_path(ctx.engine, params["reward_model"])
+    ctx.log.info("%s: policy %s, reward model %s, %d prompts, %d steps", algorithm.upper(), policy, reward, len(prompts),
+                 options.steps)
+    ctx.progress(0.0, f"loading models; {len(prompts)} prompts")
+    result = _trained(ctx, lambda: train_online(algorithm, prompts, Path(ctx.run_dir) / "policy", base=policy, reward=reward,
+                                                options=options, log=ctx.log.info,
+                                                progress=lambda f, m: ctx.progress(0.02 + 0.97 * f, m),
+                                                should_stop=ctx.cancelled))
+    row = result.registration(name=name, project_id=project_id_of(ctx.engine, project),
+                              parent_id=params.get("parent_id") or registered_policy_id(ctx.engine, policy))
+    row["params"] = {**row["params"], "source": {"project": project} if project else {"prompts": str(params["prompts"])}}
+    return {"register": [row], "path": str(result.output_dir), "metrics": result.metrics}
+
+
+def grpo(params: dict, ctx) -> dict:
+    """GRPO (TRL GRPOTrainer) on a reward model; params: policy?, reward_model, prompts or prompts_project,
+    n_prompts?, name?, parent_id?, and GRPOOptions fields."""
+    return _online("grpo", params, ctx)
+
+
+def rloo(params: dict, ctx) -> dict:
+    """RLOO (TRL RLOOTrainer) on a reward model; params as for grpo (GRPOOptions fields but loss_type)."""
+    return _online("rloo", params, ctx)
