@@ -21,31 +21,31 @@ import typer
 
 from app.cli import JsonOpt, cli, emit, engine, models_cli
 from reward.errors import RewardError
-from reward.precision import HELP as PRECISION_HELP
-from reward.train import TrainParams
+from app.options import spec_option
+from reward.usecases import TrainRMSpec
 
 
-# The defaults live on TrainParams, once; the options show them.
-DEFAULTS = TrainParams()
+S = TrainRMSpec  # options, defaults and help of train-rm are this spec's fields
+
 
 @cli.command("train-rm")
 def train_rm(
-    data: Optional[str] = typer.Option(None, "--data", help="Labelled preference file (trl, trl-conversational, hh)."),
-    project: Optional[str] = typer.Option(None, "--project", help="Train on a project's aggregated labels (its export train split)."),
+    data: Optional[str] = spec_option(S, "data"),
+    project: Optional[str] = spec_option(S, "project"),
     output: str = typer.Option(..., "--output", "-o", help="Run directory to create; must not exist yet."),
-    base: str = typer.Option("minilm", "--base", help="minilm, smollm2, a local model directory or a hub id."),
-    epochs: float = typer.Option(DEFAULTS.epochs, "--epochs", help="Passes over the training pairs."),
-    lr: float = typer.Option(DEFAULTS.lr, "--lr", help="Peak learning rate."),
-    batch_size: int = typer.Option(DEFAULTS.batch_size, "--batch-size", help="Pairs per optimizer step."),
-    max_length: int = typer.Option(DEFAULTS.max_length, "--max-length", help="Tokens per sequence; the start of long prompts is cut."),
-    seed: int = typer.Option(DEFAULTS.seed, "--seed", help="Seed for head init, data order and bootstrap draws."),
-    ensemble: int = typer.Option(1, "--ensemble", help="Train N members on bootstrap resamples (seeds seed..seed+N-1)."),
-    center_rewards: Optional[float] = typer.Option(None, "--center-rewards", help="Reward-centring coefficient, e.g. 0.01."),
-    margin: bool = typer.Option(False, "--margin", help="Use the pairs' margin (strength / aggregation confidence) in the loss."),
-    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters (merged when saved) instead of all weights."),
-    precision: str = typer.Option(DEFAULTS.precision, "--precision", help=PRECISION_HELP),
-    eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="Share of a --data file held out for evaluation."),
-    aggregation: str = typer.Option("majority", "--aggregation", help="Label aggregation for --project: majority or dawid-skene."),
+    base: str = spec_option(S, "base"),
+    epochs: float = spec_option(S, "epochs"),
+    lr: float = spec_option(S, "lr"),
+    batch_size: int = spec_option(S, "batch_size"),
+    max_length: int = spec_option(S, "max_length"),
+    seed: int = spec_option(S, "seed"),
+    ensemble: int = spec_option(S, "ensemble"),
+    center_rewards: Optional[float] = spec_option(S, "center_rewards"),
+    margin: bool = spec_option(S, "margin"),
+    lora: bool = spec_option(S, "lora"),
+    precision: str = spec_option(S, "precision"),
+    eval_fraction: float = spec_option(S, "eval_fraction"),
+    aggregation: str = spec_option(S, "aggregation"),
     name: Optional[str] = typer.Option(None, "--name", help="Registry name; default: the output directory's name."),
     register: bool = typer.Option(True, "--register/--no-register", help="Record the model in the registry."),
     as_json: bool = JsonOpt,
@@ -53,58 +53,42 @@ def train_rm(
     """Train a reward model (TRL RewardTrainer, Bradley-Terry loss) and register it."""
     import logging
 
-    from annotation.registry import register_model
-    from annotation.store import transaction
-    from app.settings import get_settings
-    from reward.data import project_id_of, training_data
-    from reward.train import main_process, train_reward_model
-
     from annotation.names import registry_name
+    from annotation.runs import RunContext, fresh_output_dir, register_result
+    from app.settings import get_settings
+    from reward.train import main_process
+    from reward.usecases import train_rm as train_rm_usecase
 
-    if register:
-        name = registry_name(name, Path(output).name)  # refused now, not after training
-    params = TrainParams(base=base, epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, seed=seed,
-                         ensemble=ensemble, center_rewards=center_rewards, margin=margin, lora=lora,
-                         precision=precision).validate()
     out = Path(output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RewardError(f"--output {output}: already exists; choose a new run directory")
-    eng = engine() if (project or register) else None
-    train, held = training_data(data=data, project=project, engine=eng, aggregation=aggregation, margin=margin,
-                                eval_fraction=eval_fraction)
-    project_id = project_id_of(eng, project) if eng is not None else None
+    spec = TrainRMSpec(data=data, project=project, base=base, epochs=epochs, lr=lr, batch_size=batch_size,
+                       max_length=max_length, seed=seed, ensemble=ensemble, center_rewards=center_rewards, margin=margin,
+                       lora=lora, precision=precision, eval_fraction=eval_fraction, aggregation=aggregation,
+                       name=registry_name(name, out.name) if register else name).validate()
+    fresh_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     log = logging.getLogger("rlhf.train_rm")
     if not as_json:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
+    eng = engine() if (project or register) else None
     try:
-        result = train_reward_model(train, tmp, params, eval_pairs=held or None, settings=get_settings(), log=log)
+        result = train_rm_usecase(spec, RunContext(output_dir=tmp, engine=eng, settings=get_settings(), log=log))
         if not main_process():
             return  # under accelerate launch the first process moves the run into place, registers and reports it
         if out.exists():
             out.rmdir()  # verified empty above
-        if register:
-            with transaction(eng) as session:
-                row = register_model(
-                    session, kind="reward", name=name or out.name, path=str(out.resolve()),
-                    base_model=result["base_model"], project_id=project_id, data_hash=result["data_hash"],
-                    data_rows=result["data_rows"], metrics=result["metrics"],
-                    params={**result["params"], "source": {"project": project} if project else {"data": str(data)}},
-                )
-                tmp.rename(out)
-                model_id = row.id
-        else:
-            tmp.rename(out)
-            model_id = None
+        tmp.rename(out)
+        result = result.moved(tmp, out)
+        model_id = register_result(eng, result)[0] if register else None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    m = result["metrics"]
-    payload = {"model_id": model_id, "path": str(out), "data_hash": result["data_hash"], "train_pairs": len(train),
-               "eval_pairs": len(held), "metrics": {k: v for k, v in m.items() if k != "eval"}}
+    m = result.metrics
+    payload = {"model_id": model_id, "path": str(out), "data_hash": result.extra["data_hash"],
+               "train_pairs": result.extra["train_pairs"], "eval_pairs": result.extra["eval_pairs"],
+               "metrics": {k: v for k, v in m.items() if k != "eval"}}
     lines = [f"reward model trained: {out}" + (f" (model id {model_id})" if model_id else ""),
-             f"train pairs {len(train)}, held out {len(held)}, loss {m['train_loss']:.4f}, "
+             f"train pairs {result.extra['train_pairs']}, held out {result.extra['eval_pairs']}, loss {m['train_loss']:.4f}, "
              f"{m['pairs_per_s']:.1f} pairs/s on {m['torch_threads']} threads ({m['compute_precision']})",
              f"truncated: {m['prompt_truncated']} prompts cut from the left, {m['response_truncated']} responses cut"]
     if "eval_accuracy" in m:

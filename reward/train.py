@@ -217,6 +217,11 @@ def _train_one(train_pairs: Sequence, out_dir: Path, params: TrainParams, base_p
     torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
+    # The score head is initialised when the model loads: seed first, or two runs with the same
+    # seed (a CLI run and a job, say) start from different heads and end with different models.
+    from transformers import set_seed
+
+    set_seed(seed)
     model, tokenizer, peft_config = load_base(base_path, params.lora, params.lora_r)
     encoder = PairEncoder(tokenizer, params.max_length)
     dataset, stats = build_dataset(train_pairs, encoder, use_margin=params.margin)

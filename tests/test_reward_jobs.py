@@ -22,7 +22,7 @@ from annotation.store import Job, RegisteredModel, init_db, transaction  # noqa:
 from reward.data import pairs_hash, split_pairs  # noqa: E402
 
 pytestmark = pytest.mark.slow
-TINY = {"epochs": 1, "lr": 3e-3, "batch_size": 8, "max_length": 32}
+TINY = {"epochs": 1, "lr": 3e-3, "batch_size": 8, "max_length": 32, "precision": "fp32"}
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +164,34 @@ def test_cli_failed_training_leaves_no_model_and_no_row(sqlite_settings, tiny_ba
     assert not out.exists() and not list((tmp_path / "runs").glob(".rm2.partial-*"))
     with transaction(init_db(sqlite_settings.db_url)) as s:
         assert s.scalar(select(func.count()).select_from(RegisteredModel)) == 0
+
+
+# The fields of a registry row that say what was trained, on what, how: the same whichever caller ran it.
+SAME_FIELDS = ("kind", "base_model", "project_id", "data_hash", "data_rows", "parent_id")
+
+
+def comparable(row) -> dict:
+    timing = ("train_seconds", "pairs_per_s", "tokens_per_s", "peak_rss_mb", "runtime_s")
+    metrics = {k: v for k, v in row.metrics.items() if k not in timing and not isinstance(v, (list, dict))}
+    return {**{k: getattr(row, k) for k in SAME_FIELDS}, "params": row.params, "metrics": metrics}
+
+
+def test_the_cli_and_the_job_run_one_use_case_and_register_the_same_model(sqlite_settings, tiny_base, pairs_file, tmp_path):
+    """train-rm is written once (reward.usecases.train_rm): `rlhf train-rm` in process and the
+    train_rm job in the worker register the same row but for its path and name."""
+    from app.jobs import claim_next, run_job, submit_job
+
+    engine = init_db(sqlite_settings.db_url)
+    params = {"data": str(pairs_file), "base": str(tiny_base), "eval_fraction": 0.25, **TINY}
+    job_id = submit_job(engine, "train_rm", params)
+    claim_next(engine, "test-worker")
+    assert run_job(job_id, sqlite_settings) == 0
+    proc = _cli("train-rm", "--data", str(pairs_file), "--output", str(tmp_path / "rm-cli"), "--base", str(tiny_base),
+                "--eval-fraction", "0.25", "--epochs", "1", "--lr", "3e-3", "--batch-size", "8", "--max-length", "32",
+                "--precision", "fp32", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with transaction(engine) as s:
+        from_job, from_cli = s.scalars(select(RegisteredModel).order_by(RegisteredModel.id)).all()
+        assert comparable(from_job) == comparable(from_cli)
+        assert from_cli.path == str((tmp_path / "rm-cli").resolve()) and from_cli.name == "rm-cli"
+        assert from_job.name == f"rm-pairs-job{job_id}" and Path(from_job.path).name == "model"
