@@ -22,7 +22,9 @@ import typer
 
 from app.cli import JsonOpt, cli, emit, engine
 from ppo.errors import PPOError
+from app.options import spec_option
 from reward.precision import HELP as PRECISION_HELP
+from ppo.usecases import SFTSpec
 
 TemperatureOpt = typer.Option(0.7, "--temperature", help="Sampling temperature (PPO's default).")
 MaxNewTokensOpt = typer.Option(53, "--max-new-tokens", help="Longest response in tokens (PPO's default).")
@@ -64,19 +66,19 @@ def _progress(as_json: bool):
 
 @cli.command()
 def sft(
-    data: Optional[str] = typer.Option(None, "--data", help='Instruction JSONL: "messages", "prompt"+"completion" or "text" rows.'),
-    project: Optional[str] = typer.Option(None, "--project", help="Train on the chosen responses of a project's aggregated pairs."),
+    data: Optional[str] = spec_option(SFTSpec, "data"),
+    project: Optional[str] = spec_option(SFTSpec, "project"),
     output: str = typer.Option(..., "--output", "-o", help="Run directory to create; must not exist or be empty."),
-    base: Optional[str] = typer.Option(None, "--base", help="Base policy: a model directory or hub id (default: the fetched SmolLM2-135M-Instruct)."),
-    lora: bool = typer.Option(False, "--lora", help="Train LoRA adapters (merged into the saved model) instead of all weights."),
-    epochs: float = typer.Option(1.0, "--epochs", help="Passes over the rows."),
-    max_steps: int = typer.Option(-1, "--max-steps", help="Stop after this many optimizer steps (-1: all epochs)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 2e-5, or 1e-4 with --lora)."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Rows per forward pass."),
-    max_length: int = typer.Option(512, "--max-length", help="Tokens per row after the chat template."),
-    aggregation: str = typer.Option("majority", "--aggregation", help="Label aggregation for --project: majority or dawid-skene."),
-    seed: int = typer.Option(0, "--seed", help="Seed for data order and adapter initialisation."),
-    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    base: Optional[str] = spec_option(SFTSpec, "base"),
+    lora: bool = spec_option(SFTSpec, "lora"),
+    epochs: float = spec_option(SFTSpec, "epochs"),
+    max_steps: int = spec_option(SFTSpec, "max_steps"),
+    lr: Optional[float] = spec_option(SFTSpec, "learning_rate", "--lr"),
+    batch_size: int = spec_option(SFTSpec, "batch_size"),
+    max_length: int = spec_option(SFTSpec, "max_length"),
+    aggregation: str = spec_option(SFTSpec, "aggregation"),
+    seed: int = spec_option(SFTSpec, "seed"),
+    precision: str = spec_option(SFTSpec, "precision"),
     name: Optional[str] = typer.Option(None, "--name", help="Registry name (default: the output directory's name)."),
     register: bool = typer.Option(True, "--register/--no-register", help="Record the policy in the registry when training has finished."),
     as_json: bool = JsonOpt,
@@ -84,40 +86,25 @@ def sft(
     """Supervised fine-tuning (TRL SFTTrainer) with the chat template; the result is registered as a policy."""
     import logging
 
-    from annotation.registry import register_model
-    from annotation.store import transaction
-    from app.settings import get_settings
-    from ppo.jobs import project_id_of, registered_policy_id, sft_rows
-    from ppo.sft import SFTOptions, resolve_base, train_sft
-
     from annotation.names import registry_name
+    from annotation.runs import RunContext, register_result
+    from app.settings import get_settings
+    from ppo import usecases
 
-    if register:
-        name = registry_name(name, Path(output).name)  # refused now, not after training
-    options = SFTOptions(epochs=epochs, max_steps=max_steps, learning_rate=lr if lr is not None else (1e-4 if lora else 2e-5),
-                         batch_size=batch_size, max_length=max_length, lora=lora, seed=seed,
-                         precision=precision).validate()
-    base_path = resolve_base(base, get_settings().model_dir)
+    spec = SFTSpec(data=data, project=project, base=base, lora=lora, epochs=epochs, max_steps=max_steps, learning_rate=lr,
+                   batch_size=batch_size, max_length=max_length, aggregation=aggregation, seed=seed, precision=precision,
+                   name=registry_name(name, Path(output).name) if register else name).validate()
     eng = engine() if (project or register) else None
-    rows = sft_rows(eng, data, project, aggregation)
     log = logging.getLogger("rlhf.sft")
     if not as_json:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = train_sft(rows, output, base=base_path, options=options, log=log.info)
-    model_id = None
-    if register:
-        # Registered only now, after the model directory is complete.
-        row = result.registration(name=name or Path(output).name, project_id=project_id_of(eng, project),
-                                  parent_id=registered_policy_id(eng, base_path))
-        row["path"] = str(Path(output).resolve())
-        row["params"] = {**row["params"], "source": {"project": project} if project else {"data": str(data)}}
-        with transaction(eng) as session:
-            model_id = register_model(session, **row).id
+    result = usecases.sft(spec, RunContext(output_dir=Path(output), engine=eng, settings=get_settings(), log=log))
+    model_id = register_result(eng, result)[0] if register else None  # only now: the model directory is complete
     m = result.metrics
-    payload = {"model_id": model_id, "path": str(output), "base_model": base_path, "rows": result.rows,
-               "data_hash": result.data_hash, "metrics": m}
+    payload = {"model_id": model_id, "path": str(output), "base_model": result.extra["base_model"], "rows": result.extra["rows"],
+               "data_hash": result.extra["data_hash"], "metrics": m}
     emit(payload, as_json, f"policy trained: {output}" + (f" (model id {model_id})" if model_id else "")
-         + f"\n{result.rows} rows, {m['steps']} steps, loss {m['first_loss']:.4f} -> {m['final_loss']:.4f}, {m['runtime_s']:.0f} s")
+         + f"\n{result.extra['rows']} rows, {m['steps']} steps, loss {m['first_loss']:.4f} -> {m['final_loss']:.4f}, {m['runtime_s']:.0f} s")
 
 
 @cli.command("eval-policy")

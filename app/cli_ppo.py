@@ -22,7 +22,6 @@ from typing import List, Optional
 import typer
 
 from app.cli import JsonOpt, cli, emit, engine
-from ppo.errors import PPOError
 
 
 def format_warnings(warnings: list[dict]) -> str:
@@ -58,16 +57,13 @@ def ppo(
     """PPO (our implementation, ppo.train) of a policy on a reward model; prints diagnostics warnings at the end."""
     import logging
 
-    from app.cli_policy import _prompts, _progress, _reward_model_path
-    from app.settings import get_settings
-    from ppo.generate import resolve_policy
-    from ppo.sft import resolve_base
-    from ppo.train import PPOConfig, run_ppo
-
     from annotation.names import registry_name
+    from annotation.runs import RunContext, register_result
+    from app.cli_policy import _progress
+    from app.settings import get_settings
+    from ppo.config import PPOConfig
+    from ppo.usecases import PPOSpec, ppo as ppo_usecase
 
-    if register:
-        name = registry_name(name, Path(output).name)  # refused now, not after training
     overrides = list(set_ or [])
     if steps is not None:
         overrides.append(f"steps={steps}")
@@ -75,41 +71,25 @@ def ppo(
         overrides.append("lora=true")
     if keep_best is not None:
         overrides.append(f"keep_best={keep_best}")
-    cfg = PPOConfig.from_yaml(config, overrides)
     out = Path(output)
-    if resume:
-        if not (out / "checkpoints").is_dir():
-            raise PPOError(f"--resume: {out} has no checkpoints/ to resume from")
-    elif out.exists() and any(out.iterdir()):
-        raise PPOError(f"--output {out} already holds files; pass --resume to continue that run, or choose a new directory")
-    prompt_list = _prompts(prompts, prompts_project, n_prompts)
-    if policy:
-        policy_path, _ = resolve_policy(None if Path(policy).exists() else engine(), policy)
-    else:
-        policy_path = resolve_base(None, get_settings().model_dir)
-    reward_path = _reward_model_path(reward_model)
-    judge_paths = [_reward_model_path(j, "--judge") for j in judge or []]
+    spec = PPOSpec(reward_model=reward_model, prompts=prompts, prompts_project=prompts_project, policy=policy,
+                   judges=list(judge or []), n_prompts=n_prompts, resume=resume,
+                   name=registry_name(name, out.name) if register else name,  # refused now, not after training
+                   config=PPOConfig.from_yaml(config, overrides)).validate()
     if not as_json:
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    result = run_ppo(reward_path, prompt_list, out, policy=policy_path, config=cfg, progress=_progress(as_json),
-                     resume=resume or None, judges=judge_paths)
-    model_id = None
-    if register:
-        from annotation.registry import register_model
-        from annotation.store import transaction
-        from ppo.jobs import prompts_hash, project_id_of, registered_policy_id
-
-        eng = engine()
-        row = {
-            "kind": "policy", "name": name or out.name, "path": str(Path(result["policy_path"]).resolve()),
-            "base_model": policy_path, "project_id": project_id_of(eng, prompts_project),
-            "data_hash": prompts_hash(prompt_list), "data_rows": len(prompt_list),
-            "params": {**cfg.to_dict(), "reward_model": reward_path, "judges": judge_paths,
-                       "kept_step": result["kept_step"]}, "metrics": result["metrics"],
-            "parent_id": registered_policy_id(eng, policy_path),
-        }
-        with transaction(eng) as session:
-            model_id = register_model(session, **row).id
+    # The store is opened only when something needs it: paths alone and --no-register run without one.
+    named = [reward_model, *spec.judges] + ([policy] if policy else [])
+    needs_store = register or prompts_project or any(not Path(str(v)).exists() for v in named)
+    eng = engine() if needs_store else None
+    ctx = RunContext(output_dir=out, engine=eng, settings=get_settings(), log=logging.getLogger("rlhf.ppo"))
+    if not as_json:
+        ctx.progress = _progress(as_json)
+    run = ppo_usecase(spec, ctx)
+    if not run.register:
+        return  # under accelerate launch the first process registers and reports the run
+    model_id = register_result(eng, run)[0] if register else None
+    result = {**run.extra, "metrics": run.metrics}
     m = result["metrics"]
     payload = {"model_id": model_id, "output_dir": result["output_dir"], "policy_path": result["policy_path"],
                "steps": m.get("steps"), "kept_step": result["kept_step"], "judges": result["judge_paths"],

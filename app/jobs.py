@@ -120,7 +120,38 @@ def _validate_params(kind: str, params: Any) -> dict:
             raise JobError(f"an export job needs param(s) {', '.join(missing)} (e.g. --param project=NAME --param format=trl)")
         if "filename" in params:
             _export_filename(params["filename"])
-    return _json_safe(params, "job params")
+    params = _json_safe(params, "job params")
+    validate = SPEC_CHECKS.get(kind)
+    if validate is not None:
+        _check_spec(validate, kind, params)
+    return params
+
+
+# Job kinds whose params are a use case's spec: checked when the job is submitted, so a page shows a
+# bad value on its form and `rlhf jobs submit` refuses it, instead of a job that fails in the worker.
+# (The spec's own checks only: files, projects and models named are looked up when the job runs.)
+SPEC_CHECKS: dict[str, str] = {
+    "train_rm": "reward.usecases:TrainRMSpec",
+    "sft": "ppo.usecases:SFTSpec",
+    "ppo": "ppo.usecases:PPOSpec",
+}
+
+
+def _check_spec(target: str, kind: str, params: dict) -> None:
+    from annotation.runs import spec_from_params
+
+    module_name, _, name = target.partition(":")
+    spec_cls = getattr(importlib.import_module(module_name), name)
+    from ppo.errors import PPOError
+    from reward.errors import RewardError
+
+    try:
+        if "from_params" in vars(spec_cls):  # its own reader (PPOSpec: spec fields and PPOConfig fields)
+            spec_cls.from_params(dict(params), kind)
+        else:
+            spec_from_params(spec_cls, dict(params), kind, JobError)
+    except (RewardError, PPOError) as exc:
+        raise JobError(str(exc) if str(exc).startswith(kind) else f"{kind}: {exc}") from None
 
 
 def submit_job(engine: Engine, kind: str, params: dict | None = None, created_by: int | None = None) -> int:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from annotation.errors import JobCancelled
 from ppo.errors import PPOError
+# Shared with the CLI and the other handlers; defined once, with the use cases.
+from ppo.usecases import prompts_hash, project_id_of, registered_policy_id, reward_model_path, sft_rows  # noqa: F401
 
-SFT_SOURCE_KEYS = ("data", "project", "aggregation", "base", "name", "parent_id")
 GENERATE_KEYS = ("policy", "policy_b", "prompts", "prompts_project", "project", "n", "name", "name_b")
 
 
@@ -30,71 +31,25 @@ def _unknown(kind: str, params: dict, known) -> None:
         raise PPOError(f"{kind}: unknown param(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
 
 
-def project_id_of(engine, project: str | None) -> int | None:
-    if not project:
-        return None
-    from annotation.projects import get_project
-    from annotation.store import transaction
+def _run_context(ctx, output_dir: Path):
+    from annotation.runs import RunContext
 
-    with transaction(engine) as session:
-        return get_project(session, project).id
-
-
-def registered_policy_id(engine, path: str) -> int | None:
-    """The id of the registered policy stored at `path`, if any (the parent of a model trained from it)."""
-    from annotation.registry import list_models
-    from annotation.store import transaction
-
-    target = Path(path).resolve()
-    with transaction(engine) as session:
-        for row in list_models(session, kind="policy"):
-            if Path(row.path).resolve() == target:
-                return row.id
-    return None
-
-
-def sft_rows(engine, data: str | None, project: str | None, aggregation: str = "majority") -> list[dict]:
-    """SFT rows from an instruction file or from a project's chosen responses (exactly one of the two)."""
-    from ppo.sft import read_sft_file, rows_from_pairs
-
-    if bool(data) == bool(project):
-        raise PPOError("give exactly one of --data FILE or --project NAME")
-    if data:
-        return read_sft_file(data)
-    from annotation.io import project_pairs
-
-    rows = rows_from_pairs(project_pairs(engine, project, aggregation=aggregation))
-    if not rows:
-        raise PPOError(f"project '{project}' has no aggregated pairs yet (ties and both-bad are left out); annotate some first")
-    return rows
+    return RunContext(output_dir=output_dir, engine=ctx.engine, settings=ctx.settings, progress=ctx.progress,
+                      should_stop=ctx.cancelled, log=ctx.log)
 
 
 def sft(params: dict, ctx) -> dict:
-    """Supervised fine-tuning; params: data or project, base, name, parent_id, aggregation, and SFTOptions fields."""
+    """The sft job: ppo.usecases.sft into the job's run dir (its policy/ folder); params are SFTSpec's fields."""
     from annotation.names import registry_name
-    from ppo.sft import SFTOptions, resolve_base, train_sft
+    from annotation.runs import spec_from_params
+    from ppo import usecases
 
-    known = {f.name for f in dataclasses.fields(SFTOptions)}
-    _unknown("sft", params, known | set(SFT_SOURCE_KEYS))
-    name = registry_name(params.get("name"), f"sft-{params.get('project') or Path(str(params.get('data'))).stem}-job{ctx.job_id}",
-                         "sft: param 'name'")
-    options = SFTOptions.from_params({k: v for k, v in params.items() if k in known})
-    base = resolve_base(params.get("base"), ctx.settings.model_dir)
-    project, data = params.get("project"), params.get("data")
-    ctx.progress(0.0, f"reading SFT rows from {'project ' + repr(project) if project else data}")
-    rows = sft_rows(ctx.engine, data, project, params.get("aggregation", "majority"))
-    ctx.log.info("%d SFT rows, base %s", len(rows), base)
+    spec = spec_from_params(usecases.SFTSpec, params, "sft", PPOError)
+    spec.name = registry_name(spec.name, f"sft-{spec.project or Path(str(spec.data)).stem}-job{ctx.job_id}", "sft: param 'name'")
     try:
-        result = train_sft(rows, Path(ctx.run_dir) / "policy", base=base, options=options, log=ctx.log.info,
-                           progress=lambda f, m: ctx.progress(0.02 + 0.97 * f, m), should_stop=ctx.cancelled)
-    except PPOError:
-        if ctx.cancelled():
-            raise _cancelled_error(ctx) from None
-        raise
-    parent_id = params.get("parent_id") or registered_policy_id(ctx.engine, base)
-    row = result.registration(name=name, project_id=project_id_of(ctx.engine, project), parent_id=parent_id)
-    row["params"] = {**row["params"], "source": {"project": project} if project else {"data": str(data)}}
-    return {"register": [row], "path": str(result.output_dir), "metrics": result.metrics}
+        return usecases.sft(spec, _run_context(ctx, Path(ctx.run_dir) / "policy")).as_job_result()
+    except JobCancelled:
+        raise _cancelled_error(ctx) from None
 
 
 def generate(params: dict, ctx) -> dict:
@@ -133,97 +88,25 @@ def generate(params: dict, ctx) -> dict:
 # reads the run's metrics.jsonl from the job's run dir or a folder up to two levels below it
 # (ppo.runs.find_run_dir), or from result["output_dir"].
 
-PPO_SOURCE_KEYS = ("policy", "reward_model", "prompts", "prompts_project", "name", "parent_id", "n_prompts", "resume",
-                   "judges")
-
-
-def prompts_hash(prompts: list) -> str:
-    """A short fingerprint of the prompt set a policy was trained on (the models table's data_hash)."""
-    import hashlib
-    import json
-
-    digest = hashlib.sha256()
-    for p in prompts:
-        digest.update(json.dumps(p, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
-    return digest.hexdigest()[:16]
-
-
-def reward_model_path(engine, value: str, param: str = "reward_model") -> str:
-    """A reward model directory, or a registered reward model's id or name resolved to its path."""
-    if Path(str(value)).is_dir():
-        return str(value)
-    from annotation.registry import get_model
-    from annotation.store import transaction
-
-    with transaction(engine) as session:
-        row = get_model(session, str(value))
-        if row.kind != "reward":
-            raise PPOError(f"{param} {value}: registered model {row.id} is a {row.kind} model, not a reward model")
-        return row.path
-
-
 def ppo(params: dict, ctx) -> dict:
-    """PPO on a reward model; params: policy?, reward_model, prompts or prompts_project, name?,
-    parent_id?, n_prompts?, resume?, judges? (reward models PPO does not train on: directories or
-    registered ids/names), and PPOConfig fields by name. Registers the trained policy."""
+    """The ppo job: ppo.usecases.ppo into the job's run dir (its ppo/ folder); params are PPOSpec's
+    fields (policy?, reward_model, prompts or prompts_project, name?, parent_id?, n_prompts?, resume?,
+    judges?) and PPOConfig fields by name."""
     from annotation.names import registry_name
-    from ppo.generate import resolve_policy
-    from ppo.prompts import project_prompts, read_prompts
-    from ppo.sft import resolve_base
-    from ppo.train import PPOConfig, TrainingCancelled, run_ppo
+    from ppo import usecases
 
-    known = set(PPOConfig.__dataclass_fields__)
-    _unknown("ppo", params, known | set(PPO_SOURCE_KEYS))
-    if not params.get("reward_model"):
-        raise PPOError("ppo: param 'reward_model' (a directory, or a registered reward model's id or name) is required")
-    if bool(params.get("prompts")) == bool(params.get("prompts_project")):
-        raise PPOError("ppo: give exactly one of 'prompts' (a file) or 'prompts_project'")
-    config = PPOConfig.from_dict({k: v for k, v in params.items() if k in known}, "ppo job params").validate()
-    name = registry_name(params.get("name"), f"ppo-{params.get('prompts_project') or Path(str(params.get('prompts'))).stem}-job{ctx.job_id}",
-                         "ppo: param 'name'")
-    n = params.get("n_prompts")
-    prompts = (read_prompts(params["prompts"], n) if params.get("prompts")
-               else project_prompts(ctx.engine, params["prompts_project"], n))
-    if params.get("policy"):
-        policy, _ = resolve_policy(ctx.engine, str(params["policy"]))
-    else:
-        policy = resolve_base(None, ctx.settings.model_dir)
-    reward = reward_model_path(ctx.engine, params["reward_model"])
-    judges = params.get("judges") or []
-    if isinstance(judges, (str, int)):
-        judges = [judges]
-    judges = [reward_model_path(ctx.engine, str(j), "judges:") for j in judges]
-    out = Path(ctx.run_dir) / "ppo"
-    ctx.log.info("PPO: policy %s, reward model %s, judges %s, %d prompts, %d steps", policy, reward, judges or "none",
-                 len(prompts), config.steps)
-    ctx.progress(0.0, f"loading models; {len(prompts)} prompts")
+    spec = usecases.PPOSpec.from_params(params, "ppo")
+    spec.name = registry_name(spec.name, f"ppo-{spec.prompts_project or Path(str(spec.prompts)).stem}-job{ctx.job_id}",
+                              "ppo: param 'name'")
     try:
-        result = run_ppo(reward, prompts, out, policy=policy, config=config, progress=ctx.progress,
-                         cancelled=ctx.cancelled, resume=params.get("resume"), judges=judges)
-    except TrainingCancelled:
+        result = usecases.ppo(spec, _run_context(ctx, Path(ctx.run_dir) / "ppo"))
+    except JobCancelled:
         raise _cancelled_error(ctx) from None
-    if "policy_path" not in result:
+    if not result.register:
         # Under accelerate launch only the main process saves models; the other ranks' results
         # are not the job's (app.jobs keeps rank 0's).
         return {}
-    for warning in result.get("diagnostics", []):
-        ctx.log.warning("%s: %s %s", warning["code"], warning["message"], warning["suggestion"])
-    project = params.get("prompts_project")
-    row = {
-        "kind": "policy",
-        "name": name,
-        "path": result["policy_path"],
-        "base_model": policy,
-        "project_id": project_id_of(ctx.engine, project),
-        "data_hash": prompts_hash(prompts),
-        "data_rows": len(prompts),
-        "params": {**config.to_dict(), "reward_model": reward, "judges": judges, "kept_step": result.get("kept_step"),
-                   "source": {"project": project} if project else {"prompts": str(params.get("prompts"))}},
-        "metrics": result.get("metrics", {}),
-        "parent_id": params.get("parent_id") or registered_policy_id(ctx.engine, policy),
-    }
-    return {"register": [row], "output_dir": result["output_dir"], "metrics": result.get("metrics", {}),
-            "diagnostics": result.get("diagnostics", [])}
+    return result.as_job_result()
 
 
 # --------------------------------------------------------------------------- dpo, grpo, rloo (TRL trainers)

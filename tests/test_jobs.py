@@ -88,7 +88,17 @@ def test_submit_validates_kind_and_params(jset):
     with pytest.raises(jobs.JobError, match="JSON-serialisable"):
         jobs.submit_job(eng, "train_rm", {"when": object()})
     with pytest.raises(jobs.JobError, match="no user with id 99"):
-        jobs.submit_job(eng, "train_rm", {}, created_by=99)
+        jobs.submit_job(eng, "train_rm", {"project": "p"}, created_by=99)
+    # The use case's spec is checked at submission: a form or `rlhf jobs submit` hears of a bad value
+    # at once, instead of a job that fails in the worker.
+    with pytest.raises(jobs.JobError, match=r"train_rm: --epochs -1.0 is invalid; expected a positive number"):
+        jobs.submit_job(eng, "train_rm", {"project": "p", "epochs": -1})
+    with pytest.raises(jobs.JobError, match=r"ppo: unknown param\(s\) learnin_rate"):
+        jobs.submit_job(eng, "ppo", {"reward_model": "rm", "prompts_project": "p", "learnin_rate": 1e-5})
+    with pytest.raises(jobs.JobError, match="batch_size \\(10\\) must be a multiple of mini_batch_size"):
+        jobs.submit_job(eng, "ppo", {"reward_model": "rm", "prompts_project": "p", "batch_size": 10, "mini_batch_size": 4})
+    with pytest.raises(jobs.JobError, match="exactly one of --data FILE or --project NAME"):
+        jobs.submit_job(eng, "sft", {})
     job_id = jobs.submit_job(eng, "train_rm", {"project": "p", "epochs": 1})
     job = jobs.get_job(eng, job_id)
     assert (job["status"], job["kind"], job["params"], job["progress"]) == ("queued", "train_rm", {"project": "p", "epochs": 1}, 0.0)

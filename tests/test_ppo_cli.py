@@ -158,3 +158,25 @@ def test_ppo_job_cancelled_between_steps_registers_nothing(files, settings, tmp_
         ppo(params, _ctx(settings, tmp_path / "job", cancel_after=2))
     assert len((tmp_path / "job" / "ppo" / "metrics.jsonl").read_text().splitlines()) == 2
     assert not (tmp_path / "job" / "ppo" / "policy").exists()
+
+
+def test_rlhf_ppo_and_the_ppo_job_run_one_use_case_and_register_the_same_policy(files, settings, tmp_path):
+    """PPO is written once (ppo.usecases.ppo): the CLI and the job give the same registry row but for
+    its path and name (same seed, same settings, same data)."""
+    from annotation.registry import get_model
+    from annotation.store import transaction
+    from ppo.jobs import ppo
+
+    params = {"policy": str(files.policy), "reward_model": str(files.rm), "prompts": str(files.prompts), "steps": 2,
+              "batch_size": 8, "mini_batch_size": 8, "max_new_tokens": 4, "ppo_epochs": 1, "tensorboard": False,
+              "precision": "fp32"}
+    (job_row,) = ppo(params, _ctx(settings, tmp_path / "job"))["register"]
+    result = invoke(["ppo", "--reward-model", str(files.rm), "--prompts", str(files.prompts), "--output", str(tmp_path / "cli"),
+                     "--policy", str(files.policy), "--steps", "2", *FAST, "--set", "precision=fp32", "--name", "ppo-cli"])
+    assert result.exit_code == 0, result.output
+    with transaction(settings_engine(settings)) as session:
+        cli = get_model(session, "ppo-cli")
+        cli_row = {k: getattr(cli, k) for k in ("kind", "base_model", "project_id", "data_hash", "data_rows", "params", "parent_id")}
+        untimed = lambda m: {k: v for k, v in m.items() if not k.startswith("time")}  # noqa: E731
+        assert cli_row == {k: job_row[k] for k in cli_row} and untimed(cli.metrics) == untimed(job_row["metrics"])
+    assert cli.path == str((tmp_path / "cli" / "policy").resolve()) and job_row["path"] == str((tmp_path / "job" / "ppo" / "policy").resolve())

@@ -342,7 +342,7 @@ def test_ppo_page_submits_judges_and_draws_the_over_optimisation_curve(store, tm
     assert job.params["keep_best"] == "judge"
 
     # A finished run with judged steps: the proxy-and-judge-against-KL chart and the warning.
-    job_id = submit_job(store, "ppo", {"steps": 10})
+    job_id = submit_job(store, "ppo", {"reward_model": "rm", "prompts_project": "demo", "steps": 10})
     run = Path(get_settings().runs_dir) / f"job-{job_id}" / "run"
     run.mkdir(parents=True)
     history = [{**r, "kl_coef": 0.05, "entropy": 2.0, "response_length": 8.0}

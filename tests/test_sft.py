@@ -214,3 +214,34 @@ def test_a_bad_sft_file_is_reported_by_the_cli_with_line_and_field_and_exit_code
                            "--base", str(tmp_path), "--no-register"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and f"error: {bad}:2: field 'completion'" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_rlhf_sft_and_the_sft_job_run_one_use_case_and_register_the_same_policy(base, tmp_path, settings):
+    """SFT is written once (ppo.usecases.sft): the CLI and the job register the same row but for its
+    path and name; both apply "1e-4 with LoRA" (before, only the CLI did)."""
+    import logging
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from annotation.registry import get_model
+    from annotation.store import init_db, transaction
+    from app.cli import _register_commands, cli
+    from ppo.jobs import sft
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    engine = init_db(settings.db_url)
+    ctx = SimpleNamespace(job_id=5, run_dir=tmp_path / "job", engine=engine, settings=settings, log=logging.getLogger("t"),
+                          progress=lambda f, m="": None, cancelled=lambda: False)
+    options = {"max_steps": 3, "batch_size": 2, "lora": True, "precision": "fp32"}
+    (job_row,) = sft({"data": str(data), "base": str(base), **options}, ctx)["register"]
+    _register_commands()
+    result = CliRunner().invoke(cli, ["sft", "--data", str(data), "--base", str(base), "--max-steps", "3", "--batch-size", "2",
+                                      "--lora", "--precision", "fp32", "-o", str(tmp_path / "cli"), "--name", "sft-cli"])
+    assert result.exit_code == 0, result.output
+    with transaction(engine) as session:
+        row = get_model(session, "sft-cli")
+        fields = ("kind", "base_model", "project_id", "data_hash", "data_rows", "params", "parent_id")
+        assert {k: getattr(row, k) for k in fields} == {k: job_row[k] for k in fields}
+    assert job_row["params"]["learning_rate"] == 1e-4 and job_row["name"] == "sft-rows-job5"
