@@ -216,3 +216,44 @@ def page_title(path: Path) -> str:
 
 def user_caption(user: User) -> None:
     st.caption(f"Logged in as **{user.username}** ({user.role})")
+
+
+# --------------------------------------------------------------------------- shared widgets
+
+
+def project_picker(projects: list, key: str, none_message: str):
+    """The project selectbox of a page (the choice kept per page under `key`); with no project yet,
+    `none_message` and the page stops."""
+    if not projects:
+        st.info(none_message)
+        st.stop()
+    by_id = {p.id: p for p in projects}
+    if st.session_state.get(key) not in by_id:
+        st.session_state[key] = projects[0].id
+    return by_id[st.selectbox("Project", list(by_id), format_func=lambda i: by_id[i].name, key=key)]
+
+
+def job_panel(job_id: int, cancel_key: str, cancel_label: str = "Cancel") -> dict | None:
+    """A job's progress bar and Cancel button, for the live fragments of the Reward Models and PPO
+    pages. A fragment reruns alone, without the page's page_user check, so the user is checked again
+    here on every rerun (and cancel_job checks once more inside the action). Returns the job, or
+    None when the user may no longer see it."""
+    from annotation.errors import AnnotationError
+    from app.jobs import cancel_job, get_job
+
+    acting = action_user("researcher")
+    if acting is None:
+        st.error(REFUSED_MESSAGE)
+        return None
+    engine = get_engine()
+    job = get_job(engine, job_id)
+    st.progress(float(job["progress"]), text=f"job {job_id} ({job['kind']}): {job['status']} — "
+                                             f"{job['message'] or 'waiting for a worker'}")
+    if job["status"] in ("queued", "running") and st.button(cancel_label, key=cancel_key):
+        try:
+            cancel_job(engine, job_id, by_user_id=acting.id)
+        except AnnotationError as exc:
+            st.error(str(exc))
+        st.rerun()
+    return job
+

@@ -764,3 +764,27 @@ def test_user_management_checks_the_actor_on_the_server(engine):
     # ...and a deactivated admin can do nothing any more.
     with pytest.raises(AnnotationError, match="not logged in"), transaction(engine) as session:
         users.list_users(session, admin)
+
+
+def _job_panel_script(job_id):
+    from app.ui import job_panel
+
+    job_panel(job_id, cancel_key="panel_cancel")
+
+
+def test_the_live_job_panel_checks_the_user_on_every_rerun(store):
+    """The Reward Models and PPO pages draw a job in a fragment that reruns alone, without the page's
+    check: the panel checks the user itself, so a deactivated or demoted researcher sees (and can
+    cancel) nothing more."""
+    from app.jobs import get_job, submit_job
+    from app.ui import REFUSED_MESSAGE
+
+    job_id = submit_job(store, "export", {"project": PROJECT, "format": "trl"})
+    at = AppTest.from_function(_job_panel_script, args=(job_id,), default_timeout=TIMEOUT)
+    set_login(at, store, user_id(store, "res"))
+    at.run()
+    assert not at.error and [b.key for b in at.button] == ["panel_cancel"]
+    _set_user(store, "res", active=False)
+    at.button(key="panel_cancel").click().run()
+    assert [e.value for e in at.error] == [REFUSED_MESSAGE] and not at.button
+    assert get_job(store, job_id)["status"] == "queued"  # the click did not cancel it

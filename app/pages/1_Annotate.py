@@ -12,7 +12,7 @@ import time
 
 import streamlit as st
 
-from app.ui import REFUSED_MESSAGE, action_user, get_engine, no_remote_images, page_user, user_caption
+from app.ui import REFUSED_MESSAGE, action_user, get_engine, no_remote_images, page_user, project_picker, user_caption
 
 user = page_user("annotator", "researcher")
 
@@ -222,15 +222,8 @@ def _progress(project, done: bool) -> None:
 st.title("Annotate")
 user_caption(user)
 
-projects = list_projects(engine)
-if not projects:
-    st.info("There are no projects yet. A researcher creates them on the Projects page.")
-    st.stop()
-by_id = {p.id: p for p in projects}
-if state.get("ann_project_id") not in by_id:
-    state["ann_project_id"] = projects[0].id
-project_id = st.selectbox("Project", list(by_id), format_func=lambda i: by_id[i].name, key="ann_project_id")
-project = by_id[project_id]
+project = project_picker(list_projects(engine), "ann_project_id",
+                         "There are no projects yet. A researcher creates them on the Projects page.")
 
 task = state.get("ann_task")
 if task is not None and state.get("ann_task_project") != project.id:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from app.ui import escape_markdown, get_engine, page_user, user_caption
+from app.ui import escape_markdown, get_engine, page_user, project_picker, user_caption
 
 user = page_user("researcher")
 
@@ -30,12 +30,7 @@ engine = get_engine()
 st.title("Data")
 user_caption(user)
 
-projects = list_projects(engine)
-if not projects:
-    st.info("No projects yet: create one on the Projects page.")
-    st.stop()
-by_name = {p.name: p for p in projects}
-project = by_name[st.selectbox("Project", list(by_name), key="data_project")]
+project = project_picker(list_projects(engine), "data_project", "No projects yet: create one on the Projects page.")
 
 items_tab, annotations_tab, export_tab = st.tabs(["Items", "Annotations", "Export"])
 

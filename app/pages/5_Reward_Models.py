@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app.ui import REFUSED_MESSAGE, action_user, get_engine, page_user
+from app.ui import get_engine, job_panel, page_user
 
 user = page_user("researcher")
 
@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 from annotation.browse import list_projects  # noqa: E402
 from annotation.errors import AnnotationError  # noqa: E402
 from annotation.registry import activate, model_rows, run_files  # noqa: E402
-from app.jobs import cancel_job, get_job, list_jobs, log_tail, submit_job  # noqa: E402
+from app.jobs import list_jobs, log_tail, submit_job  # noqa: E402
 from reward.train import TrainParams  # noqa: E402
 
 engine = get_engine()
@@ -63,20 +63,9 @@ with st.expander("Retrain reward model", expanded=False):
 
 
 def _job_view(job_id: int) -> None:
-    # A fragment reruns alone, without the page's page_user check: check again on every rerun.
-    acting = action_user("researcher")
-    if acting is None:
-        st.error(REFUSED_MESSAGE)
+    job = job_panel(job_id, cancel_key=f"rm_cancel_{job_id}")
+    if job is None:
         return
-    job = get_job(engine, job_id)
-    st.progress(float(job["progress"]), text=f"job {job_id} ({job['kind']}): {job['status']} — "
-                                             f"{job['message'] or 'waiting for a worker'}")
-    if job["status"] in ("queued", "running") and st.button("Cancel", key=f"rm_cancel_{job_id}"):
-        try:
-            cancel_job(engine, job_id, by_user_id=acting.id)
-        except AnnotationError as exc:
-            st.error(str(exc))
-        st.rerun()
     st.code(log_tail(job, 25) or "(no log yet)", language=None)
 
 

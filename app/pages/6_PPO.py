@@ -13,7 +13,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from app.ui import REFUSED_MESSAGE, action_user, get_engine, page_user, user_caption
+from app.ui import get_engine, job_panel, page_user, user_caption
 
 user = page_user("researcher")
 
@@ -21,7 +21,7 @@ from annotation.browse import list_projects  # noqa: E402  (after the role check
 from annotation.errors import AnnotationError  # noqa: E402
 from annotation.registry import list_models  # noqa: E402
 from annotation.store import reading  # noqa: E402
-from app.jobs import cancel_job, get_job, job_run_dir, list_jobs, log_tail, submit_job  # noqa: E402
+from app.jobs import job_run_dir, list_jobs, log_tail, submit_job  # noqa: E402
 from app.settings import get_settings  # noqa: E402
 from ppo.errors import PPOError  # noqa: E402
 from ppo.memory import ACCOUNTINGS, ALGOS, GPU_COUNTS, PRECISIONS, MemorySpec, plan_memory, plan_rows, plan_summary  # noqa: E402
@@ -142,19 +142,9 @@ with start_tab:
 
 
 def _run_view(job_id: int) -> None:
-    # A fragment reruns alone, without the page's page_user check: check again on every rerun.
-    acting = action_user("researcher")
-    if acting is None:
-        st.error(REFUSED_MESSAGE)
+    job = job_panel(job_id, cancel_key=f"ppo_cancel_{job_id}", cancel_label="Cancel this run")
+    if job is None:
         return
-    job = get_job(engine, job_id)
-    st.progress(float(job["progress"]), text=f"job {job_id}: {job['status']} — {job['message'] or 'waiting for a worker'}")
-    if job["status"] in ("queued", "running") and st.button("Cancel this run", key=f"ppo_cancel_{job_id}"):
-        try:
-            cancel_job(engine, job_id, by_user_id=acting.id)
-        except AnnotationError as exc:
-            st.error(str(exc))
-        st.rerun()
     output_dir = (job.get("result") or {}).get("output_dir")
     run_dir = find_run_dir(output_dir) or find_run_dir(job_run_dir(settings, job_id))
     history = read_metrics(run_dir)
