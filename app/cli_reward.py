@@ -44,6 +44,7 @@ def train_rm(
     margin: bool = spec_option(S, "margin"),
     lora: bool = spec_option(S, "lora"),
     precision: str = spec_option(S, "precision"),
+    length_balance: bool = spec_option(S, "length_balance"),
     eval_fraction: float = spec_option(S, "eval_fraction"),
     aggregation: str = spec_option(S, "aggregation"),
     name: Optional[str] = typer.Option(None, "--name", help="Registry name; default: the output directory's name."),
@@ -62,7 +63,7 @@ def train_rm(
     out = Path(output)
     spec = TrainRMSpec(data=data, project=project, base=base, epochs=epochs, lr=lr, batch_size=batch_size,
                        max_length=max_length, seed=seed, ensemble=ensemble, center_rewards=center_rewards, margin=margin,
-                       lora=lora, precision=precision, eval_fraction=eval_fraction, aggregation=aggregation,
+                       lora=lora, precision=precision, length_balance=length_balance, eval_fraction=eval_fraction, aggregation=aggregation,
                        name=registry_name(name, out.name) if register else name).validate()
     fresh_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,13 +56,16 @@ def arm_ours(args) -> dict:
     from reward.train import TrainParams, train_reward_model
 
     train, held = _split(args)
-    overrides = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("max_length", args.max_length)) if v is not None}
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("max_length", args.max_length),
+                                   ("length_balance", args.length_balance or None), ("ensemble", args.ensemble)) if v is not None}
     params = TrainParams(base=args.base, **overrides)
     with tempfile.TemporaryDirectory() as tmp:
         result = train_reward_model(train, Path(tmp) / "run", params, eval_pairs=held)
     m = result["metrics"]
     return {"arm": "ours", "train_pairs": len(train), "held_out_pairs": len(held), "params": params.to_dict(),
             "held_out_accuracy": m["eval_accuracy"], "held_out_log_loss": m["eval_log_loss"], "held_out_ece": m["eval_ece"],
+            "accuracy_chosen_shorter": m["eval"]["length_bias"]["chosen_shorter"]["accuracy"],
+            "accuracy_chosen_longer": m["eval"]["length_bias"]["chosen_longer"]["accuracy"],
             "pairs_per_s": m["pairs_per_s"], "tokens_per_s": m["tokens_per_s"], "train_seconds": m["train_seconds"],
             "torch_threads": m["torch_threads"], "precision": m["compute_precision"],
             "gradient_checkpointing": m["gradient_checkpointing"], "prompt_truncated": m["prompt_truncated"],
@@ -126,6 +129,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=float, default=None, help="Override our default (for tuning only).")
     parser.add_argument("--lr", type=float, default=None, help="Override our default (for tuning only).")
     parser.add_argument("--max-length", type=int, default=None, help="Override our default (for tuning only).")
+    parser.add_argument("--length-balance", action="store_true", help="Train on a length-balanced subsample (TrainParams.length_balance).")
+    parser.add_argument("--ensemble", type=int, default=None, help="Train N members (TrainParams.ensemble).")
     parser.add_argument("--limit-train", type=int, default=0, help="Use only the first N training pairs (0: all).")
     parser.add_argument("--limit-held-out", type=int, default=0, help="Evaluate on only the first N held-out pairs (0: all).")
     parser.add_argument("--arm", choices=["ours", "plain", "both"], default="both")

@@ -77,6 +77,9 @@ class TrainParams:
     """Steps between training-curve points; 0 picks about 50 points per run."""
     precision: str = "auto"
     """auto (bf16 autocast where native and measured to pay), fp32, or bf16 (forced); weights stay fp32."""
+    length_balance: bool = False
+    """Train on as many pairs whose chosen response is the longer as the shorter (a seeded subsample):
+    a length-debiasing option; compare the length-bias gap in eval-rm with and without it."""
 
     def validate(self) -> "TrainParams":
         checks = [
@@ -303,6 +306,16 @@ def _rm_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def length_balanced(pairs: Sequence, seed: int) -> list:
+    """The pairs with the larger of (chosen longer, chosen shorter) subsampled to the smaller's size,
+    order kept: a model can then no longer win by preferring one length. Equal-length pairs stay."""
+    longer = [i for i, p in enumerate(pairs) if len(p.chosen) > len(p.rejected)]
+    shorter = [i for i, p in enumerate(pairs) if len(p.chosen) < len(p.rejected)]
+    big, small = (longer, shorter) if len(longer) > len(shorter) else (shorter, longer)
+    drop = set(random.Random(seed).sample(big, len(big) - len(small)))
+    return [p for i, p in enumerate(pairs) if i not in drop]
+
+
 def bootstrap(pairs: Sequence, seed: int) -> list:
     """A resample with replacement, the same size as `pairs`."""
     rng = random.Random(seed)
@@ -326,6 +339,11 @@ def train_reward_model(train_pairs: Sequence, out_dir: Path, params: TrainParams
     base_path = resolve_base(params.base, settings)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if params.length_balance:
+        before = len(train_pairs)
+        train_pairs = length_balanced(train_pairs, params.seed)
+        if log is not None:
+            log.info(f"length balance: {len(train_pairs)} of {before} training pairs kept")
     n_members = params.ensemble
     members: list[dict] = []
     train_share = 0.9 if eval_pairs else 1.0

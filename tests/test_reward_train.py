@@ -175,3 +175,17 @@ def test_lora_adapters_are_trained_and_merged_into_a_plain_model(llama_base, tmp
     assert "score.weight" in merged
     s = load_reward_model(run).score(["w1", "w1"], ["good", "bad"])
     assert s.shape == (2,) and torch.isfinite(s).all()
+
+
+def test_length_balance_keeps_as_many_chosen_longer_as_chosen_shorter_pairs():
+    from collections import namedtuple
+
+    from reward.train import length_balanced
+
+    P = namedtuple("P", "prompt chosen rejected")
+    pairs = [P("q", "a" * 3, "b" * 9)] * 7 + [P("q", "a" * 9, "b" * 3)] * 3 + [P("q", "aa", "bb")] * 2
+    kept = length_balanced(pairs, seed=1)
+    shorter = sum(len(p.chosen) < len(p.rejected) for p in kept)
+    longer = sum(len(p.chosen) > len(p.rejected) for p in kept)
+    assert (shorter, longer, len(kept)) == (3, 3, 8)
+    assert length_balanced(pairs, seed=1) == kept  # seeded
