@@ -3,10 +3,14 @@
     rlhf agreement --project demo
     rlhf agreement --project demo --json --bootstrap 2000
     rlhf agreement --labels labels.csv --level ordinal --json    # CSV columns: item_id,annotator,label
+    rlhf agreement --project demo --with-model rm-3 --noise-threshold 0.9 --json
 
 Prints percent agreement, Fleiss' kappa, Krippendorff's alpha, Cohen's kappa (mean and per pair),
 each with a bootstrap 95% interval over items, the per-annotator table (outliers marked) and the
 most disputed items. Everything comes from annotation.agreement; this module only prints it.
+With --with-model, a `model` section: the reward model as a second opinion (reward.second_opinion
+scores the items, annotation.second_opinion compares): its agreement and kappa with the aggregated
+label, with each annotator, and the label-noise candidates.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ import typer
 from annotation.errors import AnnotationError
 
 from app.cli import JsonOpt, cli, emit, engine
+
+# annotation.second_opinion's defaults, repeated so that `rlhf --help` loads no pandas;
+# tests/test_second_opinion.py checks that they agree.
+NOISE_THRESHOLD = 0.85
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -72,7 +80,48 @@ def render_text(report: dict) -> str:
         lines.append("most disputed items:")
         for row in report["disputed"]:
             lines.append(f"  {row['item_id']}: agreement {_fmt(row['agreement'], 2)}  votes {row['votes']}")
+    if report.get("model"):
+        lines += ["", *render_model(report["model"])]
     return "\n".join(lines)
+
+
+def _one_line(text, width: int = 70) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def render_model(section: dict) -> list[str]:
+    """The `model` section for people: the model against the aggregated label, per annotator, label noise."""
+    from annotation.browse import prompt_text
+
+    model, proj, margin = section["model"], section["project"], section["undecided_margin"]
+    lines = [
+        f"reward model as a second opinion: {'#' + str(model['id']) + ' ' if model['id'] is not None else ''}{model['name']}"
+        f"{' (ensemble)' if model['ensemble'] else ''}  {model['path']}",
+        f"  scored {section['n_scored']} items; undecided when P(A) is within {margin:g} of 0.5 "
+        f"({section['n_undecided']} items; compared as a tie)",
+        f"  vs the {proj['aggregation']} label: agreement {_fmt(proj['agreement'])}{_fmt_ci(proj['agreement_interval'])}  "
+        f"kappa {_fmt(proj['kappa'])}{_fmt_ci(proj['interval'])}  n {proj['n_items']}  "
+        f"(accuracy on a/b items {_fmt(proj['decisive']['accuracy'])}, n {proj['decisive']['n_items']})",
+    ]
+    rater = section.get("as_rater")
+    if rater:
+        gold = f", gold {_fmt(rater['gold_accuracy'])} ({rater['n_gold']})" if rater["gold_accuracy"] is not None else ""
+        lines.append(f"  model as a rater: agreement with the others {_fmt(rater['loo_agreement'])} "
+                     f"({rater['n_compared']} items){gold}, undecided {_fmt(rater['undecided_rate'])}")
+    lines.append("  model vs each annotator:")
+    for row in section["annotators"]:
+        lines.append(f"    {row['annotator']}: kappa {_fmt(row['kappa'])}{_fmt_ci(row['interval'])}, "
+                     f"agreement {_fmt(row['agreement'])} on {row['n_items']} items")
+    for key, note in section["notes"].items():
+        lines.append(f"  note: {key}: {note}")
+    noise = section["label_noise"]
+    lines.append(f"  label-noise candidates: {noise['n_candidates']} (model P >= {noise['threshold']:g} for the other side "
+                 f"of a strong human label: {noise['strong_majority']})")
+    for row in noise["items"]:
+        lines.append(f"    {row['item_id']}: people {row['human_label']} ({row['votes']}), model {row['model_label']} "
+                     f"P(A)={row['p_a']:.3f}  prompt: {_one_line(prompt_text(row.get('prompt', '')))}")
+    return lines
 
 
 @cli.command()
@@ -85,7 +134,16 @@ def agreement(
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples of items for the 95% intervals; 0 for none."),
     seed: int = typer.Option(0, "--seed", help="Random seed of the bootstrap."),
     min_shared: int = typer.Option(10, "--min-shared", help="Items two annotators must share for their Cohen's kappa."),
-    top: int = typer.Option(10, "--top", help="How many of the most disputed items to list."),
+    top: int = typer.Option(10, "--top", help="How many of the most disputed items (and label-noise candidates) to list."),
+    with_model: Optional[str] = typer.Option(
+        None, "--with-model", metavar="ID|NAME|DIR",
+        help="With --project: a reward model (registered id or name, or a model directory) as a second opinion; adds a `model` section.",
+    ),
+    noise_threshold: float = typer.Option(
+        NOISE_THRESHOLD, "--noise-threshold",
+        help="With --with-model: list an item as a label-noise candidate when the model gives the other side at least this P "
+             "against a strong human majority (2/3 of 3+ annotations).",
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Agreement between annotators: percent agreement, Cohen's, Fleiss' kappa, Krippendorff's alpha, per annotator."""
@@ -95,6 +153,14 @@ def agreement(
         raise AnnotationError("give exactly one of --project NAME or --labels FILE.csv")
     if top < 0:
         raise AnnotationError(f"--top must be 0 or more, got {top}")
+    if with_model is not None:
+        from annotation.second_opinion import check_options
+        from reward.second_opinion import resolve_model
+
+        if project is None:
+            raise AnnotationError("--with-model applies to --project only; it scores the project's items")
+        check_options(noise_threshold)
+        resolve_model(engine(), project, with_model)  # a wrong name fails now, not after the annotators' report
     options = {"bootstrap": bootstrap, "seed": seed, "min_shared": min_shared}
     if project is not None:
         if level is not None:
@@ -110,4 +176,10 @@ def agreement(
         label = "label"
     report["source"] = {"project": project} if project is not None else {"labels": labels, "level": level}
     report["disputed"] = ag.disputed_items(votes, label, top)
+    if with_model is not None:
+        from reward.second_opinion import second_opinion
+
+        # the loaded votes are passed on: the model is compared with the very labels reported above
+        report["model"] = second_opinion(engine(), project, with_model, votes=votes, noise_threshold=noise_threshold,
+                                         top=top, **options)
     emit(report, as_json, render_text(report))

@@ -5,7 +5,9 @@ table with outliers marked, position-bias and tie-rate charts, agreement over ti
 disputed items with their votes and, where items name the sources (models) of their responses, a
 leaderboard of those sources with bootstrap intervals. Every figure comes from annotation.agreement
 and annotation.leaderboard, the same functions as `rlhf agreement` and `rlhf leaderboard`; this
-page only renders them.
+page only renders them. Where the project has an active reward model, "Reward model as a second
+opinion" compares it with the annotators (annotation.second_opinion, as `rlhf agreement
+--with-model`); its scores are computed only when asked, with a button, and kept per model and project.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import pandas as pd  # noqa: E402
 
 from annotation import agreement as ag  # noqa: E402
 from annotation import leaderboard as lb  # noqa: E402
+from annotation import second_opinion as so  # noqa: E402
 from annotation.errors import AnnotationError  # noqa: E402
 from annotation.browse import list_projects, prompt_text  # noqa: E402
+from reward import second_opinion as rso  # noqa: E402
 
 DISPUTED_SHOWN = 10
 CACHE_SECONDS = 60
@@ -51,6 +55,19 @@ def project_sources(db_url: str, project: str, resamples: int, ties: str) -> tup
         return n_sourced, lb.project_leaderboard(get_engine(), project, bootstrap=resamples, ties=ties), None
     except AnnotationError as exc:
         return n_sourced, None, str(exc)
+
+
+@st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
+def active_reward_model(db_url: str, project: str) -> dict | None:
+    ref = rso.active_reward_model(get_engine(), project)
+    return ref.as_dict() if ref else None
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def model_scores(db_url: str, project: str, model_id: int) -> dict:
+    # The expensive part (every annotated item through the model): kept per (store, project, model)
+    # until "Score again"; reached only after the button was pressed in this session.
+    return rso.score_project(get_engine(), project, model_id)
 
 
 projects = list_projects(engine)
@@ -103,7 +120,9 @@ st.caption(
 
 ties = st.session_state.get("quality_ties", "half")
 n_sourced, board, no_board = project_sources(get_settings().db_url, name, int(resamples), ties)
-tabs = st.tabs(["Annotators", "Over time", "Disputed items"] + (["Leaderboard"] if n_sourced else []))
+reward_model = active_reward_model(get_settings().db_url, name)
+tabs = st.tabs(["Annotators", "Over time", "Disputed items"] + (["Leaderboard"] if n_sourced else [])
+               + (["Reward model as a second opinion"] if reward_model else []))
 annotators_tab, time_tab, disputed_tab = tabs[:3]
 
 # ----------------------------------------------------------------------------- annotators
@@ -269,3 +288,71 @@ if n_sourced:
             )
             for key, note in board["notes"].items():
                 st.info(f"{key}: {note}")
+
+# ----------------------------------------------------------------------------- reward model as a second opinion
+
+if reward_model is not None:
+    with tabs[-1]:
+        # model names are typed by people: plain text
+        st.text(f"Active reward model #{reward_model['id']} {reward_model['name']}"
+                f"{' (an ensemble: the mean of its members)' if reward_model['ensemble'] else ''}")
+        st.caption("P(A preferred) = sigmoid(r_A − r_B), Bradley-Terry. The model's labels are never shown to annotators.")
+        scored_key = (get_settings().db_url, name, reward_model["id"])
+        scored_here = st.session_state.setdefault("quality_model_scored", set())
+        b1, b2 = st.columns([1, 3])
+        if scored_key not in scored_here:
+            if b1.button("Score with the model", key="quality_model_score"):
+                scored_here.add(scored_key)
+            else:
+                st.info("Scoring runs every annotated item through the model; press the button to start.")
+        elif b1.button("Score again", key="quality_model_rescore", help="After new annotations or a retrained model file."):
+            model_scores.clear()
+        if scored_key in scored_here:
+            with st.spinner("Scoring items with the reward model…"):
+                scored = model_scores(*scored_key)
+            threshold = b2.slider("Label-noise threshold: the model's P for the other side", 0.55, 1.0,
+                                  so.DEFAULT_NOISE_THRESHOLD, 0.01, key="quality_noise_threshold")
+            opinion = so.model_report(votes, scored["opinion"], scored["items"], bootstrap=int(resamples),
+                                      noise_threshold=threshold, min_shared=report["cohen_kappa"]["min_shared"])
+            proj = opinion["project"]
+            mm = st.columns(4)
+            mm[0].metric("Agreement with the majority", show(proj["agreement"]), help=interval(proj["agreement_interval"]))
+            mm[1].metric("Cohen's kappa with the majority", show(proj["kappa"]), help=interval(proj["interval"]))
+            mm[2].metric("Accuracy on a/b items", show(proj["decisive"]["accuracy"]))
+            mm[3].metric("Items compared", proj["n_items"])
+            for key, note in opinion["notes"].items():
+                st.info(f"{key}: {note}")
+            st.subheader("The model as one more rater")
+            rows = pd.DataFrame(opinion["annotators"])
+            rater = opinion["as_rater"]
+            if rater:
+                rows = pd.concat([rows, pd.DataFrame([{
+                    "annotator": "(model vs the majority)", "n_items": proj["n_items"], "kappa": proj["kappa"],
+                    "interval": proj["interval"], "agreement": proj["agreement"]}])], ignore_index=True)
+            rows["kappa 95% CI"] = rows["interval"].map(lambda ci: "" if not ci else f"[{ci[0]:.3f}, {ci[1]:.3f}]")
+            columns = {"annotator": "Annotator", "n_items": "Shared items", "kappa": "Kappa with the model",
+                       "kappa 95% CI": "Kappa 95% CI", "agreement": "Agreement with the model"}
+            rate = st.column_config.NumberColumn(format="%.3f")
+            st.dataframe(rows[list(columns)].rename(columns=columns), hide_index=True, width="stretch", key="quality_model_raters",
+                         column_config={"Kappa with the model": rate, "Agreement with the model": rate})
+            st.caption(
+                f"{opinion['n_undecided']} items undecided (P(A) within {rso.DEFAULT_MARGIN:g} of 0.5), compared as a tie. "
+                f"Kappa for annotators sharing {opinion['min_shared']}+ items with the model."
+                + (f" Gold accuracy of the model: {show(rater['gold_accuracy'])} ({rater['n_gold']} items)."
+                   if rater and rater["gold_accuracy"] is not None else "")
+            )
+            noise = opinion["label_noise"]
+            st.subheader(f"Label-noise candidates ({noise['n_candidates']})")
+            st.caption(f"The model gives the other side P ≥ {threshold:.2f} against a strong human label "
+                       f"({noise['strong_majority']}); most confident first. Either the label or the model may be wrong.")
+            if noise["items"]:
+                listed = pd.DataFrame(noise["items"])[["item_id", "human_label", "votes", "model_label", "p_a", "model_confidence"]]
+                st.dataframe(listed, hide_index=True, width="stretch", key="quality_noise")
+                for row in noise["items"]:
+                    with st.expander(f"Item {row['item_id']}: people {row['human_label']} ({row['votes']}), "
+                                     f"model {row['model_label']} with P {row['model_confidence']:.2f}"):
+                        # item text is untrusted: plain text only, never HTML or markdown
+                        st.text("Prompt:\n" + prompt_text(row.get("prompt", "")))
+                        a, b = st.columns(2)
+                        a.text(f"Response A (reward {row['reward_a']:.3f}):\n" + str(row.get("response_a", "")))
+                        b.text(f"Response B (reward {row['reward_b']:.3f}):\n" + str(row.get("response_b", "")))
