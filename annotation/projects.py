@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from annotation.errors import AnnotationError
 from annotation.names import can_be_looked_up, check_project_name
-from annotation.store import CHOICES, Item, Project, Prompt
+from annotation.store import CHOICES, Item, Project, Prompt, reading, transaction
 
 
 def validate_settings(overlap: int, choices: list[str], gold_rate: float, lease_seconds: int) -> None:
@@ -116,3 +116,30 @@ def update_project(
         project.criteria = [c.strip() for c in criteria if c.strip()]
     session.flush()
     return project
+
+
+# --------------------------------------------------------------------------- for pages and commands
+# The functions above take a Session so that an import or a use case can join them to its own
+# transaction; these take an Engine and own theirs, so a page never opens one.
+
+
+def new_project(engine, name: str, *, created_by: int | None = None, **settings) -> str:
+    """Create a project (settings as create_project takes them) in its own transaction; its name."""
+    with transaction(engine) as session:
+        return create_project(session, name, created_by=created_by, **settings).name
+
+
+def save_project_settings(engine, project_id: int, **settings) -> None:
+    """Change a project's settings (as update_project takes them) in its own transaction."""
+    with transaction(engine) as session:
+        project = session.get(Project, project_id)
+        if project is None:
+            raise AnnotationError(f"no project with id {project_id}")
+        update_project(session, project, **settings)
+
+
+def summaries(engine) -> list[dict]:
+    """project_summaries, read without taking SQLite's write lock."""
+    with reading(engine) as session:
+        return project_summaries(session)
+

@@ -95,18 +95,22 @@ def active_model(session: Session, project_id: int | None) -> RegisteredModel | 
 # --------------------------------------------------------------------------- for the app and the CLI
 
 
-def model_rows(engine, project_id: int | None = None, kind: str = "reward") -> list[dict]:
-    """Registered models as plain dicts (newest first) with the headline metrics flattened."""
-    from annotation.store import transaction
+REWARD_METRICS = ("eval_accuracy", "eval_log_loss", "eval_ece", "eval_mean_margin", "train_loss", "pairs_per_s")
+POLICY_METRICS = ("win_rate", "reward_mean", "kl", "final_loss", "steps")
 
-    with transaction(engine) as session:
+
+def model_rows(engine, project_id: int | None = None, kind: str = "reward", metric_keys: tuple | None = None) -> list[dict]:
+    """Registered models as plain dicts (newest first) with the headline metrics of their kind flattened."""
+    from annotation.store import reading
+
+    keys = metric_keys or (REWARD_METRICS if kind == "reward" else POLICY_METRICS)
+    with reading(engine) as session:
         rows = list_models(session, kind=kind, project_id=project_id)
         return [{
             "id": m.id, "name": m.name, "active": m.active, "base_model": m.base_model, "parent_id": m.parent_id,
             "project_id": m.project_id, "job_id": m.job_id, "data_rows": m.data_rows,
             "data_hash": (m.data_hash or "")[:12], "path": m.path, "created_at": m.created_at.isoformat(timespec="seconds"),
-            **{k: (m.metrics or {}).get(k) for k in ("eval_accuracy", "eval_log_loss", "eval_ece", "eval_mean_margin",
-                                                     "train_loss", "pairs_per_s")},
+            **{k: (m.metrics or {}).get(k) for k in keys},
             "epochs": (m.params or {}).get("epochs"), "lr": (m.params or {}).get("lr"),
             "ensemble": (m.params or {}).get("ensemble"),
         } for m in rows]

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from annotation.auth import check_role, create_user, hash_password, require_role
 from annotation.errors import AnnotationError
-from annotation.store import User
+from annotation.store import User, reading, transaction
 
 
 def list_users(session: Session, actor: User) -> list[dict]:
@@ -76,3 +76,20 @@ def reset_password(session: Session, actor: User, username: str, new_password: s
     user.password_hash = hash_password(new_password)
     session.flush()
     return user
+
+
+# --------------------------------------------------------------------------- for pages and commands
+
+
+def perform(engine, action, actor: User, *args):
+    """Run one of the admin actions above (add_user, set_role, set_active, reset_password) in its own
+    transaction: the check that `actor` is an active admin and the change commit together."""
+    with transaction(engine) as session:
+        action(session, actor, *args)
+
+
+def user_rows(engine, actor: User) -> list[dict]:
+    """list_users, read without taking SQLite's write lock."""
+    with reading(engine) as session:
+        return list_users(session, actor)
+

@@ -122,3 +122,28 @@ def test_the_checker_catches_violations(tmp_path):
         "reward/score.py:3: from ppo.train import PPOConfig (reward/ must not import ppo)",
         "ppo/page.py:3: import streamlit (ppo/ must not import streamlit)",
     ]
+
+
+STORE_SESSIONS = {"transaction", "reading", "session_factory", "read_connection", "Session"}
+
+
+def page_sessions(pages_dir: Path) -> list[str]:
+    """Calls by which a page would open a store session or transaction itself: pages call domain
+    functions that take an Engine and own their transactions (DESIGN.md)."""
+    found = []
+    for path in sorted(pages_dir.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+                if name in STORE_SESSIONS or name in ("begin", "connect") and isinstance(func, ast.Attribute):
+                    found.append(f"{path.name}:{node.lineno}: {name}(...)")
+    return found
+
+
+def test_pages_never_open_a_store_session_themselves(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    assert page_sessions(root / "app" / "pages") == []
+    (tmp_path / "9_Bad.py").write_text("from annotation.store import transaction\nwith transaction(engine) as s:\n    pass\n")
+    assert page_sessions(tmp_path) == ["9_Bad.py:2: transaction(...)"]

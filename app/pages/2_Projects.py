@@ -22,8 +22,8 @@ user = page_user("researcher")
 from annotation.browse import list_projects  # noqa: E402  (after the role check)
 from annotation.errors import AnnotationError  # noqa: E402
 from annotation.io.formats import FORMATS  # noqa: E402
-from annotation.projects import create_project, project_summaries, update_project  # noqa: E402
-from annotation.store import CHOICES, Project, reading, transaction  # noqa: E402
+from annotation.projects import new_project, save_project_settings, summaries as project_summaries  # noqa: E402
+from annotation.store import CHOICES  # noqa: E402
 from app.settings import get_settings  # noqa: E402
 
 IMPORT_FORMATS = ["auto", *FORMATS]
@@ -62,8 +62,7 @@ def _import_upload(project_name: str, upload, fmt: str) -> None:
 
 # ----------------------------------------------------------------------------- overview
 
-with reading(engine) as session:  # read-only: no write lock on SQLite
-    summaries = project_summaries(session)
+summaries = project_summaries(engine)
 if summaries:
     table = pd.DataFrame(summaries)[["name", "overlap", "items", "prompts", "annotations", "items_complete", "completion"]]
     st.dataframe(
@@ -93,12 +92,9 @@ with create_tab:
         guidelines = st.text_area("Guidelines (markdown)", height=160, key="proj_new_guidelines")
         if st.form_submit_button("Create project", type="primary"):
             try:
-                with transaction(engine) as session:
-                    create_project(
-                        session, name, overlap=int(overlap), guidelines=guidelines, choices=choices,
-                        criteria=_criteria(criteria), gold_rate=float(gold_rate), lease_seconds=int(lease),
-                        created_by=user.id,
-                    )
+                new_project(engine, name, overlap=int(overlap), guidelines=guidelines, choices=choices,
+                            criteria=_criteria(criteria), gold_rate=float(gold_rate), lease_seconds=int(lease),
+                            created_by=user.id)
             except AnnotationError as exc:
                 st.error(str(exc))
             else:
@@ -127,12 +123,9 @@ with edit_tab:
         e_guidelines = st.text_area("Guidelines (markdown)", value=project.guidelines, height=200)
         if st.form_submit_button("Save settings", type="primary"):
             try:
-                with transaction(engine) as session:
-                    update_project(
-                        session, session.get(Project, project.id), overlap=int(e_overlap), choices=e_choices,
-                        criteria=_criteria(e_criteria), gold_rate=float(e_gold), lease_seconds=int(e_lease),
-                        guidelines=e_guidelines,
-                    )
+                save_project_settings(engine, project.id, overlap=int(e_overlap), choices=e_choices,
+                                      criteria=_criteria(e_criteria), gold_rate=float(e_gold), lease_seconds=int(e_lease),
+                                      guidelines=e_guidelines)
             except AnnotationError as exc:
                 st.error(str(exc))
             else:

@@ -19,8 +19,7 @@ user = page_user("researcher")
 
 from annotation.browse import list_projects  # noqa: E402  (after the role check)
 from annotation.errors import AnnotationError  # noqa: E402
-from annotation.registry import list_models  # noqa: E402
-from annotation.store import reading  # noqa: E402
+from annotation.registry import POLICY_METRICS, model_rows  # noqa: E402
 from app.jobs import job_run_dir, list_jobs, log_tail, submit_job  # noqa: E402
 from app.settings import get_settings  # noqa: E402
 from ppo.errors import PPOError  # noqa: E402
@@ -37,13 +36,11 @@ settings = get_settings()
 st.title("PPO")
 user_caption(user)
 
-with reading(engine) as session:  # read-only: no write lock on SQLite
-    policies = [(m.id, m.name, m.path, m.base_model, m.parent_id, m.created_at, dict(m.metrics or {}))
-                for m in list_models(session, kind="policy")]
-    reward_models = [(m.id, m.name, m.path, m.active) for m in list_models(session, kind="reward")]
+policies = model_rows(engine, kind="policy")
+reward_models = [(m["id"], m["name"], m["path"], m["active"]) for m in model_rows(engine, kind="reward")]
 projects = [p.name for p in list_projects(engine)]
 default_policy = str(settings.model_dir / DEFAULT_POLICY)
-policy_choices = {f"{DEFAULT_POLICY} (default)": default_policy} | {f"{name} (#{id_})": path for id_, name, path, *_ in policies}
+policy_choices = {f"{DEFAULT_POLICY} (default)": default_policy} | {f"{m['name']} (#{m['id']})": m["path"] for m in policies}
 
 if "ppo_flash" in st.session_state:
     st.success(st.session_state.pop("ppo_flash"))
@@ -219,11 +216,9 @@ with policies_tab:
     if not policies:
         st.info("No policy is registered yet: `rlhf sft`, `rlhf ppo` and the jobs from this page register theirs.")
     else:
-        shown = ("win_rate", "reward_mean", "kl", "final_loss", "steps")
-        st.dataframe(pd.DataFrame([{"id": id_, "name": name, "path": path, "base model": base, "parent": parent,
-                                    "created": created, **{k: metrics.get(k) for k in shown}}
-                                   for id_, name, path, base, parent, created, metrics in policies]),
-                     hide_index=True, width="stretch")
+        st.dataframe(pd.DataFrame([{"id": m["id"], "name": m["name"], "path": m["path"], "base model": m["base_model"],
+                                    "parent": m["parent_id"], "created": m["created_at"], **{k: m[k] for k in POLICY_METRICS}}
+                                   for m in policies]), hide_index=True, width="stretch")
 
 # ----------------------------------------------------------------------------- generate items (iterated RLHF)
 

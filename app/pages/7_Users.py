@@ -13,7 +13,7 @@ from app.ui import get_engine, page_user, user_caption
 user = page_user("admin")
 
 from annotation.errors import AnnotationError  # noqa: E402  (after the role check)
-from annotation.store import ROLES, reading, transaction  # noqa: E402
+from annotation.store import ROLES  # noqa: E402
 from annotation import users as users_mod  # noqa: E402
 
 engine = get_engine()
@@ -29,8 +29,7 @@ if "users_flash" in state:
 def _apply(action, message: str, *args) -> None:
     """Run one admin action in a transaction; on success remember the message and rerun to refresh the table."""
     try:
-        with transaction(engine) as session:
-            action(session, user, *args)
+        users_mod.perform(engine, action, user, *args)
     except AnnotationError as exc:
         st.error(str(exc))
         return
@@ -38,8 +37,7 @@ def _apply(action, message: str, *args) -> None:
     st.rerun()
 
 
-with reading(engine) as session:  # read-only: no write lock on SQLite
-    rows = users_mod.list_users(session, user)
+rows = users_mod.user_rows(engine, user)
 st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="users_table")
 
 # Keyed and rerun on change, so the tab an admin worked in stays open after the action's rerun.
