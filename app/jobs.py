@@ -51,20 +51,35 @@ from sqlalchemy.exc import SQLAlchemyError
 from annotation.errors import AnnotationError, JobCancelled  # JobCancelled: re-exported for handlers and tests
 from annotation.store import JOB_KINDS, JOB_STATUSES, Job, User, is_sqlite, make_engine, transaction, utcnow
 
-HANDLERS: dict[str, str] = {
-    "train_rm": "reward.jobs:train_rm",
-    "eval_rm": "reward.jobs:eval_rm",
-    "sft": "ppo.jobs:sft",
-    "ppo": "ppo.jobs:ppo",
-    "dpo": "ppo.jobs:dpo",
-    "grpo": "ppo.jobs:grpo",
-    "rloo": "ppo.jobs:rloo",
-    "generate": "ppo.jobs:generate",
-    "export": "app.jobs:export_job",
+@dataclasses.dataclass(frozen=True)
+class JobKind:
+    """One kind of job: what runs it, what checks its params when it is submitted, how it is launched."""
+
+    handler: str
+    """"module:function" that the worker's child process runs: handler(params, ctx) -> dict."""
+    spec: str | None = None
+    """"module:Class" of the use case's spec, checked when the job is submitted (a page shows a bad
+    value on its form, `rlhf jobs submit` refuses it); None where the handler checks its params."""
+    accelerate: bool = False
+    """Started through `accelerate launch` when the accelerate_config setting is set."""
+
+
+# The one table of job kinds (annotation.store.JOB_KINDS must name the same; a test holds them equal).
+JOB_TABLE: dict[str, JobKind] = {
+    "train_rm": JobKind("reward.jobs:train_rm", "reward.usecases:TrainRMSpec", accelerate=True),
+    "eval_rm": JobKind("reward.jobs:eval_rm"),
+    "sft": JobKind("ppo.jobs:sft", "ppo.usecases:SFTSpec", accelerate=True),
+    "ppo": JobKind("ppo.jobs:ppo", "ppo.usecases:PPOSpec", accelerate=True),
+    "dpo": JobKind("ppo.jobs:dpo", accelerate=True),
+    "grpo": JobKind("ppo.jobs:grpo", accelerate=True),
+    "rloo": JobKind("ppo.jobs:rloo", accelerate=True),
+    "generate": JobKind("ppo.jobs:generate"),
+    "export": JobKind("app.jobs:export_job"),
 }
+HANDLERS: dict[str, str] = {kind: job.handler for kind, job in JOB_TABLE.items()}
+SPEC_CHECKS: dict[str, str] = {kind: job.spec for kind, job in JOB_TABLE.items() if job.spec}
+ACCELERATE_KINDS = tuple(kind for kind, job in JOB_TABLE.items() if job.accelerate)
 EXTRA_HANDLERS_ENV = "RLHF_EXTRA_JOB_HANDLERS"
-ACCELERATE_KINDS = ("train_rm", "sft", "ppo", "dpo", "grpo", "rloo")
-"""Job kinds the worker starts through `accelerate launch` when the accelerate_config setting is set."""
 CANCEL_GRACE_SECONDS = 10.0
 """How long a job may take to stop after SIGTERM before the worker sends SIGKILL."""
 LOG_NAME = "job.log"
@@ -125,16 +140,6 @@ def _validate_params(kind: str, params: Any) -> dict:
     if validate is not None:
         _check_spec(validate, kind, params)
     return params
-
-
-# Job kinds whose params are a use case's spec: checked when the job is submitted, so a page shows a
-# bad value on its form and `rlhf jobs submit` refuses it, instead of a job that fails in the worker.
-# (The spec's own checks only: files, projects and models named are looked up when the job runs.)
-SPEC_CHECKS: dict[str, str] = {
-    "train_rm": "reward.usecases:TrainRMSpec",
-    "sft": "ppo.usecases:SFTSpec",
-    "ppo": "ppo.usecases:PPOSpec",
-}
 
 
 def _check_spec(target: str, kind: str, params: dict) -> None:

@@ -373,3 +373,16 @@ def test_export_job_writes_the_projects_pairs_into_its_run_dir(jset, tmp_path):
     assert job["result"]["report"]["exported"] == 6 and models(eng) == []
     failed = jobs.get_job(eng, missing)
     assert failed["status"] == "failed" and failed["message"].startswith("no project named 'nope'")
+
+
+def test_one_table_of_job_kinds():
+    """app.jobs.JOB_TABLE is the table of kinds; the store's list (annotation cannot import app) must match it."""
+    from annotation.store import JOB_KINDS
+
+    assert set(JOB_KINDS) == set(jobs.JOB_TABLE) == set(jobs.HANDLERS)
+    for kind, job in jobs.JOB_TABLE.items():
+        module, _, name = job.handler.partition(":")
+        assert callable(getattr(__import__(module, fromlist=[name]), name)), kind
+        if job.spec:
+            module, _, name = job.spec.partition(":")
+            assert hasattr(__import__(module, fromlist=[name]), name), kind
