@@ -53,16 +53,19 @@ _TOL = 1e-9
 
 
 def load_project_items(engine: Engine, project: str, annotated_only: bool = True) -> pd.DataFrame:
-    """The items of `project` (only those with at least one annotation, by default), indexed by item_id,
-    with columns prompt, response_a, response_b, gold_choice: one query, for scoring in batches."""
+    """The items of `project` (by default only those someone made a choice on: the items a second
+    opinion can be compared on), indexed by item_id, with columns prompt, response_a, response_b,
+    gold_choice: one query, for scoring in batches."""
     from annotation.projects import get_project
-    from annotation.store import Item, reading
+    from annotation.store import Annotation, Item, reading
 
     with reading(engine) as session:
         proj = get_project(session, project)
         stmt = select(Item.id, Item.prompt, Item.response_a, Item.response_b, Item.gold_choice).where(Item.project_id == proj.id)
         if annotated_only:
-            stmt = stmt.where(Item.annotation_count > 0)
+            # a choice, not any annotation: ranking items (choice NULL) have no A/B to score
+            chosen = select(Annotation.id).where(Annotation.item_id == Item.id, Annotation.choice.is_not(None)).exists()
+            stmt = stmt.where(chosen)
         rows = session.execute(stmt.order_by(Item.id)).all()
     items = pd.DataFrame(rows, columns=["item_id", "prompt", "response_a", "response_b", "gold_choice"], dtype=object)
     items["item_id"] = items["item_id"].astype("int64")
