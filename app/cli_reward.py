@@ -47,6 +47,7 @@ def train_rm(
     length_balance: bool = spec_option(S, "length_balance"),
     eval_fraction: float = spec_option(S, "eval_fraction"),
     aggregation: str = spec_option(S, "aggregation"),
+    split: str = spec_option(S, "split"),
     name: Optional[str] = typer.Option(None, "--name", help="Registry name; default: the output directory's name."),
     register: bool = typer.Option(True, "--register/--no-register", help="Record the model in the registry."),
     as_json: bool = JsonOpt,
@@ -63,7 +64,7 @@ def train_rm(
     out = Path(output)
     spec = TrainRMSpec(data=data, project=project, base=base, epochs=epochs, lr=lr, batch_size=batch_size,
                        max_length=max_length, seed=seed, ensemble=ensemble, center_rewards=center_rewards, margin=margin,
-                       lora=lora, precision=precision, length_balance=length_balance, eval_fraction=eval_fraction, aggregation=aggregation,
+                       lora=lora, precision=precision, length_balance=length_balance, eval_fraction=eval_fraction, aggregation=aggregation, split=split,
                        name=registry_name(name, out.name) if register else name).validate()
     fresh_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)

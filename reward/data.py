@@ -94,12 +94,15 @@ def load_pairs(*, data: str | Path | None = None, project: str | None = None, en
 
 
 def training_data(*, data: str | Path | None = None, project: str | None = None, engine=None,
-                  aggregation: str = "majority", margin: bool = False, eval_fraction: float = 0.1) -> tuple[list, list]:
-    """(train pairs, held-out pairs): a project's export split (train/test), or a file split by pair hash."""
+                  aggregation: str = "majority", margin: bool = False, eval_fraction: float = 0.1,
+                  split: str = "train") -> tuple[list, list]:
+    """(train pairs, held-out pairs): a project's export split (`split` trains, the other is held
+    out), or a file split by pair hash."""
     if project is not None:
-        train = load_pairs(project=project, engine=engine, split="train", aggregation=aggregation, margin=margin)
+        other = "test" if split == "train" else "train"
+        train = load_pairs(project=project, engine=engine, split=split, aggregation=aggregation, margin=margin)
         try:
-            held = load_pairs(project=project, engine=engine, split="test", aggregation=aggregation, margin=margin)
+            held = load_pairs(project=project, engine=engine, split=other, aggregation=aggregation, margin=margin)
         except RewardError:
             held = []  # a small project may have nothing on the test side yet
         return train, held

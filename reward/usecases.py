@@ -34,6 +34,9 @@ class TrainRMSpec(TrainParams):
     """Label aggregation for a project: majority or dawid-skene."""
     eval_fraction: float = 0.1
     """Share of a data file's pairs held out for evaluation (split by pair hash, so it never changes)."""
+    split: str = "train"
+    """Which split of a project trains the model (the other is held out): train, or test for an
+    independent judge that shares no pair with a model trained on train (see rlhf ppo --judge)."""
     name: str | None = None
     """Registry name of the model."""
     parent_id: int | None = None
@@ -45,6 +48,10 @@ class TrainRMSpec(TrainParams):
             raise RewardError("give exactly one of --data FILE or --project NAME")
         if self.aggregation not in AGGREGATIONS:
             raise RewardError(f"--aggregation {self.aggregation!r} is invalid; expected one of {', '.join(AGGREGATIONS)}")
+        if self.split not in ("train", "test"):
+            raise RewardError(f"--split {self.split!r} is invalid; expected train or test")
+        if self.split != "train" and not self.project:
+            raise RewardError("--split applies to --project (a project's export split); a --data file is split by --eval-fraction")
         if not 0 < self.eval_fraction < 1:
             raise RewardError(f"--eval-fraction {self.eval_fraction!r} is invalid; expected a fraction in (0, 1)")
         if self.name is not None:
@@ -58,7 +65,7 @@ class TrainRMSpec(TrainParams):
         return TrainParams(**{k: v for k, v in dataclasses.asdict(self).items() if k in own})
 
     def source(self) -> dict:
-        return {"project": self.project} if self.project else {"data": str(self.data)}
+        return {"project": self.project, "split": self.split} if self.project else {"data": str(self.data)}
 
 
 def train_rm(spec: TrainRMSpec, ctx: RunContext) -> RunResult:
@@ -72,7 +79,7 @@ def train_rm(spec: TrainRMSpec, ctx: RunContext) -> RunResult:
     name = spec.name or Path(ctx.output_dir).name
     ctx.progress(0.0, f"loading pairs from {'project ' + repr(spec.project) if spec.project else spec.data}")
     train, held = training_data(data=spec.data, project=spec.project, engine=ctx.engine, aggregation=spec.aggregation,
-                                margin=spec.margin, eval_fraction=spec.eval_fraction)
+                                margin=spec.margin, eval_fraction=spec.eval_fraction, split=spec.split)
     project_id = project_id_of(ctx.engine, spec.project)
     parent_id = spec.parent_id
     if parent_id is None and project_id is not None:
