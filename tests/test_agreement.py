@@ -580,3 +580,33 @@ def test_quality_page_refuses_annotators(quality_store):
     engine, ids = quality_store
     at = open_quality(engine, ids["ann1"])
     assert len(at.error) == 1 and "This page is for researchers" in at.error[0].value and not at.metric
+
+
+def test_quality_page_on_a_one_annotation_per_item_project_says_why_once(tmp_path, monkeypatch):
+    """With k=1 every agreement metric is undefined for one reason: one message naming the metrics in
+    words, not the same message four times under raw keys."""
+    from annotation.auth import create_user
+    from annotation.projects import create_project
+    from annotation.store import Annotation, Item, init_db, transaction
+    from app import settings as settings_mod
+
+    db_url = f"sqlite:///{tmp_path / 'rlhf.db'}"
+    monkeypatch.setenv("RLHF_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("RLHF_DB_URL", db_url)
+    settings_mod.get_settings.cache_clear()
+    engine = init_db(db_url)
+    with transaction(engine) as s:
+        project = create_project(s, "solo", overlap=1)
+        res = create_user(s, "res", "pw-research", "researcher").id
+        people = [create_user(s, f"a{i}", None).id for i in range(3)]
+        for i, who in enumerate(people * 2):
+            item = Item(project_id=project.id, prompt=f"q{i}", response_a="x", response_b="y", content_hash=f"h{i}")
+            s.add(item)
+            s.flush()
+            s.add(Annotation(item_id=item.id, annotator_id=who, choice="a", shown_swapped=False))
+    at = open_quality(engine, res)
+    assert not at.exception, at.exception
+    infos = [i.value for i in at.info if "undefined" in i.value]
+    assert len(infos) == 1 and "Percent agreement" in infos[0] and "Cohen's kappa" in infos[0], infos
+    assert not any("fleiss_kappa" in i.value or "percent_agreement" in i.value for i in at.info)
+    settings_mod.get_settings.cache_clear()

@@ -34,6 +34,20 @@ CACHE_SECONDS = 60
 
 engine = get_engine()
 
+
+METRIC_NAMES = {"percent_agreement": "Percent agreement", "fleiss_kappa": "Fleiss' kappa", "cohen_kappa": "Cohen's kappa",
+                "krippendorff_alpha": "Krippendorff's alpha", "krippendorff_alpha.nominal": "Krippendorff's alpha (nominal)",
+                "krippendorff_alpha.ordinal": "Krippendorff's alpha (ordinal)"}
+
+
+def notes_by_message(notes: dict) -> dict[str, list[str]]:
+    """The report's notes grouped by message, each metric under its readable name: on a k=1 project
+    every metric is undefined for the same reason, which is one message, not four raw keys."""
+    grouped: dict[str, list[str]] = {}
+    for key, note in notes.items():
+        grouped.setdefault(note, []).append(METRIC_NAMES.get(key, key))
+    return grouped
+
 st.title("Quality")
 user_caption(user)
 
@@ -111,8 +125,8 @@ intervals = {
 shown = [f"{k} [{v[0]:.3f}, {v[1]:.3f}]" for k, v in intervals.items() if v]
 if shown:
     st.caption(f"95% bootstrap intervals ({report['bootstrap']['resamples']} resamples of items): " + "; ".join(shown))
-for key, note in report["notes"].items():
-    st.info(f"{key}: {note}")
+for note, metrics in notes_by_message(report["notes"]).items():
+    st.info(f"{', '.join(metrics)}: {note}")
 st.caption(
     f"Ordinal scale: {report['ordinal_scale']['values']}; {report['ordinal_scale']['excluded']} labels left out "
     f"({report['ordinal_scale']['excluded_why']})."
@@ -157,7 +171,11 @@ with annotators_tab:
     pairs = pd.DataFrame(report["cohen_kappa"]["pairs"])
     st.subheader("Cohen's kappa between annotators")
     if pairs.empty or pairs["kappa"].isna().all():
-        st.info(report["notes"].get("cohen_kappa", "No pair of annotators shares enough items."))
+        # The reason was given once above when every metric is undefined; here only if it is this table's own.
+        if report["n_items_multi"]:
+            st.info(report["notes"].get("cohen_kappa", "No pair of annotators shares enough items."))
+        else:
+            st.caption("No pair of annotators shares an item.")
     else:
         both = pd.concat([pairs, pairs.rename(columns={"annotator_1": "annotator_2", "annotator_2": "annotator_1"})])
         base = alt.Chart(both).encode(
