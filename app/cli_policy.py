@@ -79,6 +79,10 @@ def sft(
     aggregation: str = spec_option(SFTSpec, "aggregation"),
     seed: int = spec_option(SFTSpec, "seed"),
     precision: str = spec_option(SFTSpec, "precision"),
+    lora_r: int = spec_option(SFTSpec, "lora_r"),
+    lora_alpha: int = spec_option(SFTSpec, "lora_alpha"),
+    lora_dropout: float = spec_option(SFTSpec, "lora_dropout"),
+    gradient_accumulation_steps: int = spec_option(SFTSpec, "gradient_accumulation_steps"),
     name: Optional[str] = typer.Option(None, "--name", help="Registry name (default: the output directory's name)."),
     register: bool = typer.Option(True, "--register/--no-register", help="Record the policy in the registry when training has finished."),
     as_json: bool = JsonOpt,
@@ -93,6 +97,8 @@ def sft(
 
     spec = SFTSpec(data=data, project=project, base=base, lora=lora, epochs=epochs, max_steps=max_steps, learning_rate=lr,
                    batch_size=batch_size, max_length=max_length, aggregation=aggregation, seed=seed, precision=precision,
+                   lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                   gradient_accumulation_steps=gradient_accumulation_steps,
                    name=registry_name(name, Path(output).name) if register else name).validate()
     eng = engine() if (project or register) else None
     log = logging.getLogger("rlhf.sft")

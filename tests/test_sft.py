@@ -234,11 +234,11 @@ def test_rlhf_sft_and_the_sft_job_run_one_use_case_and_register_the_same_policy(
     engine = init_db(settings.db_url)
     ctx = SimpleNamespace(job_id=5, run_dir=tmp_path / "job", engine=engine, settings=settings, log=logging.getLogger("t"),
                           progress=lambda f, m="": None, cancelled=lambda: False)
-    options = {"max_steps": 3, "batch_size": 2, "lora": True, "precision": "fp32"}
+    options = {"max_steps": 3, "batch_size": 2, "lora": True, "lora_r": 4, "precision": "fp32"}
     (job_row,) = sft({"data": str(data), "base": str(base), **options}, ctx)["register"]
     _register_commands()
     result = CliRunner().invoke(cli, ["sft", "--data", str(data), "--base", str(base), "--max-steps", "3", "--batch-size", "2",
-                                      "--lora", "--precision", "fp32", "-o", str(tmp_path / "cli"), "--name", "sft-cli"])
+                                      "--lora", "--lora-r", "4", "--precision", "fp32", "-o", str(tmp_path / "cli"), "--name", "sft-cli"])
     assert result.exit_code == 0, result.output
     with transaction(engine) as session:
         row = get_model(session, "sft-cli")
