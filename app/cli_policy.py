@@ -24,6 +24,7 @@ from app.cli import JsonOpt, cli, emit, engine
 from ppo.errors import PPOError
 from app.options import spec_option
 from reward.precision import HELP as PRECISION_HELP
+from reward.reporting import HELP as REPORT_HELP
 from ppo.usecases import SFTSpec
 
 TemperatureOpt = typer.Option(0.7, "--temperature", help="Sampling temperature (PPO's default).")
@@ -79,6 +80,7 @@ def sft(
     aggregation: str = spec_option(SFTSpec, "aggregation"),
     seed: int = spec_option(SFTSpec, "seed"),
     precision: str = spec_option(SFTSpec, "precision"),
+    report_to: str = spec_option(SFTSpec, "report_to"),
     lora_r: int = spec_option(SFTSpec, "lora_r"),
     lora_alpha: int = spec_option(SFTSpec, "lora_alpha"),
     lora_dropout: float = spec_option(SFTSpec, "lora_dropout"),
@@ -97,7 +99,7 @@ def sft(
 
     spec = SFTSpec(data=data, project=project, base=base, lora=lora, epochs=epochs, max_steps=max_steps, learning_rate=lr,
                    batch_size=batch_size, max_length=max_length, aggregation=aggregation, seed=seed, precision=precision,
-                   lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                   lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, report_to=report_to,
                    gradient_accumulation_steps=gradient_accumulation_steps,
                    name=registry_name(name, Path(output).name) if register else name).validate()
     eng = engine() if (project or register) else None
@@ -235,6 +237,7 @@ def dpo(
     aggregation: str = typer.Option("majority", "--aggregation", help="Label aggregation for --project: majority or dawid-skene."),
     seed: int = typer.Option(_DPO.seed, "--seed", help="Seed for data order and adapter initialisation."),
     precision: str = typer.Option(_DPO.precision, "--precision", help=PRECISION_HELP),
+    report_to: str = typer.Option("none", "--report-to", help=REPORT_HELP),
     name: Optional[str] = typer.Option(None, "--name", help="Registry name (default: the output directory's name)."),
     register: bool = typer.Option(True, "--register/--no-register", help="Record the policy in the registry when training has finished."),
     as_json: bool = JsonOpt,
@@ -252,7 +255,7 @@ def dpo(
     options = DPOOptions(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, epochs=epochs, max_steps=max_steps,
                          learning_rate=lr if lr is not None else (1e-5 if lora else _DPO.learning_rate), batch_size=batch_size,
                          gradient_accumulation_steps=gradient_accumulation_steps, max_length=max_length, lora=lora,
-                         lora_r=lora_r, seed=seed, precision=precision).validate()
+                         lora_r=lora_r, seed=seed, precision=precision, report_to=report_to).validate()
     base_path = resolve_base(base, get_settings().model_dir)
     eng = engine() if (project or register) else None
     pairs = dpo_pairs(eng, data, project, aggregation)
@@ -296,6 +299,7 @@ def _online_command(algorithm: str):
         lora_r: int = typer.Option(_ONLINE.lora_r, "--lora-r", help="LoRA rank."),
         seed: int = typer.Option(_ONLINE.seed, "--seed", help="Seed for sampling, data order and adapters."),
         precision: str = typer.Option(_ONLINE.precision, "--precision", help=PRECISION_HELP),
+        report_to: str = typer.Option("none", "--report-to", help=REPORT_HELP),
         use_vllm: bool = typer.Option(False, "--use-vllm", help="GPU and vllm installed: generate with vLLM (TRL's use_vllm)."),
         vllm_mode: str = typer.Option(_ONLINE.vllm_mode, "--vllm-mode", help="colocate (in this process) or server (a running `trl vllm-serve`)."),
         vllm_server_base_url: Optional[str] = typer.Option(None, "--vllm-server-base-url", help="With --vllm-mode server: its URL."),
@@ -318,7 +322,7 @@ def _online_command(algorithm: str):
             gradient_accumulation_steps=gradient_accumulation_steps, max_completion_length=max_completion_length,
             temperature=temperature, learning_rate=lr if lr is not None else (1e-5 if lora else _ONLINE.learning_rate),
             beta=beta, loss_type=loss_type, ensemble_spread_coef=ensemble_spread_coef, lora=lora, lora_r=lora_r, seed=seed,
-            precision=precision, use_vllm=use_vllm, vllm_mode=vllm_mode, vllm_server_base_url=vllm_server_base_url,
+            precision=precision, report_to=report_to, use_vllm=use_vllm, vllm_mode=vllm_mode, vllm_server_base_url=vllm_server_base_url,
             vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
         ).check_for(algorithm)
         prompt_list = _prompts(prompts, prompts_project, n_prompts)

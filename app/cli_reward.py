@@ -20,7 +20,6 @@ from typing import Optional
 import typer
 
 from app.cli import JsonOpt, cli, emit, engine, models_cli
-from reward.errors import RewardError
 from app.options import spec_option
 from reward.usecases import TrainRMSpec
 
@@ -45,6 +44,7 @@ def train_rm(
     lora: bool = spec_option(S, "lora"),
     precision: str = spec_option(S, "precision"),
     length_balance: bool = spec_option(S, "length_balance"),
+    report_to: str = spec_option(S, "report_to"),
     eval_fraction: float = spec_option(S, "eval_fraction"),
     aggregation: str = spec_option(S, "aggregation"),
     split: str = spec_option(S, "split"),
@@ -64,7 +64,7 @@ def train_rm(
     out = Path(output)
     spec = TrainRMSpec(data=data, project=project, base=base, epochs=epochs, lr=lr, batch_size=batch_size,
                        max_length=max_length, seed=seed, ensemble=ensemble, center_rewards=center_rewards, margin=margin,
-                       lora=lora, precision=precision, length_balance=length_balance, eval_fraction=eval_fraction, aggregation=aggregation, split=split,
+                       lora=lora, precision=precision, length_balance=length_balance, report_to=report_to, eval_fraction=eval_fraction, aggregation=aggregation, split=split,
                        name=registry_name(name, out.name) if register else name).validate()
     fresh_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)

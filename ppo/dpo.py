@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ppo.errors import PPOError
+from ppo.sft import _reporters_ok
+from reward import reporting
+from reward.reporting import report_to_arg
 from ppo.sft import _fresh_output_dir, as_messages, check_messages, data_hash
 from reward.precision import MODES, precision_plan
 from reward.train import main_process
@@ -73,6 +76,8 @@ class DPOOptions:
     """Seed for shuffling and adapter initialisation."""
     precision: str = "auto"
     """auto (bf16 autocast where native and measured to pay), fp32, or bf16 (forced); weights stay fp32."""
+    report_to: str = "none"
+    """Also log the training curve to: none, or a comma-separated list of tensorboard, mlflow, trackio (when installed)."""
 
     def validate(self) -> "DPOOptions":
         checks = [
@@ -89,6 +94,8 @@ class DPOOptions:
             (self.lora_alpha > 0, "lora_alpha", "a positive number", self.lora_alpha),
             (0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)", self.lora_dropout),
             (self.precision in MODES, "precision", "one of " + ", ".join(MODES), self.precision),
+            (_reporters_ok(self.report_to), "report_to", "none or installed trackers among tensorboard, mlflow, trackio",
+             self.report_to),
         ]
         for ok, name, expected, value in checks:
             if not ok:
@@ -240,10 +247,15 @@ def trainer_args(options, staging: Path, bf16: bool) -> dict[str, Any]:
         data_seed=options.seed,
         logging_steps=1,
         save_strategy="no",
-        report_to="none",
+        report_to=report_to_arg(getattr(options, "report_to", "none"), "report_to"),
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+
+
+def tracker_callbacks(options, staging: Path) -> list:
+    """The TensorBoard callback (writing to the run's tb/) when the options ask for it."""
+    return reporting.tracker_callbacks(getattr(options, "report_to", "none"), staging / "tb", "report_to")
 
 
 def trainer_hooks(what: str, metrics_log: Path, log, progress, should_stop):
@@ -373,7 +385,8 @@ def train_dpo(
     try:
         # ref_model=None: TRL loads a frozen copy of the base, or (LoRA) turns the adapters off for the reference.
         trainer = DPOTrainer(model=model, ref_model=None, args=config, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer, peft_config=lora_config(options), callbacks=[hooks])
+                             processing_class=tokenizer, peft_config=lora_config(options),
+                             callbacks=[hooks, *tracker_callbacks(options, staging)])
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -30,9 +30,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ppo.dpo import (PolicyResult, _known_params, load_policy_for_training, logged, lora_config, publish, staging_dir,
+from ppo.dpo import (PolicyResult, tracker_callbacks, _known_params, load_policy_for_training, logged, lora_config, publish, staging_dir,
                      train_and_save, trainer_args, trainer_hooks)
 from ppo.errors import PPOError
+from ppo.sft import _reporters_ok
 from ppo.sft import _fresh_output_dir, data_hash
 from reward.precision import MODES, precision_plan
 
@@ -84,6 +85,8 @@ class GRPOOptions:
     """Seed for sampling, shuffling and adapter initialisation."""
     precision: str = "auto"
     """auto (bf16 autocast where native and measured to pay), fp32, or bf16 (forced); weights stay fp32."""
+    report_to: str = "none"
+    """Also log the training curve to: none, or a comma-separated list of tensorboard, mlflow, trackio (when installed)."""
     use_vllm: bool = False
     """GPU only, vllm installed: generate with vLLM instead of model.generate (TRL's use_vllm)."""
     vllm_mode: str = "colocate"
@@ -111,6 +114,8 @@ class GRPOOptions:
             (self.lora_alpha > 0, "lora_alpha", "a positive number", self.lora_alpha),
             (0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)", self.lora_dropout),
             (self.precision in MODES, "precision", "one of " + ", ".join(MODES), self.precision),
+            (_reporters_ok(self.report_to), "report_to", "none or installed trackers among tensorboard, mlflow, trackio",
+             self.report_to),
             (self.vllm_mode in VLLM_MODES, "vllm_mode", "one of " + ", ".join(VLLM_MODES), self.vllm_mode),
             (0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "a number in (0, 1]",
              self.vllm_gpu_memory_utilization),
@@ -274,7 +279,8 @@ def train_online(
             from trl import RLOOConfig as Config, RLOOTrainer as Trainer
         config = Config(**args, **own)
         trainer = Trainer(model=model, reward_funcs=reward_fn, args=config, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, peft_config=lora_config(options), callbacks=[hooks])
+                          processing_class=tokenizer, peft_config=lora_config(options),
+                          callbacks=[hooks, *tracker_callbacks(options, staging)])
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 from annotation.errors import InputError
 from ppo.errors import PPOError
 from reward.precision import MODES, precision_plan
+from reward.reporting import trainer_reporting
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_POLICY = "SmolLM2-135M-Instruct"
@@ -39,6 +40,17 @@ def resolve_base(base: str | Path | None, model_dir: str | Path) -> str:
         return str(path)
     return str(base)
 
+
+
+def _reporters_ok(value: str) -> bool:
+    from reward.errors import RewardError
+    from reward.reporting import check_report_to
+
+    try:
+        check_report_to(value)
+    except RewardError:
+        return False
+    return True
 
 
 @dataclasses.dataclass
@@ -71,6 +83,8 @@ class SFTOptions:
     """Seed for shuffling and adapter initialisation."""
     precision: str = "auto"
     """auto (bf16 autocast where native and measured to pay), fp32, or bf16 (forced); weights stay fp32."""
+    report_to: str = "none"
+    """Also log the training curve to: none, or a comma-separated list of tensorboard, mlflow, trackio (when installed)."""
 
     def validate(self) -> "SFTOptions":
         checks = [
@@ -84,6 +98,8 @@ class SFTOptions:
             (self.lora_alpha > 0, "lora_alpha", "a positive number", self.lora_alpha),
             (0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)", self.lora_dropout),
             (self.precision in MODES, "precision", "one of " + ", ".join(MODES), self.precision),
+            (_reporters_ok(self.report_to), "report_to", "none or installed trackers among tensorboard, mlflow, trackio",
+             self.report_to),
         ]
         for ok, name, expected, value in checks:
             if not ok:
@@ -325,6 +341,7 @@ def train_sft(
                 self.stopped = True
                 control.should_training_stop = True
 
+    report_to, trackers = trainer_reporting(options.report_to, staging / "tb", "report_to")
     config = SFTConfig(
         output_dir=str(staging / "trainer"),
         num_train_epochs=options.epochs,
@@ -342,7 +359,7 @@ def train_sft(
         data_seed=options.seed,
         logging_steps=1,
         save_strategy="no",
-        report_to="none",
+        report_to=report_to,
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
@@ -351,7 +368,7 @@ def train_sft(
     try:
         trainer = SFTTrainer(
             model=model, args=config, train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer,
-            peft_config=peft_config, callbacks=[hooks],
+            peft_config=peft_config, callbacks=[hooks, *trackers],
         )
         # Progress goes to the run's log through _Hooks; the default printer would duplicate it on stdout.
         trainer.remove_callback(PrinterCallback)

@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 from reward.data import PairEncoder, build_dataset, pairs_hash
 from reward.errors import RewardError
 from reward.precision import MODES, precision_plan
+from reward.reporting import trainer_reporting
 
 BASE_ALIASES = {"minilm": "all-MiniLM-L6-v2", "smollm2": "SmolLM2-135M-Instruct"}
 
@@ -77,11 +78,16 @@ class TrainParams:
     """Steps between training-curve points; 0 picks about 50 points per run."""
     precision: str = "auto"
     """auto (bf16 autocast where native and measured to pay), fp32, or bf16 (forced); weights stay fp32."""
+    report_to: str = "none"
+    """Also log the training curve to: none, or a comma-separated list of tensorboard, mlflow, trackio (when installed)."""
     length_balance: bool = False
     """Train on as many pairs whose chosen response is the longer as the shorter (a seeded subsample):
     a length-debiasing option; compare the length-bias gap in eval-rm with and without it."""
 
     def validate(self) -> "TrainParams":
+        from reward.reporting import check_report_to
+
+        check_report_to(self.report_to)
         checks = [
             (self.epochs > 0, "--epochs", "a positive number"),
             (self.lr > 0, "--lr", "a positive number"),
@@ -229,6 +235,7 @@ def _train_one(train_pairs: Sequence, out_dir: Path, params: TrainParams, base_p
     encoder = PairEncoder(tokenizer, params.max_length)
     dataset, stats = build_dataset(train_pairs, encoder, use_margin=params.margin)
     steps = max(1, int(-(-len(dataset) // params.batch_size) * params.epochs))
+    report_to, trackers = trainer_reporting(params.report_to, out_dir / "tb")
     config = RewardConfig(
         output_dir=str(out_dir / "_trainer"),
         num_train_epochs=params.epochs,
@@ -250,12 +257,12 @@ def _train_one(train_pairs: Sequence, out_dir: Path, params: TrainParams, base_p
         logging_steps=params.logging_steps or max(1, steps // 50),
         logging_first_step=True,
         save_strategy="no",
-        report_to="none",
+        report_to=report_to,
         disable_tqdm=True,
     )
     record: dict = {}
     trainer = RewardTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                            peft_config=peft_config, callbacks=_callbacks(progress, check, log, span, record))
+                            peft_config=peft_config, callbacks=[*_callbacks(progress, check, log, span, record), *trackers])
     trainer.remove_callback(PrinterCallback)  # our callback logs each point once, to the run's logger
     started = time.perf_counter()
     output = trainer.train()
