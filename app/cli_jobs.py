@@ -18,6 +18,7 @@ from typing import List, Optional
 
 import typer
 
+from annotation.store import JOB_KINDS
 from app.cli import JsonOpt, cli, emit, engine
 
 jobs_cli = typer.Typer(no_args_is_help=True, help="Submit, list, inspect and cancel background jobs.")
@@ -89,7 +90,7 @@ def worker(
 
 @jobs_cli.command("submit")
 def jobs_submit(
-    kind: str = typer.Argument(..., help="train_rm, eval_rm, sft, ppo, generate or export."),
+    kind: str = typer.Argument(..., help="One of " + ", ".join(JOB_KINDS) + "."),
     param: List[str] = typer.Option([], "--param", "-p", help="key=value (value parsed as JSON when it parses); repeatable."),
     params_json: Optional[str] = typer.Option(None, "--params-json", help="All params as one JSON object; --param entries override its keys."),
     user: Optional[str] = typer.Option(None, "--user", help="Record this user as the job's creator."),
