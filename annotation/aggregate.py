@@ -12,6 +12,21 @@ n_annotations and agreement:
   `DawidSkene` step for step (initialisation, clipping, stopping rule) so results agree with it
   to 1e-6, but works on integer codes with sparse products (benchmarks/agreement_bench.py times it
   against crowd-kit).
+
+Rankings (items with 3 to 6 responses) are aggregated through the same functions: each
+annotator's ranking of an item becomes votes on pairs of its responses (`ranking_votes`), one
+vote per annotator and pair, in the pair's own A/B terms ("a": the first response in stored order
+is better, "b": the second, "tie": ranked equal). A pair of responses of a ranking item is then
+aggregated exactly like a two-response item, by majority over the annotators who voted on it (or
+Dawid-Skene, over these votes and the two-response items' votes together: an annotator's
+confusion is the same whichever way they gave their judgement). Which pairs an annotator votes on:
+- "all": every pair of the item's responses (so a tie in a ranking is a tie vote);
+- "adjacent": the pairs whose responses are in the same or in neighbouring tie groups of that
+  annotator's ranking (1st vs 2nd place, 2nd vs 3rd, and tied responses), as OpenAssistant's
+  ranked replies are often turned into pairs.
+Each vote also carries its signed rank gap (`signed_gap`): (rank of the second - rank of the
+first) / (n - 1), in [-1, 1], positive when the first response is ranked better; a two-response
+item counts as a ranking of two, so its votes have +1 (a), -1 (b) or 0 (tie, both_bad).
 """
 
 from __future__ import annotations
@@ -26,6 +41,11 @@ from annotation.errors import AnnotationError
 
 METHODS = ("majority", "dawid-skene")
 OUTPUT_COLUMNS = ["label", "confidence", "n_annotations", "agreement"]
+RANKING_PAIRS = ("all", "adjacent")
+"""Which pairs of a ranking's responses become votes (see the module docstring)."""
+RANKING_VOTE_COLUMNS = ["item_id", "first", "second", "annotator", "choice", "signed_gap"]
+_KEY_SLOTS = 8
+"""Response indices are below this (at most 6 responses), so pair_key never collides."""
 
 # crowd-kit clips probabilities at 1e-10 before taking logs; the same floor keeps our EM identical.
 _EPS = 1e-10
@@ -207,3 +227,52 @@ def aggregate(votes: pd.DataFrame, method: str = "majority", gold: Mapping | pd.
     out["label"] = probas.idxmax(axis=1).astype(object)
     out["confidence"] = probas.max(axis=1).astype(float)
     return out[OUTPUT_COLUMNS]
+
+
+# --------------------------------------------------------------------------- rankings
+
+
+def pair_key(item_id: int, first: int = 0, second: int = 0) -> int:
+    """One integer per aggregation unit: a two-response item (first = second = 0), or the pair of
+    responses (first < second, stored indices) of a ranking item. Inverse: `split_pair_key`."""
+    return (int(item_id) * _KEY_SLOTS + first) * _KEY_SLOTS + second
+
+
+def split_pair_key(key: int) -> tuple[int, int, int]:
+    rest, second = divmod(int(key), _KEY_SLOTS)
+    item_id, first = divmod(rest, _KEY_SLOTS)
+    return item_id, first, second
+
+
+def check_ranking_pairs(mode: str) -> None:
+    if mode not in RANKING_PAIRS:
+        raise AnnotationError(f"--ranking-pairs {mode!r}: expected one of {', '.join(RANKING_PAIRS)}")
+
+
+def ranking_votes(rankings: pd.DataFrame, mode: str = "all") -> pd.DataFrame:
+    """The pair votes of rankings (columns item_id, annotator, ranking: ranks in stored order, 1 =
+    best, ties equal), one row per annotator and pair they vote on under `mode` ("all" or
+    "adjacent", see the module docstring), with columns RANKING_VOTE_COLUMNS: first < second are
+    stored indices, choice "a" (first better), "b" or "tie", and the signed rank gap."""
+    check_ranking_pairs(mode)
+    _check_columns(rankings, ("item_id", "annotator", "ranking"))
+    rows = []
+    for item_id, annotator, ranks in zip(rankings["item_id"], rankings["annotator"], rankings["ranking"]):
+        ranks = [int(r) for r in ranks]
+        n = len(ranks)
+        # tie groups numbered 0, 1, ... from the best: "adjacent" compares these, not the ranks
+        # (with ties the ranks skip, e.g. [1, 1, 3]: groups 0, 0, 1)
+        level = {r: g for g, r in enumerate(sorted(set(ranks)))}
+        for first in range(n):
+            for second in range(first + 1, n):
+                r1, r2 = ranks[first], ranks[second]
+                if mode == "adjacent" and abs(level[r1] - level[r2]) > 1:
+                    continue
+                choice = "a" if r1 < r2 else "b" if r2 < r1 else "tie"
+                rows.append((item_id, first, second, annotator, choice, (r2 - r1) / (n - 1)))
+    return pd.DataFrame(rows, columns=RANKING_VOTE_COLUMNS)
+
+
+def choice_signed_gap(choice: pd.Series) -> pd.Series:
+    """The signed rank gap of two-response votes: a +1, b -1, tie and both_bad 0."""
+    return choice.map({"a": 1.0, "b": -1.0}).fillna(0.0).astype(float)

@@ -19,6 +19,9 @@ weighted sum: 1,000 resamples of 100k items x 5 annotators take seconds, where c
 libraries 1,000 times would take hours. tests/test_agreement.py checks each metric against
 scikit-learn, statsmodels and krippendorff on random data (1e-9) and against published examples.
 
+Rankings of items with 3 to 6 responses have their own metrics (Kendall's W, ordinal alpha on
+the ranks): see "rankings" at the end of this module.
+
 Per annotator: agreement with the leave-one-out majority, gold accuracy, rate of choosing the
 response shown on the left (position bias), tie rate, median time per item, count, outlier flags.
 Per item: agreement, for finding the most disputed items.
@@ -61,7 +64,8 @@ MAX_PATTERN_CELLS = 20_000_000
 
 
 def load_votes(engine: Engine, project: str) -> pd.DataFrame:
-    """All annotations of `project`, one row each, with the columns of VOTE_COLUMNS.
+    """All annotations of `project` that make a choice (rankings are left out: `load_rankings`),
+    one row each, with the columns of VOTE_COLUMNS.
 
     The one loader the CLI, the Quality page and export share. `annotator` is the username.
     """
@@ -83,7 +87,8 @@ def load_votes(engine: Engine, project: str) -> pd.DataFrame:
             )
             .join(Item, Item.id == Annotation.item_id)
             .join(User, User.id == Annotation.annotator_id)
-            .where(Item.project_id == proj.id)
+            # rankings (choice NULL) have their own metrics: see "rankings" below
+            .where(Item.project_id == proj.id, Annotation.choice.is_not(None))
             .order_by(Annotation.id)
         )
         rows = session.execute(stmt).all()
@@ -816,3 +821,184 @@ def agreement_over_time(votes: pd.DataFrame, freq: str = "D", label: str = "choi
     keys = ["period", "annotator"] if by_annotator else ["period"]
     out = frame.groupby(keys).agg(n_labels=("agreement", "size"), agreement=("agreement", "mean")).reset_index()
     return out[columns]
+
+
+# --------------------------------------------------------------------------- rankings
+#
+# Items with 3 to 6 responses are ranked, not compared: each annotation holds every response's rank
+# (stored order, 1 = best, ties equal). The pairwise metrics above never see them (load_votes leaves
+# them out); these do. Ties are scored as mid-ranks (the mean of the places the tied responses
+# share: [1, 1, 3, 4] becomes [1.5, 1.5, 3, 4]), as Kendall's tie correction assumes.
+#
+# - Kendall's W, per item with two or more rankings, with the tie correction:
+#       W = 12 S / (m^2 (n^3 - n) - m sum_j T_j),  S = sum_i (R_i - m (n + 1) / 2)^2,
+#   R_i the sum of response i's mid-ranks over the m rankings, T_j = sum over the tie groups of
+#   ranking j of (t^3 - t). The project figure is the mean of the items' W (undefined, and left
+#   out, where every ranking ties every response). W is not chance-corrected: random rankings give
+#   about 1/m on average.
+# - Krippendorff's alpha, ordinal, on the mid-ranks: each response of each item is a unit, each
+#   annotator a coder (the `krippendorff` package's reliability data with one column per response).
+# Both come with a percentile bootstrap interval over items (all of an item's responses are drawn
+# together), the same resamples for both.
+
+RANKING_COLUMNS = ["item_id", "annotator", "ranking", "duration_ms", "created_at"]
+
+
+def load_rankings(engine: Engine, project: str) -> tuple[pd.DataFrame, int]:
+    """The rankings of `project` (one row per ranking annotation, columns RANKING_COLUMNS; ranking a
+    list of ranks in stored order) and how many ranking items the project has."""
+    from sqlalchemy import func
+
+    from annotation.projects import get_project
+    from annotation.store import Annotation, Item, User, reading
+
+    with reading(engine) as session:
+        proj = get_project(session, project)
+        n_items = session.scalar(
+            select(func.count()).select_from(Item).where(Item.project_id == proj.id, Item.responses.is_not(None))
+        ) or 0
+        rows = session.execute(
+            select(Annotation.item_id, User.username, Annotation.ranking, Annotation.duration_ms, Annotation.created_at)
+            .join(Item, Item.id == Annotation.item_id)
+            .join(User, User.id == Annotation.annotator_id)
+            .where(Item.project_id == proj.id, Annotation.ranking.is_not(None))
+            .order_by(Annotation.id)
+        ).all()
+    rankings = pd.DataFrame(rows, columns=RANKING_COLUMNS)
+    rankings["item_id"] = rankings["item_id"].astype("int64")
+    rankings["annotator"] = rankings["annotator"].astype(object)
+    return rankings, int(n_items)
+
+
+def mid_ranks(ranks) -> np.ndarray:
+    """Ranks (rows: rankings) with ties as the mean of the places they share."""
+    from scipy.stats import rankdata
+
+    return rankdata(np.atleast_2d(np.asarray(ranks, dtype=float)), method="average", axis=1)
+
+
+def kendall_w(ranks) -> float:
+    """Kendall's coefficient of concordance W with the tie correction, for m rankings (rows) of the
+    same n objects (columns); each row is re-ranked with mid-ranks first, so any scores in which a
+    smaller value is better will do. NaN with fewer than two rankings or objects, or when every
+    ranking ties every object."""
+    r = mid_ranks(ranks)
+    m, n = r.shape
+    if m < 2 or n < 2:
+        return float("nan")
+    s = float(((r.sum(0) - m * (n + 1) / 2.0) ** 2).sum())
+    ties = 0.0
+    for row in r:
+        _, t = np.unique(row, return_counts=True)
+        ties += float((t**3 - t).sum())
+    denominator = m * m * (n**3 - n) - m * ties
+    return 12.0 * s / denominator if denominator > 1e-12 else float("nan")
+
+
+class RankingStats:
+    """Per item (of those with two or more rankings): Kendall's W, and the item's contribution to
+    Krippendorff's ordinal coincidence matrix over the mid-rank values; `evaluate` turns item
+    weights (how often each item is drawn) into both metrics."""
+
+    def __init__(self, rankings: pd.DataFrame):
+        per_item = rankings.groupby("item_id", sort=True)["ranking"].agg(list)
+        self.n_rankings = per_item.map(len)
+        multi = per_item[self.n_rankings >= 2]
+        self.items = multi.index
+        mids = [mid_ranks([list(r) for r in rows]) for rows in multi]
+        self.w = np.array([kendall_w(m) for m in mids], dtype=float)
+        # Units are (item, response); values the distinct mid-ranks of the whole project.
+        values = np.unique(np.concatenate([m.ravel() for m in mids])) if mids else np.zeros(0)
+        self.values = values
+        k = len(values)
+        self.coincidence = np.zeros((len(mids), k * k))
+        for i, m in enumerate(mids):
+            codes = np.searchsorted(values, m)  # rankings x responses
+            counts = np.zeros((m.shape[1], k))
+            for column in range(m.shape[1]):
+                np.add.at(counts[column], codes[:, column], 1.0)
+            self.coincidence[i] = coincidence_features(counts).sum(0)
+
+    def evaluate(self, weights: np.ndarray) -> dict[str, np.ndarray]:
+        """Mean W and ordinal alpha with item i counted weights[..., i] times."""
+        w2 = np.atleast_2d(weights).astype(float)
+        defined = np.isfinite(self.w)
+        used = w2[:, defined]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_w = (used @ self.w[defined]) / used.sum(1)
+        sums = w2 @ self.coincidence
+        alpha = alpha_from_sums(sums, "ordinal", self.values) if len(self.values) else np.full(len(w2), np.nan)
+        out = {"kendall_w": mean_w, "alpha:ordinal": alpha}
+        return out if np.ndim(weights) == 2 else {key: v[0] for key, v in out.items()}
+
+    def bootstrap(self, n_resamples: int, seed: int = 0) -> dict[str, np.ndarray]:
+        n = len(self.items)
+        if not n or n_resamples <= 0:
+            return {}
+        rng = np.random.default_rng(seed)
+        chunk = max(1, min(n_resamples, 5_000_000 // n))
+        out: dict[str, list] = {}
+        for start in range(0, n_resamples, chunk):
+            counts = rng.multinomial(n, np.full(n, 1.0 / n), size=min(chunk, n_resamples - start))
+            for key, val in self.evaluate(counts).items():
+                out.setdefault(key, []).append(val)
+        return {key: np.concatenate(v) for key, v in out.items()}
+
+
+def ranking_report(rankings: pd.DataFrame, n_ranking_items: int | None = None, *, bootstrap: int = DEFAULT_RESAMPLES,
+                   seed: int = 0, confidence: float = 0.95) -> dict:
+    """Agreement on rankings (columns item_id, annotator, ranking) as one JSON-ready dict: mean
+    Kendall's W over items and Krippendorff's ordinal alpha, each with a bootstrap interval over
+    items; undefined figures are None with the reason under "notes"."""
+    for col in ("item_id", "annotator", "ranking"):
+        if col not in rankings.columns:
+            raise AnnotationError(f"rankings lack the column '{col}'")
+    if bootstrap < 0:
+        raise AnnotationError(f"--bootstrap must be 0 or more, got {bootstrap}")
+    if not 0 < confidence < 1:
+        raise AnnotationError(f"confidence must be between 0 and 1, got {confidence}")
+    stats = RankingStats(rankings)
+    point = stats.evaluate(np.ones(len(stats.items)))
+    samples = stats.bootstrap(bootstrap, seed)
+
+    def interval(key):
+        if key not in samples or _num(point[key]) is None:
+            return None
+        lo, hi = percentile_interval(samples[key], confidence)
+        return [float(lo), float(hi)] if math.isfinite(lo) and math.isfinite(hi) else None
+
+    notes: dict[str, str] = {}
+    n_multi = len(stats.items)
+    if n_multi == 0:
+        why = "no ranking item has two or more rankings"
+        notes["kendall_w"] = notes["krippendorff_alpha.ordinal"] = f"undefined: {why}"
+    else:
+        undefined_w = int((~np.isfinite(stats.w)).sum())
+        if undefined_w == n_multi:
+            notes["kendall_w"] = "undefined: on every item every ranking ties all responses"
+        elif undefined_w:
+            notes["kendall_w"] = f"mean over {n_multi - undefined_w} items; {undefined_w} where every ranking ties all responses left out"
+        if _num(point["alpha:ordinal"]) is None:
+            notes["krippendorff_alpha.ordinal"] = "undefined: only one rank value occurs, so no disagreement is expected by chance"
+    return {
+        "n_items": int(n_ranking_items if n_ranking_items is not None else len(stats.n_rankings)),
+        "n_items_ranked": int(len(stats.n_rankings)),
+        "n_items_multi": int(n_multi),
+        "n_rankings": int(len(rankings)),
+        "n_annotators": int(rankings["annotator"].nunique()),
+        "kendall_w": _num(point["kendall_w"]),
+        "kendall_w_items": int(np.isfinite(stats.w).sum()),
+        "krippendorff_alpha": {"ordinal": _num(point["alpha:ordinal"])},
+        "intervals": {"kendall_w": interval("kendall_w"), "krippendorff_alpha": {"ordinal": interval("alpha:ordinal")}},
+        "bootstrap": {"resamples": int(bootstrap), "confidence": confidence, "seed": seed, "unit": "item"},
+        "ties": "scored as mid-ranks; Kendall's W with the tie correction",
+        "notes": notes,
+    }
+
+
+def project_ranking_report(engine: Engine, project: str, **kwargs) -> dict | None:
+    """`ranking_report` of a project's rankings, or None when the project has no ranking items."""
+    rankings, n_items = load_rankings(engine, project)
+    if n_items == 0:
+        return None
+    return ranking_report(rankings, n_items, **kwargs)

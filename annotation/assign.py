@@ -13,7 +13,12 @@ The rules (issue 3):
   look like any other item. Gold items are NOT capped at k: their answer is known already, and
   they exist to score every annotator, so each annotator may get each gold item once;
 - which response is shown on the left is random per (annotator, item) but fixed (a hash), and
-  recorded in the lease and the annotation so position bias can be measured.
+  recorded in the lease and the annotation so position bias can be measured;
+- a ranking item (3 to 6 `responses`) goes through the same queue, leases and k cap; its
+  responses are shown in an order that is random per (annotator, item) but fixed (a hash,
+  `shown_order_for`), recorded in the lease and the annotation like shown_swapped. It is answered
+  with `submit_ranking` (ranks in stored order), a pair with `submit` (a choice); each refuses
+  the other kind of item.
 
 Convention: every function takes an Engine and runs its own short transaction, so no caller ever
 holds a transaction open while a person reads an item. Choices are always in A/B terms
@@ -40,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import numbers
 import random
 import threading
 import time
@@ -53,7 +59,18 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from annotation.errors import AnnotationError
 from annotation.projects import completion
-from annotation.store import Annotation, Assignment, Item, ItemFlag, Project, User, reading, transaction, utcnow
+from annotation.store import (
+    MAX_RANKED_RESPONSES,
+    Annotation,
+    Assignment,
+    Item,
+    ItemFlag,
+    Project,
+    User,
+    reading,
+    transaction,
+    utcnow,
+)
 
 T = TypeVar("T")
 
@@ -71,7 +88,10 @@ _rng = random.Random()
 
 @dataclass(frozen=True)
 class Task:
-    """An item as one annotator is shown it. `is_gold` is for internal use: never show it."""
+    """An item as one annotator is shown it. `is_gold` is for internal use: never show it.
+
+    For a ranking item, `responses` holds the texts in the order shown (left_text and right_text
+    are ""), and `shown_order[p]` is the stored index of the response shown at position p."""
 
     item_id: int
     prompt: Any
@@ -80,6 +100,12 @@ class Task:
     shown_swapped: bool
     leased_until: dt.datetime
     is_gold: bool
+    responses: tuple[str, ...] = ()
+    shown_order: tuple[int, ...] | None = None
+
+    @property
+    def is_ranking(self) -> bool:
+        return self.shown_order is not None
 
 
 # --------------------------------------------------------------------------- statements
@@ -87,7 +113,8 @@ class Task:
 
 _items, _annotations, _assignments, _flags = Item.__table__, Annotation.__table__, Assignment.__table__, ItemFlag.__table__
 _projects, _users = Project.__table__, User.__table__
-_ITEM = (_items.c.id, _items.c.project_id, _items.c.prompt, _items.c.response_a, _items.c.response_b, _items.c.gold_choice, _items.c.annotation_count)
+_ITEM = (_items.c.id, _items.c.project_id, _items.c.prompt, _items.c.response_a, _items.c.response_b, _items.c.gold_choice,
+         _items.c.annotation_count, _items.c.responses)
 _PROJECT_COLUMNS = (
     _projects.c.name, _projects.c.overlap, _projects.c.choices, _projects.c.criteria, _projects.c.gold_rate, _projects.c.lease_seconds
 )
@@ -118,7 +145,7 @@ _SUBMIT_LOCK = (
 )
 # All of the annotator's leases in the project, live ones first, newest first.
 _MY_LEASES = (
-    select(*_ITEM, _assignments.c.shown_swapped, _assignments.c.leased_until)
+    select(*_ITEM, _assignments.c.shown_swapped, _assignments.c.shown_order, _assignments.c.leased_until)
     .join(_items, _items.c.id == _assignments.c.item_id)
     .where(_assignments.c.annotator_id == bindparam("annotator"), _items.c.project_id == bindparam("project"))
     .order_by((_assignments.c.leased_until > bindparam("now")).desc(), _assignments.c.created_at.desc(), _assignments.c.item_id)
@@ -173,14 +200,14 @@ _LIVE_OTHERS = (
 )
 _DROP_LEASE = delete(_assignments).where(_assignments.c.item_id == bindparam("item"), _assignments.c.annotator_id == bindparam("annotator"))
 # Submit takes the lease and learns what it was in one round trip; a refusal rolls the delete back.
-_TAKE_LEASE = _DROP_LEASE.returning(_assignments.c.leased_until, _assignments.c.shown_swapped)
+_TAKE_LEASE = _DROP_LEASE.returning(_assignments.c.leased_until, _assignments.c.shown_swapped, _assignments.c.shown_order)
 _ADD_LEASE = insert(_assignments)
 _ADD_ANNOTATION = insert(_annotations)
 _FLAG = select(_flags.c.id).where(_flags.c.item_id == bindparam("item"), _flags.c.annotator_id == bindparam("annotator"), _flags.c.kind == bindparam("kind"))
 _ADD_FLAG = insert(_flags)
 _LAST_ANNOTATION = (
     select(_annotations.c.id, _annotations.c.item_id, _annotations.c.shown_swapped, _annotations.c.created_at,
-           _annotations.c.choice, _annotations.c.strength)
+           _annotations.c.choice, _annotations.c.strength, _annotations.c.ranking, _annotations.c.shown_order)
     .select_from(_annotations.join(_items, _items.c.id == _annotations.c.item_id))
     .where(_annotations.c.annotator_id == bindparam("annotator"), _items.c.project_id == bindparam("project"))
     .order_by(_annotations.c.created_at.desc(), _annotations.c.id.desc())
@@ -203,6 +230,63 @@ def shown_swapped_for(annotator_id: int, item_id: int) -> bool:
     """Whether this annotator sees response B on the left for this item (fixed, about half the items)."""
     digest = hashlib.blake2b(f"{annotator_id}:{item_id}".encode(), digest_size=8).digest()
     return bool(digest[0] & 1)
+
+
+def shown_order_for(annotator_id: int, item_id: int, n: int) -> tuple[int, ...]:
+    """The order in which this annotator sees a ranking item's n responses: stored indices, position
+    by position; a permutation that is random per (annotator, item) but fixed (a hash seeds it)."""
+    digest = hashlib.blake2b(f"order:{annotator_id}:{item_id}".encode(), digest_size=8).digest()
+    order = list(range(n))
+    random.Random(int.from_bytes(digest, "big")).shuffle(order)
+    return tuple(order)
+
+
+def check_ranking(ranks, n: int) -> list[int]:
+    """`ranks` as a list when it ranks n responses: one whole number per response in stored order,
+    1 = best, tied responses sharing a rank and the next rank skipping as many places as were
+    tied (standard competition ranking: rank = 1 + the number of responses ranked better, e.g.
+    [2, 1, 2, 4]); otherwise an AnnotationError saying what is wrong and what would be right."""
+    if isinstance(ranks, (str, bytes)) or not hasattr(ranks, "__len__"):
+        raise AnnotationError(f"ranking must be a list of {n} ranks, one per response in stored order; got {ranks!r}")
+    ranks = list(ranks)
+    if len(ranks) != n:
+        raise AnnotationError(f"ranking has {len(ranks)} ranks but the item has {n} responses; give one rank per response, in stored order")
+    for i, r in enumerate(ranks):
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= n:
+            raise AnnotationError(f"ranking[{i}] is {r!r}; expected a whole number from 1 (best) to {n}")
+    ranks = [int(r) for r in ranks]
+    expected = [1 + sum(other < r for other in ranks) for r in ranks]
+    if ranks != expected:
+        raise AnnotationError(
+            f"ranking {ranks} is not a ranking with ties: a response's rank is 1 + the number of responses ranked "
+            f"better, so tied responses share a rank and the next rank skips (this order is {expected})"
+        )
+    return ranks
+
+
+def ranks_from_groups(groups, shown_order) -> list[int]:
+    """Ranks in stored order from what an annotator did: `groups` lists, best first, the groups of
+    tied shown positions (0-based), and shown_order maps a position to its stored index. Every
+    position must be in exactly one group."""
+    n = len(shown_order)
+    placed = [p for group in groups for p in group]
+    if sorted(placed) != list(range(n)):
+        raise AnnotationError(f"every one of the {n} responses must be placed exactly once; placed: {[p + 1 for p in placed]}")
+    ranks = [0] * n
+    better = 0
+    for group in groups:
+        for p in group:
+            ranks[shown_order[p]] = better + 1
+        better += len(group)
+    return ranks
+
+
+def groups_from_ranks(ranks, shown_order) -> list[list[int]]:
+    """The inverse of ranks_from_groups: tied groups of shown positions, best first (positions in shown order)."""
+    by_rank: dict[int, list[int]] = {}
+    for position, stored in enumerate(shown_order):
+        by_rank.setdefault(ranks[stored], []).append(position)
+    return [by_rank[r] for r in sorted(by_rank)]
 
 
 def _naive_utc(now: dt.datetime | None) -> dt.datetime:
@@ -282,12 +366,33 @@ def _locked_item(conn: Connection, item_id: int) -> Row:
     return item
 
 
-def _task(item: Row, shown_swapped: bool, leased_until: dt.datetime) -> Task:
+def _order_shown(recorded, annotator_id: int, item_id: int, n: int) -> tuple[int, ...]:
+    """The order a lease recorded for a ranking item, or (missing or not an order of n, as a lease
+    written by hand might be) the one shown_order_for gives, which is what a lease records anyway."""
+    if recorded is not None and sorted(recorded) == list(range(n)):
+        return tuple(recorded)
+    return shown_order_for(annotator_id, item_id, n)
+
+
+def _task(item: Row, annotator_id: int, shown_swapped: bool, leased_until: dt.datetime, shown_order=None) -> Task:
+    if item.responses is not None:
+        order = _order_shown(shown_order, annotator_id, item.id, len(item.responses))
+        return Task(
+            item_id=item.id, prompt=item.prompt, left_text="", right_text="", shown_swapped=False, leased_until=leased_until,
+            is_gold=item.gold_choice is not None, responses=tuple(item.responses[i]["text"] for i in order), shown_order=order,
+        )
     left, right = (item.response_b, item.response_a) if shown_swapped else (item.response_a, item.response_b)
     return Task(
         item_id=item.id, prompt=item.prompt, left_text=left, right_text=right, shown_swapped=bool(shown_swapped),
         leased_until=leased_until, is_gold=item.gold_choice is not None,
     )
+
+
+def _shown_for(annotator_id: int, item: Row) -> tuple[bool, list[int] | None]:
+    """(shown_swapped, shown_order) of a new lease: a side for a pair, an order for a ranking item."""
+    if item.responses is not None:
+        return False, list(shown_order_for(annotator_id, item.id, len(item.responses)))
+    return shown_swapped_for(annotator_id, item.id), None
 
 
 # --------------------------------------------------------------------------- next item
@@ -311,7 +416,7 @@ def _next_item(conn: Connection, project_id: int, annotator_id: int, now: dt.dat
 
     leases = conn.execute(_MY_LEASES, me).all()
     if leases and leases[0].leased_until > now:
-        return _task(leases[0], leases[0].shown_swapped, leases[0].leased_until)
+        return _task(leases[0], annotator_id, leases[0].shown_swapped, leases[0].leased_until, leases[0].shown_order)
     if leases:
         # The annotator moved on: leases they let expire here go back to the pool for good.
         conn.execute(_DROP_EXPIRED, me)
@@ -323,10 +428,11 @@ def _next_item(conn: Connection, project_id: int, annotator_id: int, now: dt.dat
         item = _next_regular(conn, project, me)
     if item is None:
         return None
-    swapped = shown_swapped_for(annotator_id, item.id)
+    swapped, order = _shown_for(annotator_id, item)
     until = now + dt.timedelta(seconds=project.lease_seconds)
-    conn.execute(_ADD_LEASE, {"item_id": item.id, "annotator_id": annotator_id, "leased_until": until, "shown_swapped": swapped, "created_at": now})
-    return _task(item, swapped, until)
+    conn.execute(_ADD_LEASE, {"item_id": item.id, "annotator_id": annotator_id, "leased_until": until, "shown_swapped": swapped,
+                              "shown_order": order, "created_at": now})
+    return _task(item, annotator_id, swapped, until, order)
 
 
 RECHECKS_PER_LEVEL = 4
@@ -380,6 +486,11 @@ def _validate_answer(project: Row, choice: str, strength, criteria, rationale, d
     for key, value in criteria.items():
         if value not in allowed:
             raise AnnotationError(f"criterion '{key}': choice '{value}' is not allowed; allowed: {', '.join(allowed)}")
+    return criteria, _validate_note(rationale, duration_ms)
+
+
+def _validate_note(rationale, duration_ms) -> str | None:
+    """The rationale cleaned (None when blank), after checking it and duration_ms."""
     if rationale is not None:
         if not isinstance(rationale, str):
             raise AnnotationError(f"rationale must be text; got {type(rationale).__name__}")
@@ -388,7 +499,7 @@ def _validate_answer(project: Row, choice: str, strength, criteria, rationale, d
             raise AnnotationError(f"rationale is {len(rationale)} characters long; at most {MAX_RATIONALE_CHARS} are allowed")
     if duration_ms is not None and (isinstance(duration_ms, bool) or not isinstance(duration_ms, int) or duration_ms < 0):
         raise AnnotationError(f"duration_ms must be a non-negative whole number of milliseconds; got {duration_ms!r}")
-    return criteria, rationale
+    return rationale
 
 
 def submit(
@@ -411,34 +522,10 @@ def submit(
     now = _naive_utc(now)
 
     def work(conn: Connection) -> int:
-        key = {"item": item_id, "annotator": annotator_id, "now": now}
-        item = conn.execute(_SUBMIT_LOCK, key).first()
-        if item is None:
-            _locked_item(conn, item_id)  # raises the right message for whichever is missing
-            _check_annotator(conn, annotator_id)
-        _check_annotator(conn, annotator_id, item)
-        project = item  # the row carries the project's settings too
-        clean_criteria, clean_rationale = _validate_answer(project, choice, strength, criteria, rationale, duration_ms)
-        if item.annotated:
-            raise AnnotationError(f"you have already annotated item {item_id}; use undo to change a recent answer")
-        lease = conn.execute(_TAKE_LEASE, key).first()
-        if lease is None:
-            raise AnnotationError(
-                f"item {item_id} is not assigned to you (never handed out, skipped, or released after your lease "
-                "expired); ask for the next item"
-            )
-        if item.gold_choice is None:
-            if lease.leased_until > now:
-                if item.annotation_count >= project.overlap:
-                    raise AnnotationError(f"item {item_id} already has its {project.overlap} annotations; your answer was not saved")
-            else:
-                others = conn.execute(_LIVE_OTHERS, key).scalar_one()
-                if item.annotation_count + others >= project.overlap:
-                    raise AnnotationError(
-                        f"your lease on item {item_id} expired at {lease.leased_until:%H:%M:%S} UTC and the item no longer "
-                        f"needs you ({item.annotation_count} of {project.overlap} annotations, {others} more reserved by "
-                        "other annotators); your answer was not saved"
-                    )
+        _item, lease, (clean_criteria, clean_rationale) = _lock_for_answer(
+            conn, item_id, annotator_id, now, ranking=False,
+            validate=lambda project: _validate_answer(project, choice, strength, criteria, rationale, duration_ms),
+        )
         result = conn.execute(
             _ADD_ANNOTATION,
             {
@@ -449,6 +536,90 @@ def submit(
         )
         return result.inserted_primary_key[0]
 
+    return _submit_once(engine, work, item_id)
+
+
+def submit_ranking(
+    engine: Engine,
+    annotator_id: int,
+    item_id: int,
+    ranks,
+    *,
+    rationale: str | None = None,
+    duration_ms: int | None = None,
+    now: dt.datetime | None = None,
+) -> int:
+    """Record the annotator's ranking of a leased ranking item and return the annotation id.
+
+    `ranks` holds each response's rank in stored order (item.responses), 1 = best, ties as equal
+    ranks with the next rank skipping (see check_ranking); the order shown comes from the lease.
+    The same rules as `submit` (lease, k cap, once per annotator); refused for a two-response item."""
+    now = _naive_utc(now)
+
+    def validate(item: Row) -> tuple[list[int], str | None]:
+        return check_ranking(ranks, len(item.responses)), _validate_note(rationale, duration_ms)
+
+    def work(conn: Connection) -> int:
+        _item, lease, (clean_ranks, clean_rationale) = _lock_for_answer(conn, item_id, annotator_id, now, ranking=True, validate=validate)
+        order = _order_shown(lease.shown_order, annotator_id, item_id, len(clean_ranks))
+        result = conn.execute(
+            _ADD_ANNOTATION,
+            {
+                "item_id": item_id, "annotator_id": annotator_id, "choice": None, "strength": None, "criteria": {},
+                "rationale": clean_rationale, "shown_swapped": False, "ranking": clean_ranks, "shown_order": list(order),
+                "duration_ms": duration_ms, "created_at": now,
+            },
+        )
+        return result.inserted_primary_key[0]
+
+    return _submit_once(engine, work, item_id)
+
+
+def _lock_for_answer(conn: Connection, item_id: int, annotator_id: int, now: dt.datetime, *, ranking: bool,
+                     validate: Callable[[Row], T]) -> tuple[Row, Row, T]:
+    """The checks every answer passes, under the item's row lock: the item and annotator exist and
+    may answer, the answer suits the kind of item and is valid (`validate`, given the item row,
+    which carries the project's settings too), the annotator has not answered it yet, holds its
+    lease (taken here), and the item has room. Returns the item row, the lease taken and what
+    `validate` returned."""
+    key = {"item": item_id, "annotator": annotator_id, "now": now}
+    item = conn.execute(_SUBMIT_LOCK, key).first()
+    if item is None:
+        _locked_item(conn, item_id)  # raises the right message for whichever is missing
+        _check_annotator(conn, annotator_id)
+    _check_annotator(conn, annotator_id, item)
+    project = item  # the row carries the project's settings too
+    if item.responses is not None and not ranking:
+        raise AnnotationError(f"item {item_id} is a ranking of {len(item.responses)} responses: rank them (submit_ranking); "
+                              "a choice between two responses does not apply")
+    if item.responses is None and ranking:
+        raise AnnotationError(f"item {item_id} has two responses: choose between them (submit); a ranking applies to items "
+                              f"with 3 to {MAX_RANKED_RESPONSES} responses")
+    validated = validate(project)
+    if item.annotated:
+        raise AnnotationError(f"you have already annotated item {item_id}; use undo to change a recent answer")
+    lease = conn.execute(_TAKE_LEASE, key).first()
+    if lease is None:
+        raise AnnotationError(
+            f"item {item_id} is not assigned to you (never handed out, skipped, or released after your lease "
+            "expired); ask for the next item"
+        )
+    if item.gold_choice is None:
+        if lease.leased_until > now:
+            if item.annotation_count >= project.overlap:
+                raise AnnotationError(f"item {item_id} already has its {project.overlap} annotations; your answer was not saved")
+        else:
+            others = conn.execute(_LIVE_OTHERS, key).scalar_one()
+            if item.annotation_count + others >= project.overlap:
+                raise AnnotationError(
+                    f"your lease on item {item_id} expired at {lease.leased_until:%H:%M:%S} UTC and the item no longer "
+                    f"needs you ({item.annotation_count} of {project.overlap} annotations, {others} more reserved by "
+                    "other annotators); your answer was not saved"
+                )
+    return item, lease, validated
+
+
+def _submit_once(engine: Engine, work: Callable[[Connection], int], item_id: int) -> int:
     try:
         return _in_transaction(engine, work)
     except IntegrityError as exc:
@@ -490,11 +661,13 @@ def flag(engine: Engine, annotator_id: int, item_id: int, kind: str, note: str |
 
 @dataclass(frozen=True)
 class Undone:
-    """What undo_last removed: the item, shown again, and the answer given, so a page can restore it."""
+    """What undo_last removed: the item, shown again, and the answer given, so a page can restore it.
+    For a ranking, `choice` is None and `ranking` holds the ranks given (stored order)."""
 
     item_id: int
-    choice: str
+    choice: str | None
     strength: int | None
+    ranking: tuple[int, ...] | None = None
 
 
 def undo_last(engine: Engine, annotator_id: int, project_id: int, *, window_seconds: float = 30,
@@ -518,10 +691,12 @@ def undo_last(engine: Engine, annotator_id: int, project_id: int, *, window_seco
             _ADD_LEASE,
             {
                 "item_id": last.item_id, "annotator_id": annotator_id, "shown_swapped": bool(last.shown_swapped),
-                "leased_until": now + dt.timedelta(seconds=project.lease_seconds), "created_at": now,
+                "shown_order": last.shown_order, "leased_until": now + dt.timedelta(seconds=project.lease_seconds),
+                "created_at": now,
             },
         )
-        return Undone(item_id=last.item_id, choice=last.choice, strength=last.strength)
+        ranking = tuple(last.ranking) if last.ranking is not None else None
+        return Undone(item_id=last.item_id, choice=last.choice, strength=last.strength, ranking=ranking)
 
     return _in_transaction(engine, work)
 
@@ -565,6 +740,9 @@ def set_gold(engine: Engine, item_id: int, choice: str | None) -> None:
 
     def work(conn: Connection) -> None:
         item = _locked_item(conn, item_id)
+        if choice is not None and item.responses is not None:
+            raise AnnotationError(f"item {item_id} is a ranking of {len(item.responses)} responses; a gold choice applies "
+                                  "to items with two responses only")
         if choice is not None:
             allowed = list(_project(conn, item.project_id).choices)
             if choice not in allowed:

@@ -36,6 +36,8 @@ from annotation.errors import StoreError
 
 ROLES = ("annotator", "researcher", "admin")
 CHOICES = ("a", "b", "tie", "both_bad")
+MIN_RANKED_RESPONSES, MAX_RANKED_RESPONSES = 3, 6
+"""A ranking item holds this many responses; two responses are a pair (response_a, response_b)."""
 STRENGTHS = {1: "slight", 2: "clear", 3: "strong"}
 FLAG_KINDS = ("skip", "broken", "unsafe")
 JOB_KINDS = ("train_rm", "eval_rm", "sft", "ppo", "dpo", "grpo", "rloo", "generate", "export")
@@ -78,7 +80,11 @@ class Project(Base):
 
 
 class Item(Base):
-    """A prompt with two responses to compare."""
+    """A prompt with two responses to compare, or (a ranking item) with 3 to 6 responses to rank.
+
+    A ranking item keeps its responses in `responses` and has empty response_a/response_b and no
+    sources there (those columns are NOT NULL and predate rankings); `responses IS NULL` is a pair.
+    """
 
     __tablename__ = "items"
     __table_args__ = (
@@ -95,6 +101,8 @@ class Item(Base):
     response_b: Mapped[str] = mapped_column(Text, nullable=False)
     source_a: Mapped[str | None] = mapped_column(String(200))
     source_b: Mapped[str | None] = mapped_column(String(200))
+    # Ranking items only (migration 0004): [{"text", "source"}, ...], 3 to 6 of them, in stored order.
+    responses: Mapped[list | None] = mapped_column(JSON(none_as_null=True))
     meta: Mapped[dict] = mapped_column("metadata", JSON, nullable=False, default=dict)
     content_hash: Mapped[str] = mapped_column(String(64), nullable=False)
     gold_choice: Mapped[str | None] = mapped_column(String(16))
@@ -119,18 +127,26 @@ class Prompt(Base):
 
 
 class Annotation(Base):
-    """One person's judgement of one item. `choice` is always in A/B terms, whatever order was shown."""
+    """One person's judgement of one item. `choice` is always in A/B terms, whatever order was shown.
+
+    For a ranking item `choice` is NULL and `ranking` holds the rank of each response in stored
+    order (1 = best; tied responses share a rank and the next rank skips, e.g. [1, 1, 3, 4]);
+    `shown_order` is the stored indices in the order the annotator saw them (as shown_swapped is
+    for a pair).
+    """
 
     __tablename__ = "annotations"
     __table_args__ = (UniqueConstraint("item_id", "annotator_id", name="uq_annotations_item_annotator"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), nullable=False, index=True)
     annotator_id: Mapped[int] = mapped_column(ForeignKey("users.id"), nullable=False, index=True)
-    choice: Mapped[str] = mapped_column(String(16), nullable=False)
+    choice: Mapped[str | None] = mapped_column(String(16))  # NULL for a ranking (migration 0004)
     strength: Mapped[int | None] = mapped_column(Integer)
     criteria: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
     rationale: Mapped[str | None] = mapped_column(Text)
     shown_swapped: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    ranking: Mapped[list | None] = mapped_column(JSON(none_as_null=True))
+    shown_order: Mapped[list | None] = mapped_column(JSON(none_as_null=True))
     duration_ms: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
@@ -144,6 +160,7 @@ class Assignment(Base):
     annotator_id: Mapped[int] = mapped_column(ForeignKey("users.id"), primary_key=True)
     leased_until: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, index=True)
     shown_swapped: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    shown_order: Mapped[list | None] = mapped_column(JSON(none_as_null=True))  # ranking items (0004)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
 

@@ -36,6 +36,22 @@ def _fmt_ci(ci) -> str:
     return "" if not ci else f"  [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def render_rankings(rankings: dict) -> list[str]:
+    """The rankings section (items with 3 to 6 responses): Kendall's W and ordinal alpha, with intervals and notes."""
+    ci = rankings["intervals"]
+    lines = [
+        f"rankings: {rankings['n_items']} ranking items ({rankings['n_items_multi']} with two or more rankings), "
+        f"{rankings['n_rankings']} rankings by {rankings['n_annotators']} annotators",
+        f"Kendall's W (mean)    {_fmt(rankings['kendall_w'])}{_fmt_ci(ci['kendall_w'])}  "
+        f"(tie-corrected, over {rankings['kendall_w_items']} items)",
+        f"Krippendorff's alpha  {_fmt(rankings['krippendorff_alpha']['ordinal'])}"
+        f"{_fmt_ci(ci['krippendorff_alpha']['ordinal'])}  (ordinal, on the ranks)",
+    ]
+    for key, note in rankings["notes"].items():
+        lines.append(f"note: rankings: {key}: {note}")
+    return lines
+
+
 def render_text(report: dict) -> str:
     """The report for people: headline metrics with intervals, notes, annotators, disputed items."""
     ci = report["intervals"]
@@ -75,6 +91,8 @@ def render_text(report: dict) -> str:
         if row.get("outlier"):
             parts.append(f"OUTLIER: {row['outlier_reasons']}")
         lines.append(", ".join(parts))
+    if "rankings" in report:
+        lines += ["", *render_rankings(report["rankings"])]
     if report.get("disputed"):
         lines.append("")
         lines.append("most disputed items:")
@@ -146,7 +164,8 @@ def agreement(
     ),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Agreement between annotators: percent agreement, Cohen's, Fleiss' kappa, Krippendorff's alpha, per annotator."""
+    """Agreement between annotators: percent agreement, Cohen's, Fleiss' kappa, Krippendorff's alpha, per annotator;
+    for a project with ranking items also Kendall's W and ordinal alpha on the rankings ("rankings" in --json)."""
     from annotation import agreement as ag
 
     if (project is None) == (labels is None):
@@ -167,6 +186,9 @@ def agreement(
             raise AnnotationError("--level applies to --labels only; a project's report has nominal and ordinal alpha both")
         votes = ag.load_votes(engine(), project)
         report = ag.project_report(votes, **options)
+        rankings = ag.project_ranking_report(engine(), project, bootstrap=bootstrap, seed=seed)
+        if rankings is not None:
+            report["rankings"] = rankings
         label = "choice"
     else:
         level = level or "nominal"

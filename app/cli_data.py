@@ -6,6 +6,7 @@
     rlhf import ultrafeedback_dir/ --project uf --split train_prefs
     rlhf export --project hh --format trl -o out.jsonl --split train
     rlhf export --project hh --format annotations -o audit.parquet --json
+    rlhf export --project ranked --format trl -o pairs.jsonl --ranking-pairs adjacent --margin-from rank-gap
 
 Thin shells over annotation.io; bad input comes back as an AnnotationError that app.cli.main
 prints as "error: FILE:LINE: field ...: problem; expected ..." with exit code 2 (FILE:row N for
@@ -47,7 +48,8 @@ def import_cmd(
     splits = f", splits {', '.join(report.splits)}" if report.splits else ""
     lines = [
         f"imported {path} ({report.format}, {report.container}{splits}) into project '{project}': {report.lines} {rows}",
-        f"  items added: {report.items_added}, prompts added: {report.prompts_added}, annotations added: {report.annotations_added}",
+        f"  items added: {report.items_added}" + (f" ({report.ranking_items_added} to rank)" if report.ranking_items_added else "")
+        + f", prompts added: {report.prompts_added}, annotations added: {report.annotations_added}",
         f"  already present: {report.duplicates}, skipped: {skipped}",
     ]
     lines += [f"    {reason}: {n}" for reason, n in sorted(report.skipped.items())]
@@ -64,7 +66,14 @@ def export_cmd(
     min_confidence: Optional[float] = typer.Option(None, "--min-confidence", help="Leave out items whose aggregated label's confidence is below this (0..1)."),
     split: Optional[str] = typer.Option(None, "--split", help="Only the train or the test split (by item hash)."),
     test_fraction: float = typer.Option(0.1, "--test-fraction", help="Share of items in the test split."),
-    margin_from: str = typer.Option("none", "--margin-from", help="Add TRL's 'margin' column: none, or confidence (2*confidence-1)."),
+    margin_from: str = typer.Option(
+        "none", "--margin-from",
+        help="Add TRL's 'margin' column: none; confidence (2*confidence-1); or rank-gap (the voters' mean signed rank gap / "
+             "(n-1), n the item's responses; a two-response item gets (votes for chosen - votes for rejected) / votes)."),
+    ranking_pairs: str = typer.Option(
+        "all", "--ranking-pairs",
+        help="Pairs from ranking items (3-6 responses): all (every pair of responses) or adjacent (neighbouring places "
+             "in each annotator's ranking); each pair is aggregated over annotators like a two-response item."),
     parquet: bool = typer.Option(False, "--parquet", help="Write Parquet whatever the file name."),
     as_json: bool = JsonOpt,
 ) -> None:
@@ -74,12 +83,12 @@ def export_cmd(
 
     # Every option is checked before the store is opened, so a typo costs no connection and no file.
     check_options(format, aggregation=aggregation, split=split, test_fraction=test_fraction,
-                  min_agreement=min_agreement, min_confidence=min_confidence, margin_from=margin_from)
+                  min_agreement=min_agreement, min_confidence=min_confidence, margin_from=margin_from, ranking_pairs=ranking_pairs)
     check_output(output)
     report = export(
         engine(), project, format, output, aggregation=aggregation, min_agreement=min_agreement,
         min_confidence=min_confidence, split=split, test_fraction=test_fraction, margin_from=margin_from,
-        parquet=True if parquet else None,
+        parquet=True if parquet else None, ranking_pairs=ranking_pairs,
     )
     what = "annotations" if format == "annotations" else "pairs"
     lines = [f"exported {report.exported} {what} from project '{project}' to {output} ({format})"]
@@ -89,6 +98,12 @@ def export_cmd(
             f"both-bad excluded {report.both_bad_excluded}, unannotated {report.unannotated}, "
             f"below threshold {report.below_threshold}"
         )
+        if report.ranking_items:
+            lines.append(
+                f"  ranking items: {report.ranking_items}, pairs from them ({report.ranking_pairs}): {report.ranking_pairs_exported}; "
+                f"pairs left out: tied {report.ranking_pairs_tied}, no majority {report.ranking_pairs_no_majority}, "
+                f"below threshold {report.ranking_pairs_below_threshold}"
+            )
     if split:
         lines.append(f"  split {split}: {report.other_split} left out as the other split")
     emit(report.as_dict(), as_json, "\n".join(lines))

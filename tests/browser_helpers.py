@@ -125,3 +125,55 @@ def set_login(at, engine, user_id: int, minutes: float = 60) -> None:
     at.session_state["user_id"] = user_id
     at.session_state["login_expires"] = utcnow() + dt.timedelta(minutes=minutes)
     at.session_state["login_stamp"] = stamp
+
+
+# ----------------------------------------------------------------------------- a ranking project
+
+RANKING_PROJECT = "ranked"
+RANK_WORDS = ("BEST", "SECOND", "THIRD", "WORST")
+"""Each response of RANKING_ITEMS starts with its true place, so a test (or a scripted annotator)
+knows the order to press whatever order it is shown; in the tie item two responses are SECOND."""
+RANKING_ITEMS = [
+    {
+        "id": "capital",
+        "prompt": "What is the capital of France?",
+        "responses": [
+            {"text": "THIRD: Lyon, I think.", "source": "model-gamma"},
+            {"text": "BEST: Paris, on the Seine.", "source": "model-alpha"},
+            {"text": f"WORST: no idea {SCRIPT_PAYLOAD}", "source": "model-delta"},
+            {"text": "SECOND: Paris.", "source": "model-beta"},
+        ],
+    },
+    {
+        "id": "tie",
+        "prompt": "Name a primary colour.",
+        "responses": [
+            "SECOND: Blue.",
+            "WORST: Green is one, in paint.",
+            "BEST: Red, yellow and blue are the primary colours of paint.",
+            "SECOND: Red.",
+        ],
+    },
+]
+
+
+def ranking_order(texts) -> list[list[int]]:
+    """The true order of texts shown (0-based positions), best first, tied positions grouped."""
+    places: dict[str, list[int]] = {}
+    for position, text in enumerate(texts):
+        places.setdefault(next(w for w in RANK_WORDS if text.startswith(w)), []).append(position)
+    return [places[w] for w in RANK_WORDS if w in places]
+
+
+def add_ranking_project(engine, data_dir: Path, *, overlap: int = 2) -> None:
+    """Project `ranked` (k=`overlap`) holding RANKING_ITEMS, 4 responses each, imported as the `responses` format."""
+    from annotation.io import import_file
+    from annotation.projects import create_project
+    from annotation.store import transaction
+
+    with transaction(engine) as session:
+        create_project(session, RANKING_PROJECT, overlap=overlap, guidelines="Rank the answers, best first.")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "ranking_items.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in RANKING_ITEMS), encoding="utf-8")
+    import_file(engine, path, RANKING_PROJECT, format="responses")

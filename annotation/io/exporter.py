@@ -6,6 +6,20 @@ winner are left out and counted, as are ties and both-bad verdicts (they say nei
 preferred, so they make no chosen/rejected pair). The train/test split is a hash of the item's
 content hash, so an item lands in the same split in every database and every export. Files are
 written to a temporary name beside the target and renamed, so a crash never leaves a torn file.
+
+A ranking item (3 to 6 responses) expands into pairs of its responses: each annotator's ranking
+votes on pairs (`ranking_pairs` "all": every pair, "adjacent": neighbouring places only; see
+annotation.aggregate), each pair of responses is aggregated across annotators like a
+two-response item, and every pair whose aggregate prefers one response is written, in stored
+order of the responses (ties and pairs without a winner are left out and counted). Its metadata
+adds chosen_response and rejected_response (stored indices) and n_responses; n_annotations is
+the number of annotators who voted on that pair. All pairs of an item share its split.
+
+`margin_from`: "confidence" gives 2 * confidence - 1 of the aggregate; "rank-gap" gives the mean
+over the pair's voters of the signed rank gap (rank of rejected - rank of chosen) / (n - 1),
+in [-1, 1] (negative only where Dawid-Skene overrules the voters), so adjacent places of a
+4-response ranking that everyone agrees on get 1/3 and first vs last gets 1; a two-response item
+is a ranking of two, so its margin is (votes for chosen - votes for rejected) / votes.
 """
 
 from __future__ import annotations
@@ -24,13 +38,13 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from annotation.aggregate import METHODS
+from annotation.aggregate import METHODS, check_ranking_pairs, pair_key
 from annotation.errors import AnnotationError
 from annotation.io.formats import Pair, canonical_json, pair_text, prompt_as_hh, text_to_messages
 from annotation.store import Annotation, Item, User, read_connection
 
 EXPORT_FORMATS = ("trl", "trl-conversational", "hh", "annotations")
-MARGIN_FROM = ("none", "confidence")
+MARGIN_FROM = ("none", "confidence", "rank-gap")
 DEFAULT_TEST_FRACTION = 0.1
 STREAM_ROWS = 5_000
 _scanstring = json.decoder.scanstring
@@ -59,6 +73,16 @@ class ExportReport:
     """Left out by --min-agreement / --min-confidence."""
     other_split: int = 0
     """Items with a label that belong to the other split."""
+    ranking_pairs: str = "all"
+    """How rankings became pairs: all or adjacent."""
+    ranking_items: int = 0
+    """Items with 3 to 6 responses (counted in `items`; unannotated and other_split count them too)."""
+    ranking_pairs_exported: int = 0
+    """Pairs written from ranking items (counted in `exported`)."""
+    ranking_pairs_tied: int = 0
+    ranking_pairs_no_majority: int = 0
+    ranking_pairs_below_threshold: int = 0
+    """Pairs of responses of ranking items left out: tied, no winner, or below --min-agreement / --min-confidence."""
     sha256: str = ""
     """Of the file written: the data snapshot a trained model records."""
 
@@ -78,12 +102,13 @@ def split_of(content_hash: str, test_fraction: float = DEFAULT_TEST_FRACTION) ->
 
 def check_options(fmt: str | None = None, *, aggregation: str = "majority", split: str | None = None,
                   test_fraction: float = DEFAULT_TEST_FRACTION, min_agreement: float | None = None,
-                  min_confidence: float | None = None, margin_from: str = "none") -> None:
+                  min_confidence: float | None = None, margin_from: str = "none", ranking_pairs: str = "all") -> None:
     """Refuse an export option with a value it does not take, naming the option and what it takes
     (`rlhf export` calls this before it opens the store). `fmt` None: pairs, as project_pairs."""
     if fmt is not None and fmt not in EXPORT_FORMATS:
         raise AnnotationError(f"--format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
     _check_filters(aggregation, split, test_fraction, min_agreement, min_confidence, margin_from)
+    check_ranking_pairs(ranking_pairs)
 
 
 def _check_filters(aggregation, split, test_fraction, min_agreement, min_confidence, margin_from) -> None:
@@ -108,12 +133,16 @@ def _project_id(conn: Connection, project: str) -> int:
         return get_project(session, project).id
 
 
-def _labels(conn: Connection, project_id: int, aggregation: str) -> dict[int, tuple]:
-    """item_id -> (label, confidence, n_annotations, agreement) for every annotated item."""
-    from annotation.aggregate import aggregate
+def _labels(conn: Connection, project_id: int, aggregation: str, ranking_pairs: str, with_gap: bool = True) -> dict[int, tuple]:
+    """pair_key -> (label, confidence, n_annotations, agreement, mean signed rank gap toward "a") for
+    every annotated two-response item (key pair_key(item_id)) and every pair of responses of a
+    ranking item that some annotator voted on (key pair_key(item_id, first, second)). Without
+    `with_gap` the gap is left at 0 (it costs a group-by that only --margin-from rank-gap needs)."""
+    from annotation.aggregate import aggregate, choice_signed_gap, ranking_votes
 
     query = (
-        select(_annotations.c.item_id, _annotations.c.annotator_id, _annotations.c.choice, _items.c.gold_choice)
+        select(_annotations.c.item_id, _annotations.c.annotator_id, _annotations.c.choice, _items.c.gold_choice,
+               _annotations.c.ranking)
         .join(_items, _items.c.id == _annotations.c.item_id)
         .where(_items.c.project_id == project_id)
     )
@@ -121,47 +150,86 @@ def _labels(conn: Connection, project_id: int, aggregation: str) -> dict[int, tu
         # The values are plain ints and strings: the driver's tuples skip SQLAlchemy's per-row processing.
         compiled = query.compile(conn, compile_kwargs={"literal_binds": True})
         rows = conn.exec_driver_sql(str(compiled)).fetchall()
+        rows = [r if r[4] is None else (*r[:4], json.loads(r[4])) for r in rows]
     else:
         rows = conn.execute(query).all()
     if not rows:
         return {}
     # gold_choice rides along so that Dawid-Skene can anchor annotators' confusion on gold items.
     # Built column-wise: pandas inspects each Row object when given a list of rows (slow).
-    names = ("item_id", "annotator", "choice", "gold_choice")
-    votes = pd.DataFrame(dict(zip(names, map(list, zip(*rows)))))
+    names = ("item_id", "annotator", "choice", "gold_choice", "ranking")
+    table = pd.DataFrame(dict(zip(names, map(list, zip(*rows)))))
+    is_ranking = table["ranking"].notna()
+    votes = table.loc[~is_ranking, ["item_id", "annotator", "choice", "gold_choice"]]
+    votes = votes.assign(key=[pair_key(i) for i in votes["item_id"]], signed_gap=choice_signed_gap(votes["choice"]))
+    if is_ranking.any():
+        ranked = ranking_votes(table.loc[is_ranking], ranking_pairs)
+        ranked = ranked.assign(
+            key=[pair_key(i, f, s) for i, f, s in zip(ranked["item_id"], ranked["first"], ranked["second"])], gold_choice=None,
+        )
+        votes = pd.concat([votes, ranked[votes.columns]], ignore_index=True)
+    if votes.empty:
+        return {}
+    votes = votes.drop(columns="item_id").rename(columns={"key": "item_id"})
     agg = aggregate(votes, aggregation)
+    if with_gap:
+        gap = votes.groupby("item_id")["signed_gap"].mean().reindex(agg.index)
+    else:
+        gap = pd.Series(0.0, index=agg.index)
     labels = [lab if isinstance(lab, str) else None for lab in agg["label"].tolist()]
     columns = (agg.index.tolist(), labels, agg["confidence"].astype(float).tolist(),
-               agg["n_annotations"].astype(int).tolist(), agg["agreement"].astype(float).tolist())
-    return {i: (lab, conf, n, agr) for i, lab, conf, n, agr in zip(*columns)}
+               agg["n_annotations"].astype(int).tolist(), agg["agreement"].astype(float).tolist(), gap.astype(float).tolist())
+    return {k: (lab, conf, n, agr, g) for k, lab, conf, n, agr, g in zip(*columns)}
+
+
+def _margin_of(margin_from: str):
+    """The margin of a pair from its aggregate's confidence and its mean signed gap toward the chosen side."""
+    if margin_from == "confidence":
+        return lambda confidence, gap: 2.0 * confidence - 1.0
+    if margin_from == "rank-gap":
+        return lambda confidence, gap: gap
+    return lambda confidence, gap: None
 
 
 def _iter_pairs(conn: Connection, project_id: int, report: ExportReport, *, aggregation: str, min_agreement, min_confidence,
-                split, test_fraction, margin_from) -> Iterator[Pair]:
-    labels = _labels(conn, project_id, aggregation)
-    margin_of = (lambda c: 2.0 * c - 1.0) if margin_from == "confidence" else (lambda c: None)
+                split, test_fraction, margin_from, ranking_pairs: str = "all") -> Iterator[Pair]:
+    labels = _labels(conn, project_id, aggregation, ranking_pairs, with_gap=margin_from == "rank-gap")
+    margin_of = _margin_of(margin_from)
+    report.ranking_pairs = ranking_pairs
+
+    def passes(agreement: float, confidence: float) -> bool:
+        return not ((min_agreement is not None and agreement < min_agreement) or (min_confidence is not None and confidence < min_confidence))
+
     # SQLite hands JSON back as text and SQLAlchemy decodes it with json.loads, a third of the
     # export time; most prompts are one JSON string, which json's C scanner decodes directly. The
     # plain driver query there also skips SQLAlchemy's per-row processing (the rest is tuples).
     raw_json = conn.dialect.name == "sqlite"
     if raw_json:
         rows = conn.execution_options(yield_per=STREAM_ROWS).exec_driver_sql(
-            "SELECT id, external_id, prompt, response_a, response_b, content_hash FROM items WHERE project_id = ? ORDER BY id",
+            "SELECT id, external_id, prompt, response_a, response_b, content_hash, responses FROM items WHERE project_id = ? ORDER BY id",
             (project_id,),
         )
     else:
         rows = conn.execution_options(yield_per=STREAM_ROWS).execute(
-            select(_items.c.id, _items.c.external_id, _items.c.prompt, _items.c.response_a, _items.c.response_b, _items.c.content_hash)
+            select(_items.c.id, _items.c.external_id, _items.c.prompt, _items.c.response_a, _items.c.response_b, _items.c.content_hash,
+                   _items.c.responses)
             .where(_items.c.project_id == project_id)
             .order_by(_items.c.id)
         )
-    for item_id, external_id, prompt, response_a, response_b, content_hash in rows:
+    for item_id, external_id, prompt, response_a, response_b, content_hash, responses in rows:
         report.items += 1
-        verdict = labels.get(item_id)
+        if responses is not None:
+            report.ranking_items += 1
+            if raw_json:
+                responses = json.loads(responses)
+            yield from _ranking_pairs(item_id, external_id, prompt, responses, content_hash, labels, report, passes, margin_of,
+                                      raw_json, split, test_fraction)
+            continue
+        verdict = labels.get(pair_key(item_id))
         if verdict is None:
             report.unannotated += 1
             continue
-        label, confidence, n, agreement = verdict
+        label, confidence, n, agreement, gap = verdict
         if label is None:
             report.no_majority += 1
             continue
@@ -171,7 +239,7 @@ def _iter_pairs(conn: Connection, project_id: int, report: ExportReport, *, aggr
         if label == "both_bad":
             report.both_bad_excluded += 1
             continue
-        if (min_agreement is not None and agreement < min_agreement) or (min_confidence is not None and confidence < min_confidence):
+        if not passes(agreement, confidence):
             report.below_threshold += 1
             continue
         if split is not None and split_of(content_hash, test_fraction) != split:
@@ -181,7 +249,39 @@ def _iter_pairs(conn: Connection, project_id: int, report: ExportReport, *, aggr
             prompt = _scanstring(prompt, 1)[0] if prompt[:1] == '"' else json.loads(prompt)
         chosen, rejected = (response_a, response_b) if label == "a" else (response_b, response_a)
         meta = {"item_id": item_id, "external_id": external_id, "n_annotations": n, "agreement": agreement, "confidence": confidence}
-        yield Pair(prompt, chosen, rejected, margin_of(confidence), meta, 0)
+        yield Pair(prompt, chosen, rejected, margin_of(confidence, gap if label == "a" else -gap), meta, 0)
+
+
+def _ranking_pairs(item_id, external_id, prompt, responses, content_hash, labels, report, passes, margin_of, raw_json,
+                   split, test_fraction) -> Iterator[Pair]:
+    """The pairs of one ranking item, in stored order of its responses."""
+    n = len(responses)
+    verdicts = [(first, second, labels.get(pair_key(item_id, first, second))) for first in range(n) for second in range(first + 1, n)]
+    verdicts = [(f, s, v) for f, s, v in verdicts if v is not None]
+    if not verdicts:
+        report.unannotated += 1
+        return
+    if split is not None and split_of(content_hash, test_fraction) != split:
+        report.other_split += 1
+        return
+    if raw_json:
+        prompt = _scanstring(prompt, 1)[0] if prompt[:1] == '"' else json.loads(prompt)
+    for first, second, (label, confidence, n_votes, agreement, gap) in verdicts:
+        if label is None:
+            report.ranking_pairs_no_majority += 1
+            continue
+        if label not in ("a", "b"):
+            report.ranking_pairs_tied += 1
+            continue
+        if not passes(agreement, confidence):
+            report.ranking_pairs_below_threshold += 1
+            continue
+        chosen, rejected = (first, second) if label == "a" else (second, first)
+        meta = {"item_id": item_id, "external_id": external_id, "n_annotations": n_votes, "agreement": agreement,
+                "confidence": confidence, "chosen_response": chosen, "rejected_response": rejected, "n_responses": n}
+        report.ranking_pairs_exported += 1
+        yield Pair(prompt, responses[chosen]["text"], responses[rejected]["text"],
+                   margin_of(confidence, gap if label == "a" else -gap), meta, 0)
 
 
 def project_pairs(
@@ -194,16 +294,21 @@ def project_pairs(
     split: str | None = None,
     test_fraction: float = DEFAULT_TEST_FRACTION,
     margin_from: str = "none",
+    ranking_pairs: str = "all",
 ) -> list[Pair]:
     """The project's pairs as export would write them: aggregated labels, ties/both-bad and items
-    without a winner left out, filters and the deterministic split applied. Prompts are as stored
-    (text, or chat messages); metadata has item_id, external_id, n_annotations, agreement, confidence."""
-    _check_filters(aggregation, split, test_fraction, min_agreement, min_confidence, margin_from)
+    without a winner left out, filters and the deterministic split applied, ranking items expanded
+    into pairs (`ranking_pairs`). Prompts are as stored (text, or chat messages); metadata has
+    item_id, external_id, n_annotations, agreement, confidence (and, for pairs from a ranking,
+    chosen_response, rejected_response, n_responses)."""
+    check_options(None, aggregation=aggregation, split=split, test_fraction=test_fraction, min_agreement=min_agreement,
+                  min_confidence=min_confidence, margin_from=margin_from, ranking_pairs=ranking_pairs)
     report = ExportReport(path="", format="pairs", project=project, aggregation=aggregation, split=split)
     with read_connection(engine) as conn:
         pid = _project_id(conn, project)
         return list(_iter_pairs(conn, pid, report, aggregation=aggregation, min_agreement=min_agreement,
-                                min_confidence=min_confidence, split=split, test_fraction=test_fraction, margin_from=margin_from))
+                                min_confidence=min_confidence, split=split, test_fraction=test_fraction, margin_from=margin_from,
+                                ranking_pairs=ranking_pairs))
 
 
 # --------------------------------------------------------------------------- rows per format
@@ -235,6 +340,10 @@ def _pair_row(fmt: str, pair: Pair, with_margin: bool) -> dict:
     return row
 
 
+def _has_rankings(conn: Connection, project_id: int) -> bool:
+    return conn.scalar(select(_items.c.id).where(_items.c.project_id == project_id, _items.c.responses.is_not(None)).limit(1)) is not None
+
+
 def _iter_annotation_rows(conn: Connection, project_id: int, report: ExportReport, split, test_fraction, flat: bool) -> Iterator[dict]:
     report.items = conn.scalar(select(func.count()).select_from(_items).where(_items.c.project_id == project_id))
     query = (
@@ -243,6 +352,7 @@ def _iter_annotation_rows(conn: Connection, project_id: int, report: ExportRepor
             _annotations.c.choice, _annotations.c.strength, _annotations.c.criteria, _annotations.c.rationale,
             _annotations.c.shown_swapped, _annotations.c.duration_ms, _annotations.c.created_at,
             _items.c.prompt, _items.c.response_a, _items.c.response_b, _items.c.gold_choice,
+            _annotations.c.ranking, _annotations.c.shown_order, _items.c.responses,
         )
         .join(_items, _items.c.id == _annotations.c.item_id)
         .join(_users, _users.c.id == _annotations.c.annotator_id)
@@ -261,6 +371,8 @@ def _iter_annotation_rows(conn: Connection, project_id: int, report: ExportRepor
             "created_at": r.created_at.isoformat(),
             "prompt": canonical_json(r.prompt) if flat and not isinstance(r.prompt, str) else r.prompt,
             "response_a": r.response_a, "response_b": r.response_b, "gold_choice": r.gold_choice,
+            # a ranking: ranks in stored order of `responses`, and the order shown (stored indices)
+            "ranking": r.ranking, "shown_order": r.shown_order, "responses": r.responses,
         }
 
 
@@ -330,9 +442,13 @@ def _pair_line(fmt: str, pair: Pair, with_margin: bool) -> str:
     if fmt == "trl-conversational":
         return _dumps(_pair_row(fmt, pair, with_margin))
     m = pair.metadata
-    meta = '{"item_id": %d, "external_id": %s, "n_annotations": %d, "agreement": %r, "confidence": %r}' % (
+    meta = '{"item_id": %d, "external_id": %s, "n_annotations": %d, "agreement": %r, "confidence": %r' % (
         m["item_id"], "null" if m["external_id"] is None else _str(m["external_id"]), m["n_annotations"], m["agreement"], m["confidence"],
     )
+    if "chosen_response" in m:
+        meta += ', "chosen_response": %d, "rejected_response": %d, "n_responses": %d' % (
+            m["chosen_response"], m["rejected_response"], m["n_responses"])
+    meta += "}"
     margin = (', "margin": ' + ("null" if pair.margin is None else repr(pair.margin))) if with_margin else ""
     if fmt == "trl":
         if isinstance(pair.prompt, str):
@@ -363,7 +479,7 @@ def _write_jsonl(path: Path, lines: Iterator[str]) -> int:
     return n
 
 
-def _parquet_schema(fmt: str, with_margin: bool):
+def _parquet_schema(fmt: str, with_margin: bool, with_rankings: bool = False):
     import pyarrow as pa
 
     if fmt == "annotations":
@@ -372,6 +488,8 @@ def _parquet_schema(fmt: str, with_margin: bool):
             ("choice", pa.string()), ("strength", pa.int64()), ("criteria", pa.string()), ("rationale", pa.string()),
             ("shown_swapped", pa.bool_()), ("duration_ms", pa.int64()), ("created_at", pa.string()), ("prompt", pa.string()),
             ("response_a", pa.string()), ("response_b", pa.string()), ("gold_choice", pa.string()),
+            ("ranking", pa.list_(pa.int64())), ("shown_order", pa.list_(pa.int64())),
+            ("responses", pa.list_(pa.struct([("text", pa.string()), ("source", pa.string())]))),
         ])
     messages = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
     text = messages if fmt == "trl-conversational" else pa.string()
@@ -379,10 +497,11 @@ def _parquet_schema(fmt: str, with_margin: bool):
     fields += [("chosen", text), ("rejected", text)]
     if with_margin:
         fields.append(("margin", pa.float64()))
-    fields.append(("metadata", pa.struct([
-        ("item_id", pa.int64()), ("external_id", pa.string()), ("n_annotations", pa.int64()),
-        ("agreement", pa.float64()), ("confidence", pa.float64()),
-    ])))
+    meta = [("item_id", pa.int64()), ("external_id", pa.string()), ("n_annotations", pa.int64()),
+            ("agreement", pa.float64()), ("confidence", pa.float64())]
+    if with_rankings:  # null on the pairs of two-response items
+        meta += [("chosen_response", pa.int64()), ("rejected_response", pa.int64()), ("n_responses", pa.int64())]
+    fields.append(("metadata", pa.struct(meta)))
     return pa.schema(fields)
 
 
@@ -426,11 +545,13 @@ def export(
     test_fraction: float = DEFAULT_TEST_FRACTION,
     margin_from: str = "none",
     parquet: bool | None = None,
+    ranking_pairs: str = "all",
 ) -> ExportReport:
     """Write the project's pairs (fmt trl, trl-conversational, hh) or annotations to `out_path`,
-    as Parquet when `parquet` is true or, when it is None, when the path ends in .parquet."""
+    as Parquet when `parquet` is true or, when it is None, when the path ends in .parquet.
+    Ranking items become pairs as `ranking_pairs` says (all or adjacent; see the module docstring)."""
     check_options(fmt, aggregation=aggregation, split=split, test_fraction=test_fraction, min_agreement=min_agreement,
-                  min_confidence=min_confidence, margin_from=margin_from)
+                  min_confidence=min_confidence, margin_from=margin_from, ranking_pairs=ranking_pairs)
     out_path = check_output(out_path)
     if parquet is None:
         parquet = out_path.suffix.lower() == ".parquet"
@@ -447,10 +568,11 @@ def export(
                 report.exported = _write_jsonl(tmp, map(_dumps, rows))
         else:
             pairs = _iter_pairs(conn, pid, report, aggregation=aggregation, min_agreement=min_agreement,
-                                min_confidence=min_confidence, split=split, test_fraction=test_fraction, margin_from=margin_from)
+                                min_confidence=min_confidence, split=split, test_fraction=test_fraction, margin_from=margin_from,
+                                ranking_pairs=ranking_pairs)
             if parquet:
                 rows = (_pair_row(fmt, p, with_margin) for p in pairs)
-                report.exported = _write_parquet(tmp, rows, _parquet_schema(fmt, with_margin))
+                report.exported = _write_parquet(tmp, rows, _parquet_schema(fmt, with_margin, _has_rankings(conn, pid)))
             else:
                 report.exported = _write_jsonl(tmp, (_pair_line(fmt, p, with_margin) for p in pairs))
         report.sha256 = _file_sha256(tmp)

@@ -17,6 +17,10 @@ The formats (names used by `--format` and in reports), the same in every contain
 
 - `pairs`: items to annotate, `{"prompt", "response_a", "response_b"[, "id", "metadata",
   "source_a", "source_b", "gold_choice"]}`; no label.
+- `responses`: items to annotate with 2 to 6 responses, `{"prompt", "responses"[, "id",
+  "metadata", "gold_choice"]}`, each response a string or `{"text"[, "source"]}`. Three or more
+  make a ranking item (annotators rank them); two make an ordinary pair, responses[0] as
+  response_a (so `gold_choice` is allowed with two only). Responses must differ from each other.
 - `trl`: TRL's standard preference format, `{"prompt", "chosen", "rejected"}` strings, or the
   implicit-prompt form `{"chosen", "rejected"}` whose prompt is the shared prefix (split as
   `trl.extract_prompt` does); optional `"margin"`, `"id"`, `"metadata"`.
@@ -49,7 +53,7 @@ from typing import Any, Iterator
 
 from annotation.errors import AnnotationError, InputError
 
-FORMATS = ("pairs", "trl", "trl-conversational", "hh", "ultrafeedback", "prompts")
+FORMATS = ("pairs", "responses", "trl", "trl-conversational", "hh", "ultrafeedback", "prompts")
 """Every import format, in the order help texts and the app list them; `auto` detects one per input."""
 LABELLED_FORMATS = ("trl", "trl-conversational", "hh", "ultrafeedback")
 CHAT_ROLES = ("system", "user", "assistant")
@@ -63,6 +67,7 @@ when written (json.dumps) or read back; json.loads itself gives up near 1,000 le
 
 _KNOWN = {
     "pairs": {"prompt", "response_a", "response_b", "id", "metadata", "source_a", "source_b", "gold_choice"},
+    "responses": {"prompt", "responses", "id", "metadata", "gold_choice"},
     "trl": {"prompt", "chosen", "rejected", "id", "metadata", "margin"},
     "trl-conversational": {"prompt", "chosen", "rejected", "id", "metadata", "margin"},
     "hh": {"chosen", "rejected", "id", "metadata", "margin"},
@@ -71,6 +76,9 @@ _KNOWN = {
     "prompts": {"prompt", "id", "metadata"},
 }
 _GOLD_CHOICES = ("a", "b", "tie", "both_bad")
+MIN_RESPONSES, MAX_RESPONSES = 2, 6
+"""How many responses a `responses` row may hold; 3 and more make a ranking item (annotation.store)."""
+MAX_SOURCE_CHARS = 200
 
 
 @dataclasses.dataclass
@@ -106,6 +114,8 @@ class Record:
     source_a: str | None = None
     source_b: str | None = None
     gold_choice: str | None = None
+    responses: list[dict] | None = None
+    """A ranking item's responses, [{"text", "source"}, ...] (3 to 6); first and second are then ""."""
 
 
 @dataclasses.dataclass
@@ -203,6 +213,15 @@ def item_hash(prompt: str | list[dict], response_1: str, response_2: str, prompt
         prompt_json = canonical_json(prompt)
     # Same text as canonical_json([prompt, lo, hi]), built from the parts.
     text = "[" + prompt_json + "," + _encode_str(lo) + "," + _encode_str(hi) + "]"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def responses_hash(prompt: str | list[dict], texts: list[str], prompt_json: str | None = None) -> str:
+    """Content hash of a ranking item: like item_hash (which it equals for two texts), over the
+    responses in sorted order, so the same responses imported in another order are the same item."""
+    if prompt_json is None:
+        prompt_json = canonical_json(prompt)
+    text = "[" + ",".join([prompt_json, *(_encode_str(t) for t in sorted(texts))]) + "]"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -452,6 +471,8 @@ def detect_format(obj: dict) -> str | None:
     """The format a single line's fields say it is in, or None when they fit none."""
     if "response_a" in obj or "response_b" in obj:
         return "pairs"
+    if "responses" in obj:
+        return "responses"
     if "chosen" in obj or "rejected" in obj:
         get = obj.get
         if type(get("chosen")) is list or type(get("rejected")) is list or type(get("prompt")) is list:
@@ -524,7 +545,8 @@ class LineParser:
     def _unknown(self, line: int, obj: dict):
         fields = ", ".join(sorted(obj)) or "none"
         self._error(line, None, f"not a known format (fields: {fields})",
-                    'pairs {"prompt","response_a","response_b"}, trl {"prompt"?,"chosen","rejected"}, '
+                    'pairs {"prompt","response_a","response_b"}, responses {"prompt","responses":[2 to 6]}, '
+                    'trl {"prompt"?,"chosen","rejected"}, '
                     'hh {"chosen","rejected"}, ultrafeedback {"prompt","chosen":[messages],"rejected":[messages]} '
                     'or prompts {"prompt"}')
 
@@ -590,13 +612,14 @@ class LineParser:
             margin = float(margin)
         return external_id, meta, margin
 
-    def _optional_text(self, line: int, obj: dict, field: str, limit: int = 200) -> str | None:
+    def _optional_text(self, line: int, obj: dict, field: str, limit: int = 200, name: str | None = None) -> str | None:
         value = obj.get(field)
         if value is None:
             return None
-        value = self._text(line, value, field)
+        name = name or field
+        value = self._text(line, value, name)
         if len(value) > limit:
-            self._error(line, field, f"{len(value)} characters", f"at most {limit}")
+            self._error(line, name, f"{len(value)} characters", f"at most {limit}")
         return value
 
     # ---- formats
@@ -611,6 +634,47 @@ class LineParser:
             self._error(line, "gold_choice", f"{gold!r}", " or ".join(_GOLD_CHOICES))
         return Record(line, prompt, a, b, False, external_id, meta, None,
                       self._optional_text(line, obj, "source_a"), self._optional_text(line, obj, "source_b"), gold)
+
+    def _responses(self, line: int | str, obj: dict) -> Record:
+        prompt = self._prompt(line, self._require(line, obj, "prompt"))
+        value = self._require(line, obj, "responses")
+        if not isinstance(value, list):
+            self._error(line, "responses", f"wrong type: {_type_name(value)}",
+                        f'a list of {MIN_RESPONSES} to {MAX_RESPONSES} responses (strings or {{"text", "source"}} objects)')
+        if not MIN_RESPONSES <= len(value) <= MAX_RESPONSES:
+            self._error(line, "responses", f"{len(value)} response(s)", f"{MIN_RESPONSES} to {MAX_RESPONSES} responses")
+        responses, first_seen = [], {}
+        for i, entry in enumerate(value):
+            where = f"responses[{i}]"
+            source = None
+            if isinstance(entry, dict):
+                unknown = sorted(set(entry) - {"text", "source"})
+                if unknown:
+                    self._error(line, where, f"unknown key(s) {', '.join(unknown)}", '{"text"} or {"text", "source"}')
+                if "text" not in entry:
+                    self._error(line, where + ".text", "missing", '{"text"} or {"text", "source"}')
+                text = self._text(line, entry["text"], where + ".text")
+                source = self._optional_text(line, entry, "source", MAX_SOURCE_CHARS, where + ".source")
+            elif isinstance(entry, str):
+                text = self._text(line, entry, where)
+            else:
+                self._error(line, where, f"wrong type: {_type_name(entry)}", 'a string or a {"text", "source"} object')
+            if text in first_seen:
+                self._error(line, where, f"the same text as responses[{first_seen[text]}]", "responses that differ from each other")
+            first_seen[text] = i
+            responses.append({"text": text, "source": source})
+        external_id, meta, _ = self._common(line, obj)
+        gold = obj.get("gold_choice")
+        if gold is not None:
+            if len(responses) != 2:
+                self._error(line, "gold_choice", f"given for {len(responses)} responses",
+                            "gold_choice only with exactly two responses (a ranking item has no gold choice)")
+            if gold not in _GOLD_CHOICES:
+                self._error(line, "gold_choice", f"{gold!r}", " or ".join(_GOLD_CHOICES))
+        if len(responses) == 2:
+            a, b = responses
+            return Record(line, prompt, a["text"], b["text"], False, external_id, meta, None, a["source"], b["source"], gold)
+        return Record(line, prompt, "", "", False, external_id, meta, responses=responses)
 
     def _trl(self, line: int, obj: dict) -> Record | Skip:
         chosen = self._text(line, self._require(line, obj, "chosen"), "chosen")

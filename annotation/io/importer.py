@@ -7,6 +7,7 @@ and any bad row rolls back everything written before it. Items are keyed by a co
 (unique per project): rows whose hash exists are looked up per batch and skipped, so importing
 the same data again adds nothing on SQLite and PostgreSQL alike, whatever container it came in.
 Labelled rows also get one annotation by a source annotator account that cannot log in.
+Rows of 3 to 6 `responses` become ranking items (`items.responses`, with "" as response_a/b).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from annotation.io.formats import (
     item_hash,
     prompt_hash,
     read_rows,
+    responses_hash,
 )
 from annotation.names import can_be_looked_up, check_username
 from annotation.store import Annotation, Item, Project, Prompt, User, utcnow
@@ -43,7 +45,7 @@ _users = User.__table__
 _projects = Project.__table__
 # Column order of the row tuples the importer builds (unlisted columns are NULL).
 _ITEM_COLUMNS = ("project_id", "external_id", "prompt", "response_a", "response_b", "source_a", "source_b",
-                 "metadata", "content_hash", "gold_choice", "created_at")
+                 "metadata", "content_hash", "gold_choice", "created_at", "responses")
 _ANNOTATION_COLUMNS = ("item_id", "annotator_id", "choice", "criteria", "shown_swapped", "created_at")
 _PROMPT_COLUMNS = ("project_id", "external_id", "prompt", "metadata", "content_hash", "created_at")
 
@@ -55,6 +57,8 @@ class ImportReport:
     lines: int = 0
     """Non-blank lines (JSONL) or rows (Parquet, datasets) read."""
     items_added: int = 0
+    ranking_items_added: int = 0
+    """Of items_added, those with 3 to 6 responses to rank."""
     prompts_added: int = 0
     annotations_added: int = 0
     duplicates: int = 0
@@ -200,7 +204,10 @@ class _Importer:
         by_hash: dict[str, tuple[Record, str, str, str | None, str]] = {}
         for rec in records:
             prompt_json = canonical_json(rec.prompt)
-            h = item_hash(rec.prompt, rec.first, rec.second, prompt_json)
+            if rec.responses is not None:
+                h = responses_hash(rec.prompt, [r["text"] for r in rec.responses], prompt_json)
+            else:
+                h = item_hash(rec.prompt, rec.first, rec.second, prompt_json)
             if h in by_hash:
                 self.report.duplicates += 1
                 continue
@@ -227,6 +234,7 @@ class _Importer:
             new_rows.append((
                 self.project_id, rec.external_id, self.json(rec.prompt, prompt_json), a, b, rec.source_a, rec.source_b,
                 self.json(meta) if meta else self.empty_json, h, rec.gold_choice, self.now_param,
+                None if rec.responses is None else self.json(rec.responses),  # SQL NULL for a pair
             ))
         ids = {h: v[0] for h, v in existing.items()}
         if new_rows:
@@ -237,6 +245,7 @@ class _Importer:
                 )
             ).all())
             self.report.items_added += len(new_rows)
+            self.report.ranking_items_added += sum(row[-1] is not None for row in new_rows)
         labelled = {h: v for h, v in by_hash.items() if v[3] is not None}
         if not labelled:
             return

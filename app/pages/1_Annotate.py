@@ -1,9 +1,21 @@
-"""Annotate: compare two responses to a prompt, keyboard first.
+"""Annotate: compare two responses to a prompt, or rank 3 to 6 of them, keyboard first.
 
 Keys (shown on the page): 1 left better, 2 right better, 3 tie, 4 both bad; Q/W/E strength;
 Enter submit; S skip; B broken; U unsafe; Z undo the last submission; G guidelines.
 Which response is on the left comes from the assignment (random per annotator and item) and is
 recorded with the annotation; the page maps left/right back to A/B before saving.
+
+A ranking item shows its responses numbered 1..n in the order its lease records (random per
+annotator and item). Keys: the response numbers from best to worst; T before a number ties that
+response with the previous one ("3 T 1 2 4": 3 and 1 share first place); Backspace takes back the
+last key; Enter submits once every response is placed (the rest as above; Z still undoes the last
+submission). The page turns the places into ranks in stored order (assign.ranks_from_groups).
+
+Order matters for a ranking as it does not for a choice: keys that reach the server within one
+rerun are merged by Streamlit and their callbacks run in the page's button order, not the order
+typed. So when two ranking keys arrive together neither is applied (a warning asks to press them
+again), and Enter arriving with a ranking key applies the key but does not submit: what is saved
+is always a ranking the annotator has seen.
 """
 
 from __future__ import annotations
@@ -29,6 +41,8 @@ CHOICE_KEYS = {  # shown choice -> (key, label, choice when shown unswapped, whe
 }
 STRENGTH_KEYS = {1: ("Q", "Slight"), 2: ("W", "Clear"), 3: ("E", "Strong")}
 CRITERION_OPTIONS = {"left": "Response 1", "right": "Response 2", "tie": "Tie", "both_bad": "Both bad"}
+TIE_KEY, BACK_KEY = "T", "Backspace"
+PLACES = ("1st", "2nd", "3rd", "4th", "5th", "6th")
 
 engine = get_engine()
 state = st.session_state
@@ -40,6 +54,37 @@ state = st.session_state
 def _reset_item_state() -> None:
     state["ann_choice"] = None
     state["ann_strength"] = None
+    state["ann_rank_keys"] = []  # a ranking item's keys so far: "1".."6" and TIE_KEY
+
+
+def _rank_groups(keys: list[str]) -> tuple[list[list[int]], bool]:
+    """The tied groups of shown positions (0-based) the keys placed, best first, and whether a tie
+    key waits for its response."""
+    groups: list[list[int]] = []
+    tie_next = False
+    for key in keys:
+        if key == TIE_KEY:
+            tie_next = True
+            continue
+        if tie_next and groups:
+            groups[-1].append(int(key) - 1)
+        else:
+            groups.append([int(key) - 1])
+        tie_next = False
+    return groups, tie_next
+
+
+def _keys_from_ranks(ranks, shown_order) -> list[str]:
+    keys: list[str] = []
+    for group in assign.groups_from_ranks(ranks, shown_order):
+        for i, position in enumerate(group):
+            keys += ([TIE_KEY] if i else []) + [str(position + 1)]
+    return keys
+
+
+def _ranking_text(groups: list[list[int]], tie_next: bool) -> str:
+    text = " > ".join(" = ".join(str(p + 1) for p in group) for group in groups)
+    return text + (" = …" if tie_next else "")
 
 
 def _drop_task() -> None:
@@ -89,12 +134,90 @@ def _set_strength(level: int) -> None:
         state["ann_strength"] = level
 
 
+RANK_BUTTONS = tuple(f"ann_rank_{p}" for p in range(1, 7)) + ("ann_rank_tie", "ann_rank_back")
+
+
+def _rank_keys_this_rerun() -> int:
+    # A button's state is True only in the rerun it was pressed, and callbacks run after every
+    # widget's new state is in: this counts the ranking keys merged into this rerun.
+    return sum(bool(state.get(key)) for key in RANK_BUTTONS)
+
+
+def _keys_came_together() -> bool:
+    if _rank_keys_this_rerun() <= 1:
+        return False
+    state["ann_flash"] = ("warning", "Keys arrived together, too fast to tell their order, and none was applied: "
+                                     "press them again, one at a time.")
+    return True
+
+
+def _rank_place(position: int) -> None:
+    """A response number pressed: place the response shown at `position` (0-based) next."""
+    task = state.get("ann_task")
+    if task is None or not task.is_ranking or position >= len(task.responses) or _keys_came_together():
+        return
+    keys = state.setdefault("ann_rank_keys", [])
+    groups, _ = _rank_groups(keys)
+    if any(position in group for group in groups):
+        state["ann_flash"] = ("warning", f"Response {position + 1} is placed already; {BACK_KEY} takes back the last key.")
+        return
+    keys.append(str(position + 1))
+
+
+def _rank_tie() -> None:
+    """The tie key: the next response pressed shares the previous one's place."""
+    task = state.get("ann_task")
+    if task is None or not task.is_ranking or _keys_came_together():
+        return
+    keys = state.setdefault("ann_rank_keys", [])
+    groups, tie_next = _rank_groups(keys)
+    if not groups:
+        state["ann_flash"] = ("warning", f"Place a response first; then {TIE_KEY} and a number put the next one beside it.")
+    elif sum(map(len, groups)) == len(task.responses):
+        state["ann_flash"] = ("warning", "Every response is placed; nothing is left to tie.")
+    elif not tie_next:
+        keys.append(TIE_KEY)
+
+
+def _rank_back() -> None:
+    keys = state.get("ann_rank_keys")
+    if keys and not _keys_came_together():
+        keys.pop()
+
+
+def _submit_ranking(task, acting) -> None:
+    if _rank_keys_this_rerun():
+        if "ann_flash" not in state:
+            state["ann_flash"] = ("info", "Enter arrived together with a ranking key: check the ranking, then press Enter again.")
+        return
+    groups, _ = _rank_groups(state.get("ann_rank_keys") or [])
+    placed = {p for group in groups for p in group}
+    missing = [str(p + 1) for p in range(len(task.responses)) if p not in placed]
+    if missing:
+        state["ann_flash"] = ("warning", f"Place every response first, best to worst; still to place: {', '.join(missing)}.")
+        return
+    rationale = (state.get(f"ann_rationale_{task.item_id}") or "").strip() or None
+    duration_ms = int((time.monotonic() - state.get("ann_started", time.monotonic())) * 1000)
+    try:
+        assign.submit_ranking(engine, acting.id, task.item_id, assign.ranks_from_groups(groups, task.shown_order),
+                              rationale=rationale, duration_ms=duration_ms)
+    except AnnotationError as exc:
+        state["ann_flash"] = ("error", f"Not saved: {exc}")
+        _drop_task()
+        return
+    state["ann_flash"] = ("success", f"Saved. Press Z within {UNDO_WINDOW_S} s to undo.")
+    _drop_task()
+
+
 def _submit(project) -> None:
     task = state.get("ann_task")
     if task is None:
         return
     acting = _acting_user()
     if acting is None:
+        return
+    if task.is_ranking:
+        _submit_ranking(task, acting)
         return
     shown = state.get("ann_choice")
     if shown is None:
@@ -238,8 +361,12 @@ if task is None:
         _reset_item_state()
         restore = state.pop("ann_restore", None)
         if restore is not None and restore.item_id == task.item_id:
-            state["ann_choice"] = next(s for s in CHOICE_KEYS if _to_ab(s, task.shown_swapped) == restore.choice)
-            state["ann_strength"] = restore.strength
+            if task.is_ranking:
+                if restore.ranking is not None:
+                    state["ann_rank_keys"] = _keys_from_ranks(restore.ranking, task.shown_order)
+            elif restore.choice is not None:
+                state["ann_choice"] = next(s for s in CHOICE_KEYS if _to_ab(s, task.shown_swapped) == restore.choice)
+                state["ann_strength"] = restore.strength
 
 flash = state.pop("ann_flash", None)
 if flash:
@@ -253,18 +380,68 @@ if task is None:
     st.stop()
 
 top = st.columns([3, 1])
-top[0].caption(
-    "Keys: **1** Response 1 better · **2** Response 2 better"
-    + (" · **3** tie" if "tie" in project.choices else "")
-    + (" · **4** both bad" if "both_bad" in project.choices else "")
-    + " · **Q/W/E** slight/clear/strong · **Enter** submit · **S** skip · **B** broken · **U** unsafe"
-    + " · **Z** undo · **G** guidelines"
-)
+if task.is_ranking:
+    top[0].caption(
+        f"Keys: **1–{len(task.responses)}** the responses from best to worst · **{TIE_KEY}** then a number: tie with the"
+        f" previous · **{BACK_KEY}** take back the last key · **Enter** submit · **S** skip · **B** broken · **U** unsafe"
+        " · **Z** undo the last submission · **G** guidelines"
+    )
+else:
+    top[0].caption(
+        "Keys: **1** Response 1 better · **2** Response 2 better"
+        + (" · **3** tie" if "tie" in project.choices else "")
+        + (" · **4** both bad" if "both_bad" in project.choices else "")
+        + " · **Q/W/E** slight/clear/strong · **Enter** submit · **S** skip · **B** broken · **U** unsafe"
+        + " · **Z** undo · **G** guidelines"
+    )
 if top[1].button("Guidelines", key="ann_guidelines", shortcut="G", icon=":material/menu_book:"):
     _guidelines(project.guidelines)
 
 st.subheader("Prompt")
 _render_prompt(task.prompt)
+
+
+def _render_ranking(task) -> None:
+    groups, tie_next = _rank_groups(state.get("ann_rank_keys") or [])
+    place_of = {p: PLACES[sum(len(g) for g in groups[:i])] for i, group in enumerate(groups) for p in group}
+    n = len(task.responses)
+    for row_start in range(0, n, 2):
+        cols = st.columns(2, gap="medium")
+        for col, position in zip(cols, range(row_start, min(row_start + 2, n))):
+            with col, st.container(border=True, key=f"ann_resp_{position + 1}"):
+                place = place_of.get(position)
+                st.markdown(f"**Response {position + 1}**" + (f" · placed {place}" if place else ""))
+                _render_text(task.responses[position])
+    st.markdown("**Rank the responses: press their numbers from best to worst**")
+    key_cols = st.columns(n + 2)
+    for position in range(n):
+        key_cols[position].button(
+            f"Response {position + 1}", key=f"ann_rank_{position + 1}", shortcut=str(position + 1), on_click=_rank_place,
+            args=(position,), width="stretch", type="primary" if position in place_of else "secondary",
+        )
+    key_cols[n].button("Tie with previous", key="ann_rank_tie", shortcut=TIE_KEY, on_click=_rank_tie, width="stretch")
+    key_cols[n + 1].button("Take back", key="ann_rank_back", shortcut=BACK_KEY, on_click=_rank_back, width="stretch")
+    st.text_area("Rationale (optional; also sent as the note when you flag an item)",
+                 key=f"ann_rationale_{task.item_id}", height=80)
+    missing = [str(p + 1) for p in range(n) if p not in place_of]
+    if groups:
+        st.markdown(f"Your ranking: **{_ranking_text(groups, tie_next)}**"
+                    + (f" · still to place: {', '.join(missing)}" if missing else " · complete: Enter submits"))
+
+
+def _render_actions() -> None:
+    actions = st.columns(5)
+    actions[0].button("Submit", key="ann_submit", shortcut="Enter", type="primary", on_click=_submit, args=(project,), width="stretch")
+    actions[1].button("Skip", key="ann_skip", shortcut="S", on_click=_skip, width="stretch")
+    actions[2].button("Flag broken", key="ann_flag_broken", shortcut="B", on_click=_flag, args=("broken",), width="stretch")
+    actions[3].button("Flag unsafe", key="ann_flag_unsafe", shortcut="U", on_click=_flag, args=("unsafe",), width="stretch")
+    actions[4].button("Undo last", key="ann_undo", shortcut="Z", on_click=_undo, args=(project.id,), width="stretch")
+
+
+if task.is_ranking:
+    _render_ranking(task)
+    _render_actions()
+    st.stop()
 
 left, right = st.columns(2, gap="medium")
 with left:
@@ -308,9 +485,4 @@ if chosen:
     strength = state.get("ann_strength")
     st.markdown(f"Your choice: **{CHOICE_KEYS[chosen][1]}**" + (f", {STRENGTH_KEYS[strength][1].lower()}" if strength else ""))
 
-actions = st.columns(5)
-actions[0].button("Submit", key="ann_submit", shortcut="Enter", type="primary", on_click=_submit, args=(project,), width="stretch")
-actions[1].button("Skip", key="ann_skip", shortcut="S", on_click=_skip, width="stretch")
-actions[2].button("Flag broken", key="ann_flag_broken", shortcut="B", on_click=_flag, args=("broken",), width="stretch")
-actions[3].button("Flag unsafe", key="ann_flag_unsafe", shortcut="U", on_click=_flag, args=("unsafe",), width="stretch")
-actions[4].button("Undo last", key="ann_undo", shortcut="Z", on_click=_undo, args=(project.id,), width="stretch")
+_render_actions()
