@@ -788,3 +788,12 @@ def test_the_live_job_panel_checks_the_user_on_every_rerun(store):
     at.button(key="panel_cancel").click().run()
     assert [e.value for e in at.error] == [REFUSED_MESSAGE] and not at.button
     assert get_job(store, job_id)["status"] == "queued"  # the click did not cancel it
+
+
+def test_users_table_says_a_deactivated_user_cannot_log_in(store):
+    _set_user(store, "ann2", active=False)
+    at = open_page("users", store, "admin")
+    table = at.dataframe[0].value.set_index("username")
+    assert not table.loc["ann2", "can_log_in"] and table.loc["ann1", "can_log_in"]
+    assert table.loc["ann2", "has_password"]  # still manageable: the Manage tab offers it for reactivation
+    assert "ann2" in at.selectbox(key="users_target").options

@@ -284,6 +284,19 @@ def _scenario(app_url, app_db, browser, tmp_path):
     expect(page.get_by_test_id("stDataFrame")).to_be_visible()
     settle(page)
     page.screenshot(path=str(ARTIFACTS / "08_users.png"))
+    # No Deploy button or developer menu for anyone (client.toolbarMode minimal).
+    assert page.get_by_role("button", name="Deploy").count() == 0
+    # After an action the page stays on the tab it was done in (it used to jump back to "Create user").
+    page.get_by_role("tab", name="Manage a user").click()
+    settle(page)
+    page.get_by_role("combobox", name="User").click()
+    page.get_by_role("option", name="res").click()
+    settle(page)
+    for action, done in (("Deactivate", "'res' deactivated."), ("Reactivate", "'res' reactivated.")):
+        page.get_by_role("button", name=action).click()
+        expect(page.get_by_text(done)).to_be_visible()
+        settle(page)
+        expect(page.get_by_role("tab", name="Manage a user")).to_have_attribute("aria-selected", "true")
     page.context.close()
 
 
