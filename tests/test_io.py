@@ -529,3 +529,33 @@ def test_dawid_skene_aggregation_is_passed_through_with_gold_items(engine, tmp_p
     assert rows[ids[2]]["metadata"]["agreement"] == pytest.approx(1 / 3)  # agreement is about the votes, not the method
     with pytest.raises(AnnotationError, match="unknown aggregation"):
         export(engine, "v", "trl", tmp_path / "x.jsonl", aggregation="mean")
+
+
+def test_an_import_reads_and_checks_its_rows_without_holding_the_write_lock(sqlite_engine, tmp_path, monkeypatch):
+    """A large import must not stall every annotator: the rows are parsed and checked before the
+    transaction opens, so another writer (an annotator's submit) gets SQLite's write lock meanwhile."""
+    import sqlite3
+
+    from annotation.io import formats
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "response_a": "a", "response_b": "b"}) + "\n" for i in range(5)))
+    db = str(sqlite_engine.url.database)
+    probes = []
+    real_parse = formats.LineParser.parse
+
+    def parse(self, line, obj):
+        other = sqlite3.connect(db, isolation_level=None, timeout=0)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # what an annotator's submit does first
+            other.execute("ROLLBACK")
+            probes.append("free")
+        except sqlite3.OperationalError:
+            probes.append("locked")
+        finally:
+            other.close()
+        return real_parse(self, line, obj)
+
+    monkeypatch.setattr(formats.LineParser, "parse", parse)
+    report = import_file(sqlite_engine, path, "p", format="pairs")
+    assert report.items_added == 5 and probes == ["free"] * 5

@@ -1,9 +1,10 @@
 """Importing preference data into a project: streamed, validated, all-or-nothing, idempotent.
 
 The input is a JSONL file, a Parquet file or a `datasets` save_to_disk directory (see
-annotation.io.formats). It is read row by row (Arrow data one record batch at a time) and written
-in batches inside ONE database transaction, so memory stays bounded however long the input is,
-and any bad row rolls back everything written before it. Items are keyed by a content hash
+annotation.io.formats). It is read and checked row by row (Arrow data one record batch at a time)
+outside any transaction, the parsed batches spooled to a temporary file, then written inside ONE
+database transaction: memory stays bounded however long the input is, a bad row writes nothing,
+and SQLite's write lock is held only while writing. Items are keyed by a content hash
 (unique per project): rows whose hash exists are looked up per batch and skipped, so importing
 the same data again adds nothing on SQLite and PostgreSQL alike, whatever container it came in.
 Labelled rows also get one annotation by a source annotator account that cannot log in.
@@ -13,6 +14,8 @@ Rows of 3 to 6 `responses` become ranking items (`items.responses`, with "" as r
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import tempfile
 from pathlib import Path
 
 from sqlalchemy import Table, insert, select
@@ -119,22 +122,31 @@ def import_file(
 
 
 def _import(engine, rows: Rows, parser, report, project, source_annotator, created_by) -> None:
-    with engine.begin() as conn:
-        job = _Importer(conn, parser, report, project, source_annotator, created_by)
-        batch: list = []
+    # Pass 1, outside any transaction: read and check every row, spooling the parsed batches to a
+    # temporary file (memory stays bounded). A bad row raises here, before anything is locked.
+    with tempfile.TemporaryFile() as spool:
+        batches, batch = 0, []
         for line, obj in rows:
             report.lines += 1
             batch.append(parser.parse(line, obj))
             if len(batch) >= BATCH_LINES:
-                job.write(batch)
-                batch = []
+                pickle.dump(batch, spool, protocol=pickle.HIGHEST_PROTOCOL)
+                batches, batch = batches + 1, []
         if report.lines == 0:
             if rows.container == "jsonl":
                 raise InputError(rows.path, None, None, "no JSON lines in the file", "one JSON object per line")
             where = f"split {', '.join(rows.splits)}" if rows.splits else rows.container
             raise InputError(rows.path, None, None, f"no rows in the {where} data", "at least one row")
-        job.write(batch)
-        report.format = parser.format
+        pickle.dump(batch, spool, protocol=pickle.HIGHEST_PROTOCOL)
+        batches += 1
+        spool.seek(0)
+        # Pass 2: ONE transaction that only writes. On SQLite it holds the single write lock, so
+        # annotators' submits wait for the writing alone, not for reading and checking the file.
+        with engine.begin() as conn:
+            job = _Importer(conn, parser, report, project, source_annotator, created_by)
+            for _ in range(batches):
+                job.write(pickle.load(spool))  # our own spool, written above: nothing foreign is unpickled
+    report.format = parser.format
 
 
 class _Importer:
