@@ -170,6 +170,7 @@ def test_callbacks_check_the_user_inside_the_action(store):
 
     at = open_page("annotate", store, "ann1")
     at.button(key="ann_choice_left").click().run()
+    at.button(key="ann_strength_2").click().run()
     at.button(key="ann_submit").click().run()
     assert annotations() == 1
     _set_user(store, "ann1", active=False)
@@ -425,6 +426,7 @@ def test_skip_flag_and_undo(store):
     last = current_task(at)
     assert last.item_id not in (skipped, flagged)
     at.button(key=f"ann_choice_{good_side(last)}").click().run()
+    at.button(key="ann_strength_1").click().run()
     at.button(key="ann_submit").click().run()
     assert "No items left for you" in all_text(at)
     at.button(key="ann_undo").click().run()
@@ -462,6 +464,7 @@ def test_annotators_never_see_other_annotators_labels(store):
     task = current_task(first)
     first.text_area(key=f"ann_rationale_{task.item_id}").input("SECRET-RATIONALE-ann1").run()
     first.button(key=f"ann_choice_{good_side(task)}").click().run()
+    first.button(key="ann_strength_2").click().run()
     first.button(key="ann_submit").click().run()
     second = open_page("annotate", store, "ann2")
     assert current_task(second).item_id == task.item_id  # items closest to completion go first
@@ -797,3 +800,19 @@ def test_users_table_says_a_deactivated_user_cannot_log_in(store):
     assert not table.loc["ann2", "can_log_in"] and table.loc["ann1", "can_log_in"]
     assert table.loc["ann2", "has_password"]  # still manageable: the Manage tab offers it for reactivation
     assert "ann2" in at.selectbox(key="users_target").options
+
+
+def test_enter_right_after_the_choice_without_a_strength_is_refused_once(store):
+    """Keys typed faster than the page redraws can reach the server in one rerun and a strength key
+    among them can be lost: a submit within FAST_SUBMIT_S of the choice with no strength is refused
+    with a message, and a second Enter saves it without one."""
+    at = open_page("annotate", store, "ann1")
+    at.button(key="ann_choice_left").click()
+    at.button(key="ann_submit").click().run()  # both in one rerun, as a fast typist's keys arrive
+    assert any("Not saved yet" in w.value for w in at.warning)
+    with session_factory(store)() as session:
+        assert session.scalars(select(Annotation)).all() == []
+    at.button(key="ann_submit").click().run()
+    with session_factory(store)() as session:
+        saved = session.scalars(select(Annotation)).one()
+    assert saved.strength is None and saved.choice in ("a", "b")

@@ -33,6 +33,8 @@ from annotation.browse import chat_turns, list_projects  # noqa: E402
 from annotation.errors import AnnotationError  # noqa: E402
 
 UNDO_WINDOW_S = 30
+FAST_SUBMIT_S = 0.3
+"""A submit this soon after the choice, with no strength, is refused once (see _submit)."""
 CHOICE_KEYS = {  # shown choice -> (key, label, choice when shown unswapped, when swapped)
     "left": ("1", "Response 1 better", "a", "b"),
     "right": ("2", "Response 2 better", "b", "a"),
@@ -54,6 +56,7 @@ state = st.session_state
 def _reset_item_state() -> None:
     state["ann_choice"] = None
     state["ann_strength"] = None
+    state.pop("ann_fast_confirmed", None)
     state["ann_rank_keys"] = []  # a ranking item's keys so far: "1".."6" and TIE_KEY
 
 
@@ -123,6 +126,8 @@ def _acting_user():
 
 def _choose(shown: str) -> None:
     state["ann_choice"] = shown
+    state["ann_choice_at"] = time.monotonic()
+    state.pop("ann_fast_confirmed", None)
     if shown in ("tie", "both_bad"):
         state["ann_strength"] = None
 
@@ -223,6 +228,14 @@ def _submit(project) -> None:
     if shown is None:
         state["ann_flash"] = ("warning", "Pick a choice first: 1, 2" + (", 3" if "tie" in project.choices else "")
                               + (", 4" if "both_bad" in project.choices else "") + ".")
+        return
+    if (shown in ("left", "right") and state.get("ann_strength") is None and not state.get("ann_fast_confirmed")
+            and time.monotonic() - state.get("ann_choice_at", 0.0) < FAST_SUBMIT_S):
+        # Keys typed faster than the page redraws can reach the server in one rerun, and a strength
+        # key among them may have been lost on the way: refuse, say so, and let Enter again confirm.
+        state["ann_fast_confirmed"] = True
+        state["ann_flash"] = ("warning", "Not saved yet: Enter came right after the choice, with no strength. "
+                              "Press Q/W/E for a strength, or Enter again to save without one.")
         return
     criteria = {}
     for name in project.criteria:
