@@ -37,16 +37,10 @@ MaxPromptLengthOpt = typer.Option(256, "--max-prompt-length", help="Prompt token
 
 
 def _reward_model_path(value: str, option: str = "--reward-model") -> str:
-    if Path(value).is_dir():
-        return value
-    from annotation.registry import get_model
-    from annotation.store import transaction
+    """ppo.usecases.reward_model_path, opening the store only for a registered id or name."""
+    from ppo.usecases import reward_model_path
 
-    with transaction(engine()) as session:
-        row = get_model(session, value)
-        if row.kind != "reward":
-            raise PPOError(f"{option} {value}: registered model {row.id} is a {row.kind} model, not a reward model")
-        return row.path
+    return value if Path(value).is_dir() else reward_model_path(engine(), value, option)
 
 
 def _prompts(prompts: Optional[str], prompts_project: Optional[str], n: Optional[int]) -> list:

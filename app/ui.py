@@ -62,8 +62,8 @@ def current_user() -> User | None:
     A browser that reloads, or opens a bookmark, starts a new Streamlit session: it is logged in
     again from its session cookie (annotation.sessions), checked on the server."""
     state = st.session_state
-    if state.get("user_id") is None and not _resume_from_cookie():
-        return None
+    if state.get("user_id") is None:
+        return _resume_from_cookie()  # checked there on the server: unexpired, unrevoked, still valid
     expires = state.get("login_expires")
     if expires is None or utcnow() > expires:
         state.pop("user_id", None)
@@ -87,14 +87,14 @@ def current_user() -> User | None:
     return user
 
 
-def _resume_from_cookie() -> bool:
+def _resume_from_cookie() -> User | None:
     token = st.context.cookies.get(SESSION_COOKIE)
     found = session_user(get_engine(), token) if isinstance(token, str) and token else None
     if found is None:
-        return False
+        return None
     user, expires = found
     st.session_state.update(user_id=user.id, login_stamp=login_stamp(user), login_expires=expires, session_token=token)
-    return True
+    return user
 
 
 def log_in(user: User) -> None:

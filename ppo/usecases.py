@@ -32,13 +32,10 @@ def _check_name(name: str | None) -> str | None:
 
 
 def project_id_of(engine, project: str | None) -> int | None:
-    if not project:
-        return None
-    from annotation.projects import get_project
-    from annotation.store import reading
+    """The project's id (None for no project): reward.data's lookup, for the policy side too."""
+    from reward.data import project_id_of as lookup
 
-    with reading(engine) as session:
-        return get_project(session, project).id
+    return lookup(engine, project or None)
 
 
 def registered_policy_id(engine, path: str) -> int | None:

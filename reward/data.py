@@ -117,9 +117,9 @@ def project_id_of(engine, project: str | None) -> int | None:
     if project is None:
         return None
     from annotation.projects import get_project
-    from annotation.store import transaction
+    from annotation.store import reading
 
-    with transaction(engine) as session:
+    with reading(engine) as session:
         return get_project(session, project).id
 
 
