@@ -65,6 +65,7 @@ from annotation.store import (
     Assignment,
     Item,
     ItemFlag,
+    ItemScore,
     Project,
     User,
     reading,
@@ -102,6 +103,12 @@ class Task:
     is_gold: bool
     responses: tuple[str, ...] = ()
     shown_order: tuple[int, ...] | None = None
+    suggestion: str | None = None
+    """The reward model's suggestion, shown only in projects that turned suggestions on: "a" or "b"
+    (A/B terms, like a choice) for a pair, or for a ranking the stored index (as a string) of the
+    response the model ranks first. Recorded with the annotation."""
+    suggestion_confidence: float | None = None
+    """For a pair, the model's P(its suggestion is preferred); None for a ranking."""
 
     @property
     def is_ranking(self) -> bool:
@@ -112,11 +119,13 @@ class Task:
 # Built once: SQLAlchemy then reuses their compiled form, and each request pays only for execution.
 
 _items, _annotations, _assignments, _flags = Item.__table__, Annotation.__table__, Assignment.__table__, ItemFlag.__table__
+_scores = ItemScore.__table__
 _projects, _users = Project.__table__, User.__table__
 _ITEM = (_items.c.id, _items.c.project_id, _items.c.prompt, _items.c.response_a, _items.c.response_b, _items.c.gold_choice,
          _items.c.annotation_count, _items.c.responses)
 _PROJECT_COLUMNS = (
-    _projects.c.name, _projects.c.overlap, _projects.c.choices, _projects.c.criteria, _projects.c.gold_rate, _projects.c.lease_seconds
+    _projects.c.name, _projects.c.overlap, _projects.c.choices, _projects.c.criteria, _projects.c.gold_rate, _projects.c.lease_seconds,
+    _projects.c.suggestions,
 )
 _PROJECT = select(_projects.c.id, *_PROJECT_COLUMNS).where(_projects.c.id == bindparam("project"))
 _USER = select(_users.c.username, _users.c.active).where(_users.c.id == bindparam("annotator"))
@@ -145,7 +154,7 @@ _SUBMIT_LOCK = (
 )
 # All of the annotator's leases in the project, live ones first, newest first.
 _MY_LEASES = (
-    select(*_ITEM, _assignments.c.shown_swapped, _assignments.c.shown_order, _assignments.c.leased_until)
+    select(*_ITEM, _assignments.c.shown_swapped, _assignments.c.shown_order, _assignments.c.suggestion, _assignments.c.leased_until)
     .join(_items, _items.c.id == _assignments.c.item_id)
     .where(_assignments.c.annotator_id == bindparam("annotator"), _items.c.project_id == bindparam("project"))
     .order_by((_assignments.c.leased_until > bindparam("now")).desc(), _assignments.c.created_at.desc(), _assignments.c.item_id)
@@ -170,14 +179,16 @@ _LIVE_ON_ITEM = (
     .scalar_subquery()
 )
 # One completion level of the queue: an ordered range scan of ix_items_queue (project_id,
-# annotation_count, id) that stops at the first item this annotator may take, locking it. On
+# annotation_count, queue_key, id) that stops at the first item this annotator may take, locking
+# it. queue_key is 0 everywhere in a project with random selection (so: lowest id first) and the
+# reward model's order in one with uncertainty selection (annotation.selection writes it). On
 # PostgreSQL, SKIP LOCKED passes over items that other annotators' transactions hold right now
 # instead of queueing behind them (the job-queue pattern); SQLite ignores the clause.
 _REGULAR_AT_LEVEL = (
     select(*_ITEM)
     .where(_items.c.project_id == bindparam("project"), _items.c.annotation_count == bindparam("level"), _items.c.gold_choice.is_(None))
     .where(_UNSEEN, _LIVE_ON_ITEM < bindparam("room"))
-    .order_by(_items.c.id)
+    .order_by(_items.c.queue_key, _items.c.id)
     .limit(1)
     .with_for_update(skip_locked=True, of=_items)
 )
@@ -200,14 +211,17 @@ _LIVE_OTHERS = (
 )
 _DROP_LEASE = delete(_assignments).where(_assignments.c.item_id == bindparam("item"), _assignments.c.annotator_id == bindparam("annotator"))
 # Submit takes the lease and learns what it was in one round trip; a refusal rolls the delete back.
-_TAKE_LEASE = _DROP_LEASE.returning(_assignments.c.leased_until, _assignments.c.shown_swapped, _assignments.c.shown_order)
+_TAKE_LEASE = _DROP_LEASE.returning(_assignments.c.leased_until, _assignments.c.shown_swapped, _assignments.c.shown_order,
+                                     _assignments.c.suggestion)
+_SCORE = select(_scores.c.p_a, _scores.c.top).where(_scores.c.item_id == bindparam("item"))
 _ADD_LEASE = insert(_assignments)
 _ADD_ANNOTATION = insert(_annotations)
 _FLAG = select(_flags.c.id).where(_flags.c.item_id == bindparam("item"), _flags.c.annotator_id == bindparam("annotator"), _flags.c.kind == bindparam("kind"))
 _ADD_FLAG = insert(_flags)
 _LAST_ANNOTATION = (
     select(_annotations.c.id, _annotations.c.item_id, _annotations.c.shown_swapped, _annotations.c.created_at,
-           _annotations.c.choice, _annotations.c.strength, _annotations.c.ranking, _annotations.c.shown_order)
+           _annotations.c.choice, _annotations.c.strength, _annotations.c.ranking, _annotations.c.shown_order,
+           _annotations.c.suggestion)
     .select_from(_annotations.join(_items, _items.c.id == _annotations.c.item_id))
     .where(_annotations.c.annotator_id == bindparam("annotator"), _items.c.project_id == bindparam("project"))
     .order_by(_annotations.c.created_at.desc(), _annotations.c.id.desc())
@@ -374,18 +388,39 @@ def _order_shown(recorded, annotator_id: int, item_id: int, n: int) -> tuple[int
     return shown_order_for(annotator_id, item_id, n)
 
 
-def _task(item: Row, annotator_id: int, shown_swapped: bool, leased_until: dt.datetime, shown_order=None) -> Task:
+def _task(item: Row, annotator_id: int, shown_swapped: bool, leased_until: dt.datetime, shown_order=None,
+          suggestion: tuple[str | None, float | None] = (None, None)) -> Task:
+    hint, confidence = suggestion
     if item.responses is not None:
         order = _order_shown(shown_order, annotator_id, item.id, len(item.responses))
         return Task(
             item_id=item.id, prompt=item.prompt, left_text="", right_text="", shown_swapped=False, leased_until=leased_until,
             is_gold=item.gold_choice is not None, responses=tuple(item.responses[i]["text"] for i in order), shown_order=order,
+            suggestion=hint,
         )
     left, right = (item.response_b, item.response_a) if shown_swapped else (item.response_a, item.response_b)
     return Task(
         item_id=item.id, prompt=item.prompt, left_text=left, right_text=right, shown_swapped=bool(shown_swapped),
-        leased_until=leased_until, is_gold=item.gold_choice is not None,
+        leased_until=leased_until, is_gold=item.gold_choice is not None, suggestion=hint, suggestion_confidence=confidence,
     )
+
+
+def _suggestion(conn: Connection, item: Row, recorded: str | None = None, new: bool = True) -> tuple[str | None, float | None]:
+    """The model's suggestion for `item` and, for a pair, its confidence: from item_scores (written
+    by the scoring job; no model runs here). A resumed lease (`new` False) shows what it recorded
+    and nothing when it recorded none, so the annotation says exactly what was shown."""
+    if not new and recorded is None:
+        return None, None
+    row = conn.execute(_SCORE, {"item": item.id}).first()
+    if row is None:
+        return (recorded, None) if recorded is not None else (None, None)
+    if item.responses is not None:
+        hint = str(row.top) if row.top is not None and 0 <= row.top < len(item.responses) else None
+        return (recorded if recorded is not None else hint), None
+    if row.p_a is None:
+        return (recorded, None) if recorded is not None else (None, None)
+    hint = recorded if recorded is not None else ("a" if row.p_a >= 0.5 else "b")
+    return hint, float(row.p_a if hint == "a" else 1.0 - row.p_a)
 
 
 def _shown_for(annotator_id: int, item: Row) -> tuple[bool, list[int] | None]:
@@ -416,7 +451,9 @@ def _next_item(conn: Connection, project_id: int, annotator_id: int, now: dt.dat
 
     leases = conn.execute(_MY_LEASES, me).all()
     if leases and leases[0].leased_until > now:
-        return _task(leases[0], annotator_id, leases[0].shown_swapped, leases[0].leased_until, leases[0].shown_order)
+        lease = leases[0]
+        return _task(lease, annotator_id, lease.shown_swapped, lease.leased_until, lease.shown_order,
+                     _suggestion(conn, lease, lease.suggestion, new=False))
     if leases:
         # The annotator moved on: leases they let expire here go back to the pool for good.
         conn.execute(_DROP_EXPIRED, me)
@@ -430,9 +467,10 @@ def _next_item(conn: Connection, project_id: int, annotator_id: int, now: dt.dat
         return None
     swapped, order = _shown_for(annotator_id, item)
     until = now + dt.timedelta(seconds=project.lease_seconds)
+    suggestion = _suggestion(conn, item) if project.suggestions else (None, None)
     conn.execute(_ADD_LEASE, {"item_id": item.id, "annotator_id": annotator_id, "leased_until": until, "shown_swapped": swapped,
-                              "shown_order": order, "created_at": now})
-    return _task(item, annotator_id, swapped, until, order)
+                              "shown_order": order, "suggestion": suggestion[0], "created_at": now})
+    return _task(item, annotator_id, swapped, until, order, suggestion)
 
 
 RECHECKS_PER_LEVEL = 4
@@ -440,7 +478,8 @@ RECHECKS_PER_LEVEL = 4
 
 
 def _next_regular(conn: Connection, project: Row, me: dict) -> Row | None:
-    """The non-gold item this annotator should take, locked: closest to completion first, then lowest id.
+    """The non-gold item this annotator should take, locked: closest to completion first, then by
+    queue_key (the reward model's order under uncertainty selection, 0 otherwise), then lowest id.
 
     One short query per completion level, highest first, so the common case (an item in progress is
     free) runs one."""
@@ -531,7 +570,7 @@ def submit(
             {
                 "item_id": item_id, "annotator_id": annotator_id, "choice": choice, "strength": strength,
                 "criteria": clean_criteria, "rationale": clean_rationale, "shown_swapped": bool(lease.shown_swapped),
-                "duration_ms": duration_ms, "created_at": now,
+                "duration_ms": duration_ms, "suggestion": lease.suggestion, "created_at": now,
             },
         )
         return result.inserted_primary_key[0]
@@ -567,7 +606,7 @@ def submit_ranking(
             {
                 "item_id": item_id, "annotator_id": annotator_id, "choice": None, "strength": None, "criteria": {},
                 "rationale": clean_rationale, "shown_swapped": False, "ranking": clean_ranks, "shown_order": list(order),
-                "duration_ms": duration_ms, "created_at": now,
+                "duration_ms": duration_ms, "suggestion": lease.suggestion, "created_at": now,
             },
         )
         return result.inserted_primary_key[0]
@@ -691,8 +730,8 @@ def undo_last(engine: Engine, annotator_id: int, project_id: int, *, window_seco
             _ADD_LEASE,
             {
                 "item_id": last.item_id, "annotator_id": annotator_id, "shown_swapped": bool(last.shown_swapped),
-                "shown_order": last.shown_order, "leased_until": now + dt.timedelta(seconds=project.lease_seconds),
-                "created_at": now,
+                "shown_order": last.shown_order, "suggestion": last.suggestion,
+                "leased_until": now + dt.timedelta(seconds=project.lease_seconds), "created_at": now,
             },
         )
         ranking = tuple(last.ranking) if last.ranking is not None else None

@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 
 from annotation.errors import AnnotationError
 from annotation.names import can_be_looked_up, check_project_name
+from annotation.selection import DEFAULT_RANDOM_SHARE, check_selection, reset_queue
 from annotation.store import CHOICES, Item, Project, Prompt, reading, transaction
 
 
@@ -32,16 +33,21 @@ def create_project(
     criteria: list[str] | None = None,
     gold_rate: float = 0.0,
     lease_seconds: int = 600,
+    selection: str = "random",
+    random_share: float = DEFAULT_RANDOM_SHARE,
+    suggestions: bool = False,
     created_by: int | None = None,
 ) -> Project:
     name = check_project_name(name)
     choices = list(choices) if choices is not None else list(CHOICES)
     validate_settings(overlap, choices, gold_rate, lease_seconds)
+    check_selection(selection, random_share)
     if session.scalar(select(Project).where(Project.name == name)) is not None:
         raise AnnotationError(f"project '{name}' already exists")
     project = Project(
         name=name, overlap=overlap, guidelines=guidelines, choices=choices, criteria=list(criteria or []),
-        gold_rate=gold_rate, lease_seconds=lease_seconds, created_by=created_by,
+        gold_rate=gold_rate, lease_seconds=lease_seconds, selection=selection, random_share=float(random_share),
+        suggestions=bool(suggestions), created_by=created_by,
     )
     session.add(project)
     session.flush()
@@ -86,7 +92,8 @@ def completion(session: Session, project: Project) -> dict:
 
 
 def project_summaries(session: Session) -> list[dict]:
-    return [{"name": p.name, "overlap": p.overlap, **completion(session, p)} for p in session.scalars(select(Project).order_by(Project.name))]
+    return [{"name": p.name, "overlap": p.overlap, "selection": p.selection, **completion(session, p)}
+            for p in session.scalars(select(Project).order_by(Project.name))]
 
 
 def update_project(
@@ -99,8 +106,13 @@ def update_project(
     criteria: list[str] | None = None,
     gold_rate: float | None = None,
     lease_seconds: int | None = None,
+    selection: str | None = None,
+    random_share: float | None = None,
+    suggestions: bool | None = None,
 ) -> Project:
-    """Change a project's settings (None keeps a value); validated like create_project."""
+    """Change a project's settings (None keeps a value); validated like create_project. Turning
+    selection to random puts the queue back in its plain order at once (annotation.selection);
+    turning it to uncertainty takes effect when the project is next scored (a job)."""
     new = {
         "overlap": project.overlap if overlap is None else overlap,
         "choices": list(project.choices) if choices is None else list(choices),
@@ -108,8 +120,16 @@ def update_project(
         "lease_seconds": project.lease_seconds if lease_seconds is None else lease_seconds,
     }
     validate_settings(**new)
+    new_selection = project.selection if selection is None else selection
+    new_share = project.random_share if random_share is None else float(random_share)
+    check_selection(new_selection, new_share)
     for key, value in new.items():
         setattr(project, key, value)
+    if new_selection == "random" and project.selection != "random":
+        reset_queue(session, project.id)
+    project.selection, project.random_share = new_selection, new_share
+    if suggestions is not None:
+        project.suggestions = bool(suggestions)
     if guidelines is not None:
         project.guidelines = guidelines
     if criteria is not None:

@@ -116,11 +116,14 @@ def model_rows(engine, project_id: int | None = None, kind: str = "reward", metr
         } for m in rows]
 
 
-def activate(engine, model_id: int) -> None:
-    from annotation.store import transaction
+def activate(engine, model_id: int) -> str | None:
+    """Mark a reward model active in its own transaction; the name of its project (None if it has none)."""
+    from annotation.store import Project, transaction
 
     with transaction(engine) as session:
-        set_active(session, model_id)
+        row = set_active(session, model_id)
+        project = session.get(Project, row.project_id) if row.project_id is not None else None
+        return project.name if project is not None else None
 
 
 def run_files(path: str) -> dict:

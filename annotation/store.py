@@ -27,6 +27,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    false,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
@@ -40,7 +41,7 @@ MIN_RANKED_RESPONSES, MAX_RANKED_RESPONSES = 3, 6
 """A ranking item holds this many responses; two responses are a pair (response_a, response_b)."""
 STRENGTHS = {1: "slight", 2: "clear", 3: "strong"}
 FLAG_KINDS = ("skip", "broken", "unsafe")
-JOB_KINDS = ("train_rm", "eval_rm", "sft", "ppo", "dpo", "grpo", "rloo", "generate", "export")
+JOB_KINDS = ("train_rm", "eval_rm", "sft", "ppo", "dpo", "grpo", "rloo", "generate", "export", "score_queue")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 MODEL_KINDS = ("reward", "policy")
 
@@ -75,6 +76,10 @@ class Project(Base):
     criteria: Mapped[list] = mapped_column(JSON, nullable=False, default=list)
     gold_rate: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
     lease_seconds: Mapped[int] = mapped_column(Integer, nullable=False, default=600)
+    # Migration 0005: which item goes next (annotation.selection), and the model's suggestions.
+    selection: Mapped[str] = mapped_column(String(16), nullable=False, default="random", server_default="random")
+    random_share: Mapped[float] = mapped_column(Float, nullable=False, default=0.2, server_default="0.2")
+    suggestions: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
     created_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
@@ -89,8 +94,9 @@ class Item(Base):
     __tablename__ = "items"
     __table_args__ = (
         UniqueConstraint("project_id", "content_hash", name="uq_items_project_hash"),
-        # annotation.assign's queue: "closest to completion, then lowest id" as an index range scan.
-        Index("ix_items_queue", "project_id", "annotation_count", "id"),
+        # annotation.assign's queue: "closest to completion, then queue_key, then lowest id" as an
+        # index range scan (queue_key is 0 unless a reward model ordered the project: 0005).
+        Index("ix_items_queue", "project_id", "annotation_count", "queue_key", "id"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), nullable=False, index=True)
@@ -109,7 +115,28 @@ class Item(Base):
     # Number of rows in `annotations` for this item, kept by database triggers (migration 0002) so
     # that every writer keeps it right; read it, never write it.
     annotation_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    # The item's place in its completion level of the queue, written by annotation.selection: 0
+    # until a reward model scores the project, then negative, the least sure item most negative.
+    queue_key: Mapped[float] = mapped_column(Float, nullable=False, default=0.0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class ItemScore(Base):
+    """What the scoring job (reward.usecases.score_queue) found for one item (migration 0005)."""
+
+    __tablename__ = "item_scores"
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), primary_key=True)
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
+    p_a: Mapped[float | None] = mapped_column(Float)
+    """The model's P(response A preferred) for a pair; None for a ranking item."""
+    top: Mapped[int | None] = mapped_column(Integer)
+    """For a ranking item, the stored index of the response the model ranks first."""
+    uncertainty: Mapped[float] = mapped_column(Float, nullable=False)
+    """Larger is less sure: 1 - confidence (margin) or the ensemble's spread (disagreement)."""
+    measure: Mapped[str] = mapped_column(String(16), nullable=False)
+    calibration: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    """Drawn at random (the queue's calibration share) rather than placed by its uncertainty."""
+    scored_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
 
 class Prompt(Base):
@@ -148,6 +175,9 @@ class Annotation(Base):
     ranking: Mapped[list | None] = mapped_column(JSON(none_as_null=True))
     shown_order: Mapped[list | None] = mapped_column(JSON(none_as_null=True))
     duration_ms: Mapped[int | None] = mapped_column(Integer)
+    # The reward model's suggestion shown with the item (0005): "a"/"b", or a ranking's stored index
+    # of the response the model put first; NULL when no suggestion was shown.
+    suggestion: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
 
@@ -161,6 +191,7 @@ class Assignment(Base):
     leased_until: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, index=True)
     shown_swapped: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     shown_order: Mapped[list | None] = mapped_column(JSON(none_as_null=True))  # ranking items (0004)
+    suggestion: Mapped[str | None] = mapped_column(String(16))  # the model's suggestion shown (0005)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
 

@@ -110,6 +110,10 @@ def project_create(
     overlap: int = typer.Option(3, "--overlap", "-k", help="Annotations wanted per item."),
     guidelines: Optional[str] = typer.Option(None, "--guidelines", help="Markdown file with the annotation guidelines."),
     criteria: str = typer.Option("", "--criteria", help="Comma-separated criteria, e.g. helpfulness,harmlessness."),
+    selection: str = typer.Option("random", "--selection", help="Which item goes next: random (import order) or uncertainty "
+                                  "(the items the active reward model is least sure of; see `rlhf project score`)."),
+    random_share: float = typer.Option(0.2, "--random-share", help="With uncertainty selection, the share of items handed out at random, for calibration."),
+    suggestions: bool = typer.Option(False, "--suggestions/--no-suggestions", help="Show annotators the reward model's preference (off: it biases labels; recorded with each answer when on)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Create a project."""
@@ -125,10 +129,70 @@ def project_create(
             raise AnnotationError(f"--guidelines {guidelines}: cannot read: {exc.strerror}") from None
     with transaction(engine()) as session:
         project = create_project(
-            session, name, overlap=overlap, guidelines=text, criteria=[c.strip() for c in criteria.split(",") if c.strip()]
+            session, name, overlap=overlap, guidelines=text, criteria=[c.strip() for c in criteria.split(",") if c.strip()],
+            selection=selection, random_share=random_share, suggestions=suggestions,
         )
-        payload = {"id": project.id, "name": project.name, "overlap": project.overlap}
+        payload = {"id": project.id, "name": project.name, "overlap": project.overlap, "selection": project.selection}
     emit(payload, as_json, f"project '{name}' created (k={overlap})")
+
+
+@project_cli.command("set")
+def project_set(
+    name: str = typer.Argument(..., help="Project name."),
+    overlap: Optional[int] = typer.Option(None, "--overlap", "-k", help="Annotations wanted per item."),
+    gold_rate: Optional[float] = typer.Option(None, "--gold-rate", help="Share of requests answered with a gold item."),
+    lease_seconds: Optional[int] = typer.Option(None, "--lease-seconds", help="How long an item stays with one annotator."),
+    selection: Optional[str] = typer.Option(None, "--selection", help="random or uncertainty (scored by a score_queue job)."),
+    random_share: Optional[float] = typer.Option(None, "--random-share", help="With uncertainty selection, the share handed out at random."),
+    suggestions: Optional[bool] = typer.Option(None, "--suggestions/--no-suggestions", help="Show annotators the reward model's preference."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Change a project's settings; with uncertainty selection and an active reward model, queue the scoring job."""
+    from annotation.projects import get_project, update_project
+    from annotation.store import transaction
+
+    from app.jobs import queue_rescore
+
+    eng = engine()
+    with transaction(eng) as session:
+        project = update_project(session, get_project(session, name), overlap=overlap, gold_rate=gold_rate,
+                                 lease_seconds=lease_seconds, selection=selection, random_share=random_share,
+                                 suggestions=suggestions)
+        payload = {"name": project.name, "overlap": project.overlap, "gold_rate": project.gold_rate,
+                   "lease_seconds": project.lease_seconds, "selection": project.selection,
+                   "random_share": project.random_share, "suggestions": project.suggestions}
+    payload["score_job"] = queue_rescore(eng, name) if selection == "uncertainty" else None
+    text = "\n".join([f"project '{name}': " + ", ".join(f"{k} {v}" for k, v in payload.items() if k not in ("name", "score_job"))]
+                     + ([f"queued job {payload['score_job']} to order the queue by the active reward model (needs `rlhf worker`)"]
+                        if payload["score_job"] else []))
+    emit(payload, as_json, text)
+
+
+@project_cli.command("score")
+def project_score(
+    name: str = typer.Argument(..., help="Project name."),
+    model: Optional[str] = typer.Option(None, "--model", help="Registered reward model id or name, or a model directory (default: the project's active one)."),
+    measure: str = typer.Option("auto", "--measure", help="margin, disagreement (ensembles) or auto."),
+    seed: int = typer.Option(0, "--seed", help="Which items the calibration share draws."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Score the project's open items with a reward model and order its queue, least sure first (what the score_queue job does)."""
+    import tempfile
+    from pathlib import Path
+
+    from annotation.runs import RunContext
+    from reward.usecases import ScoreQueueSpec, score_queue
+
+    spec = ScoreQueueSpec(project=name, model=model, measure=measure, seed=seed).validate()
+    eng = engine()
+    with tempfile.TemporaryDirectory(prefix="rlhf-score-") as tmp:
+        result = score_queue(spec, RunContext(output_dir=Path(tmp), engine=eng))
+    m = result.metrics
+    note = "" if result.extra.get("selection") == "uncertainty" else (
+        f"; project '{name}' uses random selection, so the order applies once it is set to uncertainty")
+    emit({**m, "model": result.extra.get("model"), "selection": result.extra.get("selection")}, as_json,
+         f"scored {m['scored']} items of '{name}' by {m['measure']}: {m['queued']} ordered, "
+         f"{m['calibration']} drawn at random for calibration{note}")
 
 
 @project_cli.command("list")

@@ -36,12 +36,14 @@ def import_cmd(
     """Import a JSONL or Parquet file or a datasets directory into a project; nothing is written unless every row is valid."""
     from annotation.io import import_file
     from annotation.io.formats import check_max_field_chars
+    from app.jobs import queue_rescore
     from app.settings import get_settings
 
     check_max_field_chars(max_field_chars)  # before the store is opened
     if max_field_chars is None:
         max_field_chars = get_settings().max_field_chars
-    report = import_file(engine(), path, project, format=format, source_annotator=source, max_field_chars=max_field_chars,
+    eng = engine()
+    report = import_file(eng, path, project, format=format, source_annotator=source, max_field_chars=max_field_chars,
                          split=split)
     skipped = sum(report.skipped.values())
     rows = "lines" if report.container == "jsonl" else "rows"
@@ -53,7 +55,11 @@ def import_cmd(
         f"  already present: {report.duplicates}, skipped: {skipped}",
     ]
     lines += [f"    {reason}: {n}" for reason, n in sorted(report.skipped.items())]
-    emit(report.as_dict(), as_json, "\n".join(lines))
+    payload = report.as_dict()
+    payload["score_job"] = queue_rescore(eng, project) if report.items_added else None
+    if payload["score_job"]:
+        lines.append(f"  queued job {payload['score_job']} to score the new items (uncertainty selection)")
+    emit(payload, as_json, "\n".join(lines))
 
 
 @cli.command("export")

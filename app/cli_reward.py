@@ -171,7 +171,17 @@ def models_activate(model: str = typer.Argument(..., help="Registered reward mod
     from annotation.registry import get_model, set_active
     from annotation.store import transaction
 
-    with transaction(engine()) as session:
+    from annotation.store import Project
+
+    from app.jobs import queue_rescore
+
+    eng = engine()
+    with transaction(eng) as session:
         row = set_active(session, get_model(session, model).id)
+        project = session.get(Project, row.project_id) if row.project_id is not None else None
         payload = {"id": row.id, "name": row.name, "project_id": row.project_id, "active": True}
-    emit(payload, as_json, f"model {payload['id']} ({payload['name']}) is now the active reward model")
+    payload["score_job"] = queue_rescore(eng, project.name) if project is not None else None
+    text = f"model {payload['id']} ({payload['name']}) is now the active reward model"
+    if payload["score_job"]:
+        text += f"\nqueued job {payload['score_job']} to order project '{project.name}' by it (uncertainty selection)"
+    emit(payload, as_json, text)

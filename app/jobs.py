@@ -75,6 +75,7 @@ JOB_TABLE: dict[str, JobKind] = {
     "rloo": JobKind("ppo.jobs:rloo", accelerate=True),
     "generate": JobKind("ppo.jobs:generate"),
     "export": JobKind("app.jobs:export_job"),
+    "score_queue": JobKind("reward.jobs:score_queue", "reward.usecases:ScoreQueueSpec"),
 }
 HANDLERS: dict[str, str] = {kind: job.handler for kind, job in JOB_TABLE.items()}
 SPEC_CHECKS: dict[str, str] = {kind: job.spec for kind, job in JOB_TABLE.items() if job.spec}
@@ -172,6 +173,27 @@ def submit_job(engine: Engine, kind: str, params: dict | None = None, created_by
         session.add(job)
         session.flush()
         return job.id
+
+
+ADDS_ITEMS = ("generate",)
+"""Job kinds that add items to their params' project: a project ordered by uncertainty is scored again after them."""
+
+
+def queue_rescore(engine: Engine, project: str, created_by: int | None = None) -> int | None:
+    """Queue a score_queue job for `project` if it orders its queue by uncertainty and has an active
+    reward model, unless one is queued for it already; the job id (new or queued), or None when
+    the project needs no scoring. Called when a reward model is activated, items arrive or the
+    selection changes: scores are computed by a job, never in a request."""
+    from annotation.selection import wants_scores
+
+    if not wants_scores(engine, project):
+        return None
+    with transaction(engine) as session:
+        queued = session.scalars(select(Job).where(Job.kind == "score_queue", Job.status == "queued")).all()
+        for job in queued:
+            if (job.params or {}).get("project") == project:
+                return job.id
+    return submit_job(engine, "score_queue", {"project": project}, created_by=created_by)
 
 
 def job_dict(job: Job, username: str | None = None) -> dict:
@@ -504,6 +526,11 @@ def run_job(job_id: int, settings=None) -> int:
             return 0
         ids = _complete(engine, job_id, result if result is not None else {})
         log.info("job %d succeeded%s", job_id, f"; registered models {ids}" if ids else "")
+        if kind in ADDS_ITEMS and params.get("project"):
+            with contextlib.suppress(AnnotationError, SQLAlchemyError):  # the items are in; a missed rescore is not a failure
+                rescore = queue_rescore(engine, str(params["project"]))
+                if rescore is not None:
+                    log.info("queued job %d to score project '%s' again (uncertainty selection)", rescore, params["project"])
         return 0
     except JobCancelled as exc:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -68,3 +68,17 @@ def eval_rm(params: dict, ctx) -> dict:
     (Path(ctx.run_dir) / "eval.json").write_text(json.dumps(metrics, indent=2))
     ctx.log.info(f"accuracy {metrics['accuracy']:.3f} on {metrics['n_pairs']} pairs")
     return {"metrics": metrics, "path": str(Path(ctx.run_dir) / "eval.json")}
+
+
+def score_queue(params: dict, ctx) -> dict:
+    """The score_queue job: reward.usecases.score_queue (params: its ScoreQueueSpec's fields)."""
+    from annotation.runs import RunContext, spec_from_params
+    from reward.usecases import ScoreQueueSpec, score_queue as score_queue_usecase
+
+    spec = spec_from_params(ScoreQueueSpec, params, "score_queue", RewardError)
+    run = RunContext(output_dir=Path(ctx.run_dir), engine=ctx.engine, settings=ctx.settings,
+                     progress=ctx.progress, should_stop=ctx.cancelled, log=ctx.log)
+    try:
+        return score_queue_usecase(spec, run).as_job_result()
+    except JobCancelled:
+        raise JobCancelled(f"job {ctx.job_id} cancelled") from None

@@ -98,3 +98,117 @@ def train_rm(spec: TrainRMSpec, ctx: RunContext) -> RunResult:
            "metrics": metrics, "parent_id": parent_id}
     return RunResult(register=[row], path=row["path"], metrics=metrics,
                      extra={"train_pairs": len(train), "eval_pairs": len(held), "data_hash": result["data_hash"]})
+
+
+# --------------------------------------------------------------------------- the annotation queue
+
+QUEUE_MEASURES = ("auto", "margin", "disagreement")
+
+
+@dataclasses.dataclass
+class ScoreQueueSpec:
+    """Score a project's open items with a reward model and order its annotation queue by how
+    unsure the model is (annotation.selection): the score_queue job and `rlhf project score`."""
+
+    project: str
+    """The project whose queue is ordered (its selection should be uncertainty; random ignores keys)."""
+    model: str | None = None
+    """Registered reward model id or name, or a model directory; default: the project's active reward model."""
+    measure: str = "auto"
+    """margin (1 - confidence of the preferred response), disagreement (an ensemble's spread on
+    r_A - r_B), or auto: disagreement for an ensemble, margin for a single model."""
+    seed: int = 0
+    """Which items the calibration share draws at random."""
+    batch_size: int = 32
+    """Responses scored per forward pass."""
+
+    def validate(self) -> "ScoreQueueSpec":
+        if not self.project:
+            raise RewardError("score_queue needs a project")
+        if self.measure not in QUEUE_MEASURES:
+            raise RewardError(f"--measure {self.measure!r} is invalid; expected one of {', '.join(QUEUE_MEASURES)}")
+        if self.batch_size < 1:
+            raise RewardError(f"--batch-size must be at least 1, got {self.batch_size}")
+        return self
+
+
+def queue_scores(scorer, items, measure: str, batch_size: int = 32):
+    """Per item (indexed like `items`: prompt, response_a, response_b, responses): p_a (pairs), top
+    (rankings: the stored index the model ranks first) and uncertainty, larger = less sure.
+
+    A pair's margin uncertainty is 1 - max(P(A), P(B)) with P(A) = sigmoid(r_A - r_B); a ranking's
+    is that of its closest pair of responses (adjacent by reward), where a wrong order costs most.
+    Disagreement is the ensemble members' standard deviation of the same reward difference."""
+    import numpy as np
+    import pandas as pd
+    from scipy.special import expit
+
+    from reward.second_opinion import _numpy
+
+    ensemble = hasattr(scorer, "member_scores")
+    if measure == "disagreement" and not ensemble:
+        raise RewardError("--measure disagreement needs an ensemble reward model (train-rm --ensemble N); this one is a single model")
+    texts, owners = [], []
+    prompts = []
+    for item_id, row in zip(items.index, items.itertuples(index=False)):
+        responses = [r["text"] for r in row.responses] if row.responses is not None else [row.response_a, row.response_b]
+        texts += [str(r) for r in responses]
+        prompts += [row.prompt] * len(responses)
+        owners += [item_id] * len(responses)
+    if not texts:
+        return pd.DataFrame({"p_a": [], "top": [], "uncertainty": []}, index=items.index)
+    if ensemble:
+        members = _numpy(scorer.member_scores(prompts, texts, batch_size=batch_size)).astype(np.float64)
+    else:
+        members = _numpy(scorer.score(prompts, texts, batch_size=batch_size)).astype(np.float64)[None, :]
+    if members.shape[1] != len(texts):
+        raise RewardError(f"the scorer returned {members.shape[1]} rewards for {len(texts)} responses; expected one per response")
+    out = {"p_a": [], "top": [], "uncertainty": []}
+    start = 0
+    for row in items.itertuples(index=False):
+        k = len(row.responses) if row.responses is not None else 2
+        block = members[:, start:start + k]
+        start += k
+        mean = block.mean(0)
+        ranked = np.argsort(-mean, kind="stable")
+        gaps = mean[ranked[:-1]] - mean[ranked[1:]]
+        closest = int(np.argmin(gaps))
+        i, j = ranked[closest], ranked[closest + 1]
+        if measure == "disagreement":
+            u = float((block[:, i] - block[:, j]).std())
+        else:
+            u = float(1.0 - expit(abs(mean[i] - mean[j])))
+        out["uncertainty"].append(u)
+        out["p_a"].append(float(expit(mean[0] - mean[1])) if row.responses is None else None)
+        out["top"].append(int(ranked[0]) if row.responses is not None else None)
+    frame = pd.DataFrame(out, index=items.index)
+    frame["top"] = frame["top"].astype("Int64")
+    return frame
+
+
+def score_queue(spec: ScoreQueueSpec, ctx: RunContext, *, scorer=None) -> RunResult:
+    """Score the open items of spec.project and write its queue order (annotation.selection).
+    `scorer` (already loaded: tests, benchmarks/active_bench.py) skips loading spec.model."""
+    from annotation.selection import open_items, write_queue
+    from reward.score import load_reward_model
+    from reward.second_opinion import resolve_model
+
+    spec.validate()
+    ref = resolve_model(ctx.engine, spec.project, spec.model) if scorer is None or spec.model is not None else None
+    project, items = open_items(ctx.engine, spec.project)
+    ctx.progress(0.0, f"scoring {len(items)} open items of project '{spec.project}'")
+    if scorer is None:
+        scorer = load_reward_model(ref.path)
+    measure = spec.measure if spec.measure != "auto" else ("disagreement" if hasattr(scorer, "member_scores") else "margin")
+    ctx.stop_if_asked("scoring the queue")
+    scores = queue_scores(scorer, items, measure, spec.batch_size)
+    ctx.stop_if_asked("scoring the queue")
+    summary = write_queue(ctx.engine, project.id, scores, measure=measure, model_id=ref.id if ref else None,
+                          random_share=project.random_share, seed=spec.seed, gold=items["gold"])
+    out = Path(ctx.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "queue.json").write_text(json.dumps({"project": spec.project, "model": ref.as_dict() if ref else None,
+                                                "selection": project.selection, **summary}, indent=2))
+    ctx.log.info(f"{summary['queued']} items ordered by {measure} ({summary['calibration']} drawn at random for calibration)")
+    return RunResult(register=[], path=str(out / "queue.json"), metrics=summary,
+                     extra={"model": ref.as_dict() if ref else None, "selection": project.selection})

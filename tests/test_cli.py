@@ -47,7 +47,7 @@ def test_project_create_and_list(settings, tmp_path):
     assert proc.returncode == 2 and "already exists" in proc.stderr
     proc = run(["project", "list", "--json"])
     rows = json.loads(proc.stdout)["projects"]
-    assert rows == [{"name": "demo", "overlap": 2, "items": 0, "prompts": 0, "annotations": 0, "items_complete": 0, "completion": 0.0}]
+    assert rows == [{"name": "demo", "overlap": 2, "selection": "random", "items": 0, "prompts": 0, "annotations": 0, "items_complete": 0, "completion": 0.0}]
 
 
 def test_missing_guidelines_file_names_the_option(settings, tmp_path):

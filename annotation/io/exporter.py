@@ -352,7 +352,7 @@ def _iter_annotation_rows(conn: Connection, project_id: int, report: ExportRepor
             _annotations.c.choice, _annotations.c.strength, _annotations.c.criteria, _annotations.c.rationale,
             _annotations.c.shown_swapped, _annotations.c.duration_ms, _annotations.c.created_at,
             _items.c.prompt, _items.c.response_a, _items.c.response_b, _items.c.gold_choice,
-            _annotations.c.ranking, _annotations.c.shown_order, _items.c.responses,
+            _annotations.c.ranking, _annotations.c.shown_order, _items.c.responses, _annotations.c.suggestion,
         )
         .join(_items, _items.c.id == _annotations.c.item_id)
         .join(_users, _users.c.id == _annotations.c.annotator_id)
@@ -373,6 +373,8 @@ def _iter_annotation_rows(conn: Connection, project_id: int, report: ExportRepor
             "response_a": r.response_a, "response_b": r.response_b, "gold_choice": r.gold_choice,
             # a ranking: ranks in stored order of `responses`, and the order shown (stored indices)
             "ranking": r.ranking, "shown_order": r.shown_order, "responses": r.responses,
+            # the reward model's suggestion shown with the item ("a"/"b", a ranking's stored index), or None
+            "suggestion": r.suggestion,
         }
 
 
@@ -490,6 +492,7 @@ def _parquet_schema(fmt: str, with_margin: bool, with_rankings: bool = False):
             ("response_a", pa.string()), ("response_b", pa.string()), ("gold_choice", pa.string()),
             ("ranking", pa.list_(pa.int64())), ("shown_order", pa.list_(pa.int64())),
             ("responses", pa.list_(pa.struct([("text", pa.string()), ("source", pa.string())]))),
+            ("suggestion", pa.string()),
         ])
     messages = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
     text = messages if fmt == "trl-conversational" else pa.string()

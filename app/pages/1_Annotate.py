@@ -414,6 +414,25 @@ st.subheader("Prompt")
 _render_prompt(task.prompt)
 
 
+def _suggestion_text(task) -> str | None:
+    """The model's suggestion in the terms the annotator sees (Response 1/2/..), or None."""
+    if task.suggestion is None:
+        return None
+    if task.is_ranking:
+        stored = int(task.suggestion)
+        if task.shown_order is None or stored not in task.shown_order:
+            return None
+        return f"The reward model ranks Response {task.shown_order.index(stored) + 1} first."
+    shown = 2 if (task.suggestion == "a") == task.shown_swapped else 1
+    sure = f" ({task.suggestion_confidence:.0%} sure)" if task.suggestion_confidence is not None else ""
+    return f"The reward model prefers Response {shown}{sure}."
+
+
+_hint = _suggestion_text(task)
+if _hint:
+    st.info(_hint + " It is often wrong: judge for yourself.", icon=":material/smart_toy:")
+
+
 def _render_ranking(task) -> None:
     groups, tie_next = _rank_groups(state.get("ann_rank_keys") or [])
     place_of = {p: PLACES[sum(len(g) for g in groups[:i])] for i, group in enumerate(groups) for p in group}

@@ -23,7 +23,9 @@ from annotation.browse import list_projects  # noqa: E402  (after the role check
 from annotation.errors import AnnotationError  # noqa: E402
 from annotation.io.formats import FORMATS  # noqa: E402
 from annotation.projects import new_project, save_project_settings, summaries as project_summaries  # noqa: E402
+from annotation.selection import SELECTIONS, queue_preview  # noqa: E402
 from annotation.store import CHOICES  # noqa: E402
+from app.jobs import queue_rescore  # noqa: E402
 from app.settings import get_settings  # noqa: E402
 
 IMPORT_FORMATS = ["auto", *FORMATS]
@@ -57,6 +59,7 @@ def _import_upload(project_name: str, upload, fmt: str) -> None:
             return
     summary = dataclasses.asdict(report)
     summary["path"] = path.name
+    summary["score_job"] = queue_rescore(engine, project_name, created_by=user.id) if report.items_added else None
     st.session_state["proj_import_result"] = ("success", summary)
 
 
@@ -64,7 +67,7 @@ def _import_upload(project_name: str, upload, fmt: str) -> None:
 
 summaries = project_summaries(engine)
 if summaries:
-    table = pd.DataFrame(summaries)[["name", "overlap", "items", "prompts", "annotations", "items_complete", "completion"]]
+    table = pd.DataFrame(summaries)[["name", "overlap", "selection", "items", "prompts", "annotations", "items_complete", "completion"]]
     st.dataframe(
         table, hide_index=True, width="stretch",
         column_config={"completion": st.column_config.ProgressColumn("completion", min_value=0.0, max_value=1.0, format="percent")},
@@ -120,16 +123,37 @@ with edit_tab:
         e_criteria = st.text_input("Criteria (comma-separated)", value=", ".join(project.criteria))
         e_gold = st.number_input("Gold item rate", min_value=0.0, max_value=0.99, value=float(project.gold_rate), step=0.05)
         e_lease = st.number_input("Lease seconds", min_value=10, value=int(project.lease_seconds))
+        c1, c2 = st.columns(2)
+        e_selection = c1.selectbox(
+            "Next item", SELECTIONS, index=SELECTIONS.index(project.selection),
+            format_func={"random": "random (import order)", "uncertainty": "uncertainty (least sure first)"}.get,
+            help="uncertainty: the items the project's active reward model is least sure of go first, scored by a "
+                 "job when a model is activated or items arrive (an ensemble: where its members disagree most).")
+        e_share = c2.number_input("Random share (uncertainty)", min_value=0.0, max_value=1.0, value=float(project.random_share),
+                                  step=0.05, help="Share of items handed out at random anyway, for calibration.")
+        e_suggestions = st.checkbox(
+            "Show the reward model's suggestion to annotators", value=bool(project.suggestions),
+            help="Off by default: a suggestion biases labels. When on, each answer records the suggestion shown.")
         e_guidelines = st.text_area("Guidelines (markdown)", value=project.guidelines, height=200)
         if st.form_submit_button("Save settings", type="primary"):
             try:
                 save_project_settings(engine, project.id, overlap=int(e_overlap), choices=e_choices,
                                       criteria=_criteria(e_criteria), gold_rate=float(e_gold), lease_seconds=int(e_lease),
-                                      guidelines=e_guidelines)
+                                      guidelines=e_guidelines, selection=e_selection, random_share=float(e_share),
+                                      suggestions=bool(e_suggestions))
+                score_job = queue_rescore(engine, project.name, created_by=user.id) if e_selection == "uncertainty" else None
             except AnnotationError as exc:
                 st.error(str(exc))
             else:
-                st.success("Settings saved.")
+                st.success("Settings saved." + (f" Job {score_job} will order the queue by the active reward model."
+                                                if score_job else ""))
+    if project.selection == "uncertainty":
+        with st.expander("Queue: the next items within the current completion level"):
+            preview = queue_preview(engine, project.name)
+            if preview["uncertainty"].isna().all():
+                st.info("Not scored yet: activate a reward model for this project (Reward models page), or run "
+                        "`rlhf project score NAME`; until then items go in import order.")
+            st.dataframe(preview, hide_index=True, width="stretch")
     with st.expander("Guidelines as annotators see them"):
         st.markdown(no_remote_images(project.guidelines or "_No guidelines yet._"))
 
@@ -153,5 +177,6 @@ with import_tab:
             st.success(
                 f"Imported {payload['path']}: {payload['items_added']} items, {payload['prompts_added']} prompts, "
                 f"{payload['annotations_added']} annotations added; {payload['duplicates']} duplicates unchanged."
+                + (f" Job {payload['score_job']} will score the new items for the uncertainty queue." if payload.get("score_job") else "")
             )
             st.json(payload, expanded=False)

@@ -19,7 +19,7 @@ import pandas as pd  # noqa: E402
 from annotation.browse import list_projects  # noqa: E402
 from annotation.errors import AnnotationError  # noqa: E402
 from annotation.registry import activate, model_rows, run_files  # noqa: E402
-from app.jobs import list_jobs, log_tail, submit_job  # noqa: E402
+from app.jobs import list_jobs, log_tail, queue_rescore, submit_job  # noqa: E402
 from reward.train import TrainParams  # noqa: E402
 
 engine = get_engine()
@@ -97,12 +97,18 @@ chosen = st.multiselect("Compare", [r["id"] for r in rows], default=[r["id"] for
                         format_func=lambda i: next(f"#{r['id']} {r['name']}" for r in rows if r["id"] == i))
 pick = st.selectbox("Make active", [r["id"] for r in rows], format_func=lambda i: next(
     f"#{r['id']} {r['name']}{' (active)' if r['active'] else ''}" for r in rows if r["id"] == i))
+if st.session_state.get("rm_flash"):
+    st.success(st.session_state.pop("rm_flash"))
 if st.button("Make active"):
     try:
-        activate(engine, pick)
-        st.rerun()
+        model_project = activate(engine, pick)
+        score_job = queue_rescore(engine, model_project, created_by=user.id) if model_project else None
     except AnnotationError as exc:
         st.error(str(exc))
+    else:
+        st.session_state["rm_flash"] = f"Model #{pick} is now the active reward model." + (
+            f" Job {score_job} will order the annotation queue by it (uncertainty selection)." if score_job else "")
+        st.rerun()
 
 curves, calib, length = [], [], []
 for r in rows:

@@ -1,0 +1,176 @@
+"""Choosing what to label next: a project's selection setting and the queue order a reward model sets.
+
+    rlhf project set demo --selection uncertainty --random-share 0.2
+    rlhf project score demo          # or the score_queue job, queued when a model is activated or items arrive
+
+A project hands items out closest to completion first (annotation.assign); within one completion
+level, by `items.queue_key`, then by id. With selection `random` every key is 0, so items go out in
+id order (import order: shuffle the file for a random order). With `uncertainty`, the scoring use
+case (reward.usecases.score_queue) scores the open items with the project's active reward model and
+`write_queue` gives them keys: the items the model is least sure of first, with a share of the
+places (`random_share`) given to items drawn at random, for calibration (an estimate of how good the
+model is that the selection did not bias). Items that arrive after the scoring keep key 0, behind
+the scored ones, until the next scoring places them (app.jobs.queue_rescore queues it when items
+arrive or a model is activated).
+
+Nothing here loads a model: the scores arrive as plain data, and the next-item query stays one
+ordered range scan of ix_items_queue (project_id, annotation_count, queue_key, id).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+from sqlalchemy import bindparam, delete, insert, select, update
+
+from annotation.errors import AnnotationError
+from annotation.store import Item, ItemScore, Project, reading, transaction, utcnow
+
+SELECTIONS = ("random", "uncertainty")
+MEASURES = ("margin", "disagreement")
+"""margin: 1 - the model's confidence in its preferred response (P(A) near 0.5 is unsure);
+disagreement: the spread of an ensemble's members on r_A - r_B (members that disagree are unsure)."""
+DEFAULT_RANDOM_SHARE = 0.2
+SCORE_COLUMNS = ["p_a", "top", "uncertainty"]
+
+
+def check_selection(selection: str, random_share: float) -> None:
+    if selection not in SELECTIONS:
+        raise AnnotationError(f"selection {selection!r} is invalid; expected one of {', '.join(SELECTIONS)}")
+    if not 0.0 <= random_share <= 1.0:
+        raise AnnotationError(f"random share must be between 0 and 1, got {random_share}")
+
+
+def check_measure(measure: str) -> None:
+    if measure not in MEASURES:
+        raise AnnotationError(f"measure {measure!r} is invalid; expected one of {', '.join(MEASURES)}")
+
+
+# --------------------------------------------------------------------------- the order
+
+
+def queue_order(item_ids, uncertainty, random_share: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The queue keys for `item_ids` (aligned with them) and which were drawn for calibration.
+
+    Places 0, 1, ... are filled by the most uncertain item first (ties by id), except every place
+    j where floor((j + 1) * random_share) steps up: those go to items drawn at random (seeded), in
+    random order. So a share of about `random_share` of every stretch of the queue is random, from
+    the first items on. Keys are place - n: all negative, so scored items come before unscored
+    ones (key 0)."""
+    ids = np.asarray(item_ids, dtype=np.int64)
+    u = np.asarray(uncertainty, dtype=np.float64)
+    if ids.shape != u.shape:
+        raise AnnotationError(f"{ids.size} items but {u.size} uncertainties")
+    if not np.isfinite(u).all():
+        raise AnnotationError("uncertainties must be finite numbers")
+    check_selection("uncertainty", random_share)
+    n = len(ids)
+    places = np.arange(n)
+    random_place = np.floor((places + 1) * random_share) > np.floor(places * random_share)
+    rng = np.random.default_rng(seed)
+    drawn = rng.permutation(n)[: int(random_place.sum())]  # in random order
+    calibration = np.zeros(n, dtype=bool)
+    calibration[drawn] = True
+    rest = np.flatnonzero(~calibration)
+    rest = rest[np.lexsort((ids[rest], -u[rest]))]  # most uncertain first, then lowest id
+    order = np.empty(n, dtype=np.int64)
+    order[random_place] = drawn
+    order[~random_place] = rest
+    keys = np.empty(n, dtype=np.float64)
+    keys[order] = places - n
+    return keys, calibration
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def open_items(engine, project: str) -> tuple[Project, pd.DataFrame]:
+    """The project and its items that still want annotations (gold items too: a suggestion shows on
+    them as on any item, so that it does not give them away), indexed by item_id, with columns
+    prompt, response_a, response_b, responses (None for a pair) and gold."""
+    from annotation.projects import get_project
+
+    with reading(engine) as session:
+        proj = get_project(session, project)
+        rows = session.execute(
+            select(Item.id, Item.prompt, Item.response_a, Item.response_b, Item.responses, Item.gold_choice.is_not(None))
+            .where(Item.project_id == proj.id, (Item.annotation_count < proj.overlap) | Item.gold_choice.is_not(None))
+            .order_by(Item.id)
+        ).all()
+    frame = pd.DataFrame(rows, columns=["item_id", "prompt", "response_a", "response_b", "responses", "gold"], dtype=object)
+    frame["item_id"] = frame["item_id"].astype("int64")
+    return proj, frame.set_index("item_id")
+
+
+def write_queue(engine, project_id: int, scores: pd.DataFrame, *, measure: str, model_id: int | None, random_share: float,
+                seed: int = 0, gold: pd.Series | None = None, now: dt.datetime | None = None) -> dict:
+    """Replace the project's queue order and item_scores with `scores` (indexed by item_id, columns
+    SCORE_COLUMNS: p_a for pairs, top for rankings, uncertainty larger = less sure), in one
+    transaction. Gold items (`gold` True) get a score, for suggestions, but no place: they are
+    handed out by their own rule. Items not in `scores` go back to key 0."""
+    check_measure(measure)
+    now = now or utcnow()
+    gold = pd.Series(False, index=scores.index) if gold is None else gold.reindex(scores.index).fillna(False).astype(bool)
+    regular = scores[~gold.to_numpy()]
+    keys, calibration = queue_order(regular.index, regular["uncertainty"], random_share, seed)
+    drawn = pd.Series(calibration, index=regular.index).reindex(scores.index).fillna(False).astype(bool)
+    items, table = Item.__table__, ItemScore.__table__
+    project_items = select(items.c.id).where(items.c.project_id == project_id)
+
+    def number(value, cast):
+        return None if value is None or pd.isna(value) else cast(value)
+
+    with transaction(engine) as session:
+        conn = session.connection()
+        conn.execute(delete(table).where(table.c.item_id.in_(project_items)))
+        conn.execute(update(items).where(items.c.project_id == project_id, items.c.queue_key != 0).values(queue_key=0.0))
+        if len(regular):
+            conn.execute(
+                update(items).where(items.c.id == bindparam("b_id")).values(queue_key=bindparam("b_key")),
+                [{"b_id": int(i), "b_key": float(k)} for i, k in zip(regular.index, keys)],
+            )
+        if len(scores):
+            conn.execute(insert(table), [
+                {"item_id": int(i), "model_id": model_id, "p_a": number(row.p_a, float), "top": number(row.top, int),
+                 "uncertainty": float(row.uncertainty), "measure": measure, "calibration": bool(drawn[i]), "scored_at": now}
+                for i, row in zip(scores.index, scores.itertuples(index=False))
+            ])
+    return {"scored": int(len(scores)), "queued": int(len(regular)), "calibration": int(calibration.sum()),
+            "gold_scored": int(gold.sum()), "measure": measure, "model_id": model_id, "random_share": random_share}
+
+
+def reset_queue(session, project_id: int) -> None:
+    """Back to the plain order (key 0 everywhere) and no scores: for a project that turns selection to random."""
+    items, table = Item.__table__, ItemScore.__table__
+    conn = session.connection()
+    conn.execute(delete(table).where(table.c.item_id.in_(select(items.c.id).where(items.c.project_id == project_id))))
+    conn.execute(update(items).where(items.c.project_id == project_id, items.c.queue_key != 0).values(queue_key=0.0))
+
+
+def queue_preview(engine, project: str, limit: int = 20) -> pd.DataFrame:
+    """The next `limit` open, non-gold items in queue order (lowest completion level first is not
+    applied: this is the order within a level) with their scores, for the Projects page."""
+    from annotation.projects import get_project
+
+    with reading(engine) as session:
+        proj = get_project(session, project)
+        rows = session.execute(
+            select(Item.id, Item.annotation_count, Item.queue_key, ItemScore.uncertainty, ItemScore.p_a, ItemScore.calibration)
+            .outerjoin(ItemScore, ItemScore.item_id == Item.id)
+            .where(Item.project_id == proj.id, Item.gold_choice.is_(None), Item.annotation_count < proj.overlap)
+            .order_by(Item.annotation_count.desc(), Item.queue_key, Item.id)
+            .limit(limit)
+        ).all()
+    return pd.DataFrame(rows, columns=["item_id", "annotations", "queue_key", "uncertainty", "p_a", "calibration"])
+
+
+def wants_scores(engine, project: str) -> bool:
+    """Whether `project` orders its queue by a reward model and has an active one to score with."""
+    from annotation.projects import get_project
+    from annotation.registry import active_model
+
+    with reading(engine) as session:
+        proj = get_project(session, project)
+        return proj.selection == "uncertainty" and active_model(session, proj.id) is not None
