@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import select
 from streamlit.testing.v1 import AppTest
 
-from annotation.store import Annotation, Item, ItemFlag, User, session_factory, utcnow
+from annotation.store import Annotation, Item, ItemFlag, Project, User, session_factory, utcnow
 from browser_helpers import GUIDELINES, IMG_PAYLOAD, ITEMS, MD_PAYLOAD, PASSWORD, PROJECT, SCRIPT_PAYLOAD, prepare_store, set_login
 
 REPO = Path(__file__).resolve().parent.parent
@@ -816,3 +816,57 @@ def test_enter_right_after_the_choice_without_a_strength_is_refused_once(store):
     with session_factory(store)() as session:
         saved = session.scalars(select(Annotation)).one()
     assert saved.strength is None and saved.choice in ("a", "b")
+
+
+# ----------------------------------------------------------------------------- suggestions and selection
+
+
+def test_annotate_shows_the_model_suggestion_only_when_the_project_turns_it_on(store):
+    import pandas as pd
+
+    from annotation.projects import save_project_settings
+    from annotation.selection import write_queue
+
+    with session_factory(store)() as session:
+        project = session.scalar(select(Project).where(Project.name == PROJECT))
+        items = session.scalars(select(Item).where(Item.project_id == project.id)).all()
+    # the model prefers the GOOD response of every item, 80% sure
+    scores = pd.DataFrame({"p_a": [0.8 if "GOOD" in i.response_a else 0.2 for i in items], "top": [None] * len(items),
+                           "uncertainty": [0.2] * len(items)}, index=[i.id for i in items])
+    write_queue(store, project.id, scores, measure="margin", model_id=None, random_share=0.0)
+
+    at = open_page("annotate", store, "ann1")
+    assert "reward model prefers" not in all_text(at)  # off by default
+    at.button(key=f"ann_choice_{good_side(current_task(at))}").click().run()
+    at.button(key="ann_strength_2").click().run()
+    at.button(key="ann_submit").click().run()
+
+    save_project_settings(store, project.id, suggestions=True)
+    # ann1's next item was leased while suggestions were off, so it still shows none; ann2's shows one
+    at = open_page("annotate", store, "ann1")
+    assert "reward model prefers" not in all_text(at)
+    at = open_page("annotate", store, "ann2")
+    task = current_task(at)
+    shown = "1" if good_side(task) == "left" else "2"
+    assert f"The reward model prefers Response {shown} (80% sure)" in all_text(at)
+    at.button(key=f"ann_choice_{good_side(task)}").click().run()
+    at.button(key="ann_strength_2").click().run()
+    at.button(key="ann_submit").click().run()
+    assert not at.exception
+    with session_factory(store)() as session:
+        rows = session.execute(select(Annotation.suggestion, Item.response_a).join(Item).order_by(Annotation.id)).all()
+    assert rows[0].suggestion is None
+    assert rows[1].suggestion == ("a" if "GOOD" in rows[1].response_a else "b")
+
+
+def test_projects_page_sets_uncertainty_selection(store):
+    at = open_page("projects", store, "res")
+    box = next(s for s in at.selectbox if s.label == "Next item")
+    box.set_value("uncertainty")
+    next(n for n in at.number_input if n.label.startswith("Random share")).set_value(0.3)
+    next(b for b in at.button if b.label == "Save settings").click().run()
+    assert not at.exception and "Settings saved." in all_text(at)
+    with session_factory(store)() as session:
+        project = session.scalar(select(Project).where(Project.name == PROJECT))
+    assert (project.selection, project.random_share, project.suggestions) == ("uncertainty", 0.3, False)
+    assert "Not scored yet" in all_text(at.run())
