@@ -4,7 +4,9 @@
 
 Every annotation on an item whose two responses have different, non-empty sources is a battle
 between `source_a` and `source_b`, read in the item's stored A/B order (`choice` is stored in A/B
-terms whatever order the annotator saw, so `shown_swapped` plays no part). The sources' strengths
+terms whatever order the annotator saw, so `shown_swapped` plays no part). A ranking of k
+responses with sources is every pair of them, k(k-1)/2 battles, ties where they share a rank (the
+bootstrap then resamples those battles one by one, which treats a ranking's pairs as independent). The sources' strengths
 s follow a Bradley-Terry model, P(i beats j) = 1 / (1 + exp(-(s_i - s_j))), fitted by maximum
 likelihood: a logistic regression without intercept on +1/-1 indicator columns, as Chatbot Arena's
 notebook fits it, solved here by Newton's method on the per-pair counts.
@@ -56,10 +58,23 @@ MAX_HESSIAN_CELLS = 4_000_000
 # --------------------------------------------------------------------------- loading
 
 
+def ranking_battles(ranks, responses) -> list[tuple[str, str | None, str | None]]:
+    """The battles of one ranking: every pair of responses (i < j, stored order) as (choice,
+    source_i, source_j), choice "a" when response i is ranked better, "b" when j is, "tie" when
+    they share a rank. Pairs whose sources are missing or equal are kept (the report counts them)."""
+    out = []
+    for i in range(len(responses)):
+        for j in range(i + 1, len(responses)):
+            choice = "a" if ranks[i] < ranks[j] else "b" if ranks[i] > ranks[j] else "tie"
+            out.append((choice, (responses[i] or {}).get("source"), (responses[j] or {}).get("source")))
+    return out
+
+
 def load_battles(engine: Engine, project: str) -> pd.DataFrame:
     """Every annotation of `project` with its item's sources (None where missing), columns BATTLE_COLUMNS.
 
-    Annotations on items without two different sources are kept, so the report can count them.
+    A ranking of k responses is k(k-1)/2 battles (ranking_battles), each a row; annotations on
+    items without two different sources are kept, so the report can count them.
     """
     from annotation.projects import get_project
     from annotation.store import Annotation, Item, User, reading
@@ -67,29 +82,41 @@ def load_battles(engine: Engine, project: str) -> pd.DataFrame:
     with reading(engine) as session:
         proj = get_project(session, project)
         rows = session.execute(
-            select(Annotation.item_id, User.username, Annotation.choice, Item.source_a, Item.source_b)
+            select(Annotation.item_id, User.username, Annotation.choice, Item.source_a, Item.source_b,
+                   Annotation.ranking, Item.responses)
             .join(Item, Item.id == Annotation.item_id)
             .join(User, User.id == Annotation.annotator_id)
             .where(Item.project_id == proj.id)
             .order_by(Annotation.id)
         ).all()
-    battles = pd.DataFrame(rows, columns=BATTLE_COLUMNS, dtype=object)
+    expanded = []
+    for r in rows:
+        if r.ranking is not None and r.responses is not None:
+            expanded += [(r.item_id, r.username, c, sa, sb) for c, sa, sb in ranking_battles(r.ranking, r.responses)]
+        else:
+            expanded.append((r.item_id, r.username, r.choice, r.source_a, r.source_b))
+    battles = pd.DataFrame(expanded, columns=BATTLE_COLUMNS, dtype=object)
     battles["item_id"] = battles["item_id"].astype("int64")
     return battles
 
 
 def count_sourced_items(engine: Engine, project: str) -> int:
-    """How many items of `project` have two different, non-empty sources (annotated or not)."""
+    """How many items of `project` have two different, non-empty sources (annotated or not): a
+    pair with source_a != source_b, or a ranking item with two different sources among its responses."""
     from annotation.projects import get_project
     from annotation.store import Item, reading
 
     a, b = func.trim(Item.source_a), func.trim(Item.source_b)
     with reading(engine) as session:
         proj = get_project(session, project)
-        return int(session.scalar(
+        pairs = int(session.scalar(
             select(func.count()).select_from(Item)
             .where(Item.project_id == proj.id, a != "", b != "", a != b)  # NULLs fail every comparison
         ) or 0)
+        rankings = session.scalars(select(Item.responses).where(Item.project_id == proj.id, Item.responses.is_not(None)))
+        ranked = sum(1 for responses in rankings
+                     if len({str(r.get("source") or "").strip() for r in responses} - {""}) >= 2)
+    return pairs + ranked
 
 
 def project_leaderboard(engine: Engine, project: str, **options) -> dict:

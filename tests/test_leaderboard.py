@@ -336,6 +336,38 @@ def test_store_path_on_both_databases(engine):
         lb.project_leaderboard(engine, "nope")
 
 
+def test_rankings_with_sources_are_every_pair_of_their_responses(engine):
+    """A ranking [1, 1, 3] of alpha, beta, gamma: alpha ties beta, both beat gamma; the fit is the
+    one of those three battles given as pairs."""
+    from annotation.auth import create_user
+    from annotation.projects import create_project
+    from annotation.store import Annotation, Item, transaction
+
+    with transaction(engine) as s:
+        project = create_project(s, "ranked", overlap=2)
+        users = [create_user(s, name, None).id for name in ("ann", "bob")]
+        responses = [{"text": t, "source": src} for t, src in (("r1", "alpha"), ("r2", "beta"), ("r3", "gamma"))]
+        item = Item(project_id=project.id, prompt="p", response_a="", response_b="", responses=responses, content_hash="r")
+        unsourced = Item(project_id=project.id, prompt="q", response_a="", response_b="", content_hash="u",
+                         responses=[{"text": t, "source": None} for t in ("x", "y", "z")])
+        s.add_all([item, unsourced])
+        s.flush()
+        s.add_all([Annotation(item_id=item.id, annotator_id=users[0], ranking=[1, 1, 3], shown_order=[2, 0, 1]),
+                   Annotation(item_id=item.id, annotator_id=users[1], ranking=[3, 1, 2], shown_order=[0, 1, 2]),
+                   Annotation(item_id=unsourced.id, annotator_id=users[0], ranking=[1, 2, 3], shown_order=[0, 1, 2])])
+    assert lb.ranking_battles([1, 1, 3], responses) == [("tie", "alpha", "beta"), ("a", "alpha", "gamma"), ("a", "beta", "gamma")]
+    assert lb.count_sourced_items(engine, "ranked") == 1
+    battles = lb.load_battles(engine, "ranked")
+    assert len(battles) == 9  # 3 pairs per ranking, the unsourced ranking's kept for the count
+    report = lb.project_leaderboard(engine, "ranked", bootstrap=0)
+    as_pairs = battles_of([("alpha", "beta", "tie", 1), ("alpha", "gamma", "a", 1), ("beta", "gamma", "a", 1),
+                           ("alpha", "beta", "b", 1), ("alpha", "gamma", "b", 1), ("beta", "gamma", "a", 1)])
+    expected = lb.leaderboard(as_pairs, bootstrap=0)
+    assert {r["source"]: r["rating"] for r in report["ratings"]} == pytest.approx(
+        {r["source"]: r["rating"] for r in expected["ratings"]})
+    assert report["left_out"]["no_sources"] == 3
+
+
 # --------------------------------------------------------------------------- CLI
 
 
