@@ -1,15 +1,114 @@
-"""Reading a PPO run directory while it runs or after: metrics, samples, config and warnings.
+"""A PPO run directory: writing its logs as the run goes, and reading them while it runs or after.
 
-The PPO page calls these (pages hold no logic); `ppo.train` writes the files: metrics.jsonl (one
-line per step), samples.jsonl, config.yaml, summary.json. A live run may be halfway through
-writing its last line, so readers skip a line that does not parse instead of failing.
+`ppo.train`'s loop writes metrics.jsonl (one line per step, MetricsLog, also to TensorBoard or
+MLflow when asked), samples.jsonl (write_samples), config.yaml and summary.json (summary_metrics).
+The PPO page reads them with the functions below (pages hold no logic). A live run may be halfway
+through writing its last line, so readers skip a line that does not parse instead of failing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger("ppo.train")
+
+# --------------------------------------------------------------------------- writing (the training loop)
+
+
+class MetricsLog:
+    """metrics.jsonl plus, when installed and asked for, TensorBoard and MLflow."""
+
+    def __init__(self, out: Path, config, keep_until: int):
+        self.path = out / "metrics.jsonl"
+        kept = []
+        if keep_until and self.path.exists():
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= keep_until]
+        self.history = [json.loads(line) for line in kept]
+        self.fh = open(self.path, "w", encoding="utf-8")
+        for line in kept:
+            self.fh.write(line + "\n")
+        self.fh.flush()
+        self.tb = self.mlflow = None
+        if config.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"))
+            except ImportError:
+                pass
+        if config.mlflow:
+            try:
+                import mlflow
+
+                self.mlflow = mlflow
+                mlflow.log_params({k: v for k, v in config.to_dict().items()})
+            except ImportError:
+                logger.warning("mlflow=true but the mlflow package is not installed; logging to metrics.jsonl only")
+
+    def write(self, row: dict) -> None:
+        self.history.append(row)
+        self.fh.write(json.dumps(row) + "\n")
+        self.fh.flush()
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, row["step"])
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(scalars, step=row["step"])
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def trim_samples(out: Path, until_step: int) -> None:
+    """Drop sample lines a resumed run will write again (all of them on a fresh start)."""
+    path = out / "samples.jsonl"
+    if path.exists():
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if until_step and line.strip() and json.loads(line)["step"] <= until_step]
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def write_samples(out: Path, step: int, ro, n: int = 4) -> None:
+    with open(out / "samples.jsonl", "a", encoding="utf-8") as fh:
+        for i in range(min(n, len(ro.responses_text))):
+            prompt = ro.prompts[i]
+            fh.write(json.dumps({"step": step, "prompt": prompt, "response": ro.responses_text[i],
+                                 "score": ro.scores[i].item(), "ended_with_eos": bool(ro.contains_eos[i])}) + "\n")
+
+
+SUMMARY_KEYS = ("reward_mean", "reward_std", "kl", "kl_coef", "entropy", "response_length", "value_loss")
+
+
+def summary_metrics(history: list[dict], last: int = 5) -> dict:
+    """Final metrics averaged over the last few steps (one step is noisy), plus the first step's
+    reward for comparison."""
+    if not history:
+        return {}
+    tail = history[-last:]
+    summary = {k: sum(r[k] for r in tail) / len(tail) for k in SUMMARY_KEYS}
+    summary["reward_mean_first"] = history[0]["reward_mean"]
+    summary["steps"] = history[-1]["step"]
+    judged = [r for r in history if "proxy_reward_heldout" in r]
+    if judged:
+        summary["proxy_reward_heldout"] = judged[-1]["proxy_reward_heldout"]
+        summary["kl_heldout"] = judged[-1]["kl_heldout"]
+    judged = [r for r in judged if "judge_reward" in r]
+    if judged:
+        peak = max(judged, key=lambda r: r["judge_reward"])
+        summary.update(judge_reward=judged[-1]["judge_reward"], judge_reward_peak=peak["judge_reward"],
+                       judge_peak_step=peak["step"])
+    return summary
+
+
+
+# --------------------------------------------------------------------------- reading (the page, eval-policy)
 
 CURVES = ("reward_mean", "kl", "kl_coef", "entropy", "response_length", "value_loss")
 
@@ -63,7 +162,7 @@ def read_config(run_dir: str | Path | None):
     import yaml
 
     from ppo.errors import PPOError
-    from ppo.train import PPOConfig
+    from ppo.config import PPOConfig
 
     try:
         return PPOConfig.from_dict(yaml.safe_load((Path(run_dir) / "config.yaml").read_text(encoding="utf-8")) or {})
@@ -74,7 +173,7 @@ def read_config(run_dir: str | Path | None):
 def run_warnings(run_dir: str | Path | None, history: list[dict] | None = None) -> list[dict]:
     """ppo.diagnostics warnings for the run so far (the default config's thresholds if config.yaml is missing)."""
     from ppo import diagnostics
-    from ppo.train import PPOConfig
+    from ppo.config import PPOConfig
 
     history = read_metrics(run_dir) if history is None else history
     if not history:
