@@ -172,7 +172,7 @@ def run_arm(arm: str, seed: int, pool, held, features: Features, args) -> list[d
                                      random_share=args.random_share)
             user = create_user(session, "sim", None)
             pid, uid = project.id, user.id
-        import_file(engine, items_file, "active", format="pairs")
+        import_file(engine, items_file, "active", format="items")
         with reading(engine) as session:
             rows = session.execute(select(Item.id, Item.prompt, Item.response_a, Item.response_b).where(Item.project_id == pid)).all()
         truth = {r.id: truth_by_text[(_prompt_text(r.prompt), r.response_a)] for r in rows}

@@ -134,7 +134,7 @@ def generate_items(
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 for line in lines:
                     fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-            imported = import_file(engine, tmp, project, format="pairs", created_by=created_by)
+            imported = import_file(engine, tmp, project, format="items", created_by=created_by)
         finally:
             os.unlink(tmp)
         result.update(items_added=imported.items_added, duplicates=imported.duplicates, skipped=imported.skipped)

@@ -65,7 +65,7 @@ def prepare_store(data_dir: Path, db_url: str, *, criteria: list[str] | None = N
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / "items.jsonl"
     path.write_text("".join(json.dumps(item) + "\n" for item in ITEMS), encoding="utf-8")
-    import_file(engine, path, PROJECT, format="pairs")
+    import_file(engine, path, PROJECT, format="items")
     return engine
 
 

@@ -116,7 +116,7 @@ HH_SHARED = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: tell me a joke\n\nAssis
 # One small file per layout, as people have them. Rows within a layout share their keys, as a
 # table's columns do.
 LAYOUTS = {
-    "pairs": ("pairs", [
+    "items": ("items", [
         {"prompt": "Say hi", "response_a": "Hi!", "response_b": "Go away.", "id": "x1", "metadata": {"batch": 7},
          "source_a": "m1", "source_b": "m2", "gold_choice": "a"},
         {"prompt": "Say bye", "response_a": "Bye!", "response_b": "Whatever.", "id": "x2", "metadata": {"batch": 8},
@@ -318,7 +318,7 @@ def _parquet_bad_cases(tmp_path: Path) -> dict:
         "oversize": (w("oversize", good + [{"prompt": "Q", "response_a": "A" * 101, "response_b": "B"}], pairs), "row 3", "response_a", "too long: 101"),
         "missing (null)": (w("null", good + [{"prompt": "Q", "response_a": "A", "response_b": None}], pairs), "row 3", "response_b", "missing"),
         "mixed formats": (w("mixed", good + [{"prompt": "Q", "chosen": "A", "rejected": "B"}], union), "row 3", None,
-                          "mixed formats: this row is trl but row 0 is pairs"),
+                          "mixed formats: this row is trl but row 0 is items"),
         "unknown shape": (w("unknown", [{"question": "Q", "answer": "A"}]), "row 0", None, "not a known format"),
         "bad chat role": (w("role", [{"prompt": [{"role": "user", "content": "x"}], "response_a": "A", "response_b": "B"},
                                      {"prompt": [{"role": "robot", "content": "x"}], "response_a": "A", "response_b": "B"}], chat),

@@ -56,7 +56,7 @@ def test_pairs_format_becomes_unlabelled_items_in_the_given_order(engine, tmp_pa
          "source_b": "m2", "gold_choice": "a"},
     ])
     report = import_file(engine, f, "p")
-    assert (report.format, report.lines, report.items_added, report.annotations_added) == ("pairs", 2, 2, 0)
+    assert (report.format, report.lines, report.items_added, report.annotations_added) == ("items", 2, 2, 0)
     one, two = items_of(engine)
     assert (one.prompt, one.response_a, one.response_b, one.external_id, one.metadata) == ("Say hi", "Hi!", "Go away.", "x1", {"batch": 7})
     assert two.prompt == [{"role": "user", "content": "2+2?"}] and (two.source_a, two.source_b, two.gold_choice) == ("m1", "m2", "a")
@@ -137,9 +137,17 @@ def test_prompts_go_to_the_prompts_table(engine, tmp_path):
 
 def test_forced_format_is_checked_on_every_line(engine, tmp_path):
     f = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "Q", "chosen": "A", "rejected": "B"}])
-    with pytest.raises(InputError, match="mixed formats: this line is trl but --format is pairs"):
-        import_file(engine, f, "p", format="pairs")
+    with pytest.raises(InputError, match="mixed formats: this line is trl but --format is items"):
+        import_file(engine, f, "p", format="items")
     assert import_file(engine, f, "p", format="trl").items_added == 1
+
+
+def test_the_old_format_name_pairs_is_still_accepted(engine, tmp_path):
+    f = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "Q", "response_a": "A", "response_b": "B"}])
+    report = import_file(engine, f, "p", format="pairs")
+    assert (report.format, report.items_added) == ("items", 1)
+    with pytest.raises(InputError, match="unknown format 'pair'"):
+        import_file(engine, f, "p", format="pair")
 
 
 def test_reimport_adds_nothing_and_swapped_sides_are_the_same_item(engine, tmp_path):
@@ -465,7 +473,7 @@ def test_sample_project_files_import_cleanly_and_keep_the_original_label(engine)
     samples = Path(__file__).resolve().parent.parent / "data" / "samples"
     items = import_file(engine, samples / "hh_items.jsonl", "demo")
     prompts = import_file(engine, samples / "prompts.jsonl", "demo")
-    assert (items.format, items.items_added, items.annotations_added) == ("pairs", 300, 0)
+    assert (items.format, items.items_added, items.annotations_added) == ("items", 300, 0)
     assert (prompts.format, prompts.prompts_added) == ("prompts", 100)
     original = {p.line: p for p in scan_pairs(hh_dev_path())[0]}
     sides = []

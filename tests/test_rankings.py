@@ -228,9 +228,9 @@ def test_bad_responses_rows_name_file_line_and_field_and_write_nothing(engine, t
 def test_responses_and_pairs_layouts_do_not_mix_in_one_file(engine, tmp_path):
     path = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "q", "responses": ["x", "y", "z"]},
                                                  {"prompt": "q", "response_a": "x", "response_b": "y"}])
-    with pytest.raises(InputError, match="mixed formats: this line is pairs but line 1 made the file responses"):
+    with pytest.raises(InputError, match="mixed formats: this line is items but line 1 made the file responses"):
         import_file(engine, path, "p")
-    with pytest.raises(InputError, match="mixed formats: this line is responses but --format is pairs"):
+    with pytest.raises(InputError, match="mixed formats: this line is responses but --format is items"):
         import_file(engine, path, "p", format="pairs")
 
 

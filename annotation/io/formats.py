@@ -15,7 +15,7 @@ a table whose columns hold two formats' fields is "mixed formats" just as such a
 
 The formats (names used by `--format` and in reports), the same in every container:
 
-- `pairs`: items to annotate, `{"prompt", "response_a", "response_b"[, "id", "metadata",
+- `items` (formerly `pairs`, still accepted): items to annotate, `{"prompt", "response_a", "response_b"[, "id", "metadata",
   "source_a", "source_b", "gold_choice"]}`; no label.
 - `responses`: items to annotate with 2 to 6 responses, `{"prompt", "responses"[, "id",
   "metadata", "gold_choice"]}`, each response a string or `{"text"[, "source"]}`. Three or more
@@ -53,8 +53,11 @@ from typing import Any, Iterator
 
 from annotation.errors import AnnotationError, InputError
 
-FORMATS = ("pairs", "responses", "trl", "trl-conversational", "hh", "ultrafeedback", "prompts")
+FORMATS = ("items", "responses", "trl", "trl-conversational", "hh", "ultrafeedback", "prompts")
 """Every import format, in the order help texts and the app list them; `auto` detects one per input."""
+FORMAT_ALIASES = {"pairs": "items"}
+"""Old names still accepted: `pairs` was the unlabelled two-response format, a name that clashed
+with Pair (a labelled chosen/rejected pair)."""
 LABELLED_FORMATS = ("trl", "trl-conversational", "hh", "ultrafeedback")
 CHAT_ROLES = ("system", "user", "assistant")
 HH_ASSISTANT = "\n\nAssistant:"
@@ -66,7 +69,7 @@ MAX_JSON_DEPTH = 64
 when written (json.dumps) or read back; json.loads itself gives up near 1,000 levels."""
 
 _KNOWN = {
-    "pairs": {"prompt", "response_a", "response_b", "id", "metadata", "source_a", "source_b", "gold_choice"},
+    "items": {"prompt", "response_a", "response_b", "id", "metadata", "source_a", "source_b", "gold_choice"},
     "responses": {"prompt", "responses", "id", "metadata", "gold_choice"},
     "trl": {"prompt", "chosen", "rejected", "id", "metadata", "margin"},
     "trl-conversational": {"prompt", "chosen", "rejected", "id", "metadata", "margin"},
@@ -105,7 +108,7 @@ class Record:
     """The JSONL line number, or "row N" / "SPLIT/row N" of Arrow data (as in error messages)."""
     prompt: str | list[dict]
     first: str
-    """response_a for `pairs`, the chosen response for labelled formats."""
+    """response_a for `items`, the chosen response for labelled formats."""
     second: str
     labelled: bool
     external_id: str | None = None
@@ -470,7 +473,7 @@ def _type_name(value: Any) -> str:
 def detect_format(obj: dict) -> str | None:
     """The format a single line's fields say it is in, or None when they fit none."""
     if "response_a" in obj or "response_b" in obj:
-        return "pairs"
+        return "items"
     if "responses" in obj:
         return "responses"
     if "chosen" in obj or "rejected" in obj:
@@ -512,6 +515,7 @@ class LineParser:
     turns them into records. `line` is the JSONL line number, or "row N" / "SPLIT/row N"."""
 
     def __init__(self, path: str | Path, format: str = "auto", max_field_chars: int | None = None):
+        format = FORMAT_ALIASES.get(format, format)
         if format != "auto" and format not in FORMATS:
             raise InputError(str(path), None, None, f"unknown format '{format}'", "auto or one of " + ", ".join(FORMATS))
         self.path = str(path)
@@ -545,7 +549,7 @@ class LineParser:
     def _unknown(self, line: int, obj: dict):
         fields = ", ".join(sorted(obj)) or "none"
         self._error(line, None, f"not a known format (fields: {fields})",
-                    'pairs {"prompt","response_a","response_b"}, responses {"prompt","responses":[2 to 6]}, '
+                    'items {"prompt","response_a","response_b"}, responses {"prompt","responses":[2 to 6]}, '
                     'trl {"prompt"?,"chosen","rejected"}, '
                     'hh {"chosen","rejected"}, ultrafeedback {"prompt","chosen":[messages],"rejected":[messages]} '
                     'or prompts {"prompt"}')
@@ -624,7 +628,7 @@ class LineParser:
 
     # ---- formats
 
-    def _pairs(self, line: int, obj: dict) -> Record:
+    def _items(self, line: int, obj: dict) -> Record:
         prompt = self._prompt(line, self._require(line, obj, "prompt"))
         a = self._text(line, self._require(line, obj, "response_a"), "response_a")
         b = self._text(line, self._require(line, obj, "response_b"), "response_b")

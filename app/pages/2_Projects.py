@@ -162,7 +162,7 @@ with edit_tab:
 with import_tab:
     target = st.selectbox("Import into project", names, key="proj_import_target")
     fmt = st.selectbox("Format", IMPORT_FORMATS, key="proj_import_format",
-                       help="auto detects pairs, TRL (standard or conversational), HH-RLHF and UltraFeedback data; "
+                       help="auto detects items (two responses to compare), ranking items, TRL (standard or conversational), HH-RLHF and UltraFeedback data; "
                             "prompts imports prompts only.")
     upload = st.file_uploader("JSONL or Parquet file", type=["jsonl", "json", "parquet"], key="proj_upload",
                               help="A datasets directory (save_to_disk) cannot be uploaded: import it with `rlhf import DIR --project NAME`.")
