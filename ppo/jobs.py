@@ -85,8 +85,7 @@ def generate(params: dict, ctx) -> dict:
 # `ppo(params, ctx)` (the PPO training job) belongs to ppo/train.py's owner and goes below.
 # The PPO page (app/pages/6_PPO.py) submits params {"policy": dir, "reward_model": dir,
 # "prompts": file | "prompts_project": name, "name"?: str, "judges"?: [dir | id | name], and PPOConfig fields by name}, and
-# reads the run's metrics.jsonl from the job's run dir or a folder up to two levels below it
-# (ppo.runs.find_run_dir), or from result["output_dir"].
+# reads the run's metrics.jsonl at its fixed place, ppo.runs.job_run_dir(the job's dir) = job-N/ppo.
 
 def ppo(params: dict, ctx) -> dict:
     """The ppo job: ppo.usecases.ppo into the job's run dir (its ppo/ folder); params are PPOSpec's
@@ -99,9 +98,10 @@ def ppo(params: dict, ctx) -> dict:
     spec.name = registry_name(spec.name, f"ppo-{spec.prompts_project or Path(str(spec.prompts)).stem}-job{ctx.job_id}",
                               "ppo: param 'name'")
     try:
-        result = usecases.ppo(spec, _run_context(ctx, Path(ctx.run_dir) / "ppo"))
+        result = usecases.ppo(spec, _run_context(ctx, job_run_dir(ctx.run_dir)))
     except JobCancelled:
         raise _cancelled_error(ctx) from None
+    from ppo.runs import job_run_dir
     if not result.register:
         # Under accelerate launch only the main process saves models; the other ranks' results
         # are not the job's (app.jobs keeps rank 0's).

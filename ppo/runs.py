@@ -113,16 +113,14 @@ def summary_metrics(history: list[dict], last: int = 5) -> dict:
 CURVES = ("reward_mean", "kl", "kl_coef", "entropy", "response_length", "value_loss")
 
 
-def find_run_dir(root: str | Path | None) -> Path | None:
-    """The directory holding metrics.jsonl: `root` itself or a folder up to two levels below it
-    (a job writes its run under its own run dir); the most recently written one wins."""
-    if root is None:
-        return None
-    root = Path(root)
-    if (root / "metrics.jsonl").is_file():
-        return root
-    found = [p.parent for p in list(root.glob("*/metrics.jsonl")) + list(root.glob("*/*/metrics.jsonl"))]
-    return max(found, key=lambda p: (p / "metrics.jsonl").stat().st_mtime) if found else None
+JOB_RUN_DIR = "ppo"
+"""Where a ppo job's run lives in its job directory (runs/job-N/ppo/, the policy at ppo/policy/):
+the use case writes into a fresh directory, and the job directory already holds the job's log."""
+
+
+def job_run_dir(job_dir: str | Path) -> Path:
+    """The PPO run directory of the ppo job whose directory is `job_dir`."""
+    return Path(job_dir) / JOB_RUN_DIR
 
 
 def _jsonl(path: Path) -> list[dict]:

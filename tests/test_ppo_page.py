@@ -71,7 +71,9 @@ def test_a_finished_run_shows_its_curves_warnings_and_samples(store, tmp_path):
     from app.settings import get_settings
 
     job_id = submit_job(store, "ppo", {"reward_model": "rm", "prompts_project": "demo", "steps": 3})
-    run = Path(get_settings().runs_dir) / f"job-{job_id}" / "run"
+    from ppo.runs import job_run_dir
+
+    run = job_run_dir(Path(get_settings().runs_dir) / f"job-{job_id}")  # the fixed place the ppo job writes its run
     run.mkdir(parents=True)
     base = {"reward_std": 1.0, "kl_coef": 0.05, "entropy": 2.0, "value_loss": 0.1, "response_length": 20.0,
             "truncated_fraction": 0.0}

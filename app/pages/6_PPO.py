@@ -25,7 +25,7 @@ from app.settings import get_settings  # noqa: E402
 from ppo.errors import PPOError  # noqa: E402
 from ppo.memory import ACCOUNTINGS, ALGOS, GPU_COUNTS, PRECISIONS, MemorySpec, plan_memory, plan_rows, plan_summary  # noqa: E402
 from ppo.prompts import save_uploaded_prompts  # noqa: E402
-from ppo.runs import curve_rows, find_run_dir, judge_curve_rows, read_config, read_metrics, read_samples, run_warnings  # noqa: E402
+from ppo.runs import curve_rows, job_run_dir as ppo_run_dir, judge_curve_rows, read_config, read_metrics, read_samples, run_warnings  # noqa: E402
 from ppo.sft import DEFAULT_POLICY  # noqa: E402
 from ppo.train import PPOConfig, check_judges, field_docs  # noqa: E402
 
@@ -142,8 +142,7 @@ def _run_view(job_id: int) -> None:
     job = job_panel(job_id, cancel_key=f"ppo_cancel_{job_id}", cancel_label="Cancel this run")
     if job is None:
         return
-    output_dir = (job.get("result") or {}).get("output_dir")
-    run_dir = find_run_dir(output_dir) or find_run_dir(job_run_dir(settings, job_id))
+    run_dir = ppo_run_dir(job_run_dir(settings, job_id))
     history = read_metrics(run_dir)
     if not history:
         st.info("No PPO step logged yet." if job["status"] in ("queued", "running") else "This run logged no steps.")
