@@ -1,6 +1,9 @@
 """Turning several annotations of an item into one label with a confidence.
 
-`aggregate(votes, method, gold)` is the one entry point export, training and the app use. Both
+`aggregate(votes, method, gold)` is the one entry point export, training and the app use. A vote
+is one annotator's judgement of one pair of responses: an annotation of a two-response item (the
+frame annotation.agreement.load_annotations reads), or one pair expanded from a ranking
+(`ranking_votes`); elsewhere the stored rows are called annotations. Both
 methods return one row per item, indexed by item_id, with columns label, confidence,
 n_annotations and agreement:
 

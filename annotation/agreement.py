@@ -44,7 +44,7 @@ from sqlalchemy.engine import Engine
 from annotation.errors import AnnotationError, InputError
 
 LEVELS = ("nominal", "ordinal", "interval")
-VOTE_COLUMNS = ["item_id", "annotator", "choice", "strength", "shown_swapped", "duration_ms", "created_at", "gold_choice"]
+ANNOTATION_COLUMNS = ["item_id", "annotator", "choice", "strength", "shown_swapped", "duration_ms", "created_at", "gold_choice"]
 CSV_COLUMNS = ("item_id", "annotator", "label")
 DEFAULT_MIN_SHARED = 10
 DEFAULT_RESAMPLES = 1000
@@ -63,9 +63,9 @@ MAX_PATTERN_CELLS = 20_000_000
 # --------------------------------------------------------------------------- loading
 
 
-def load_votes(engine: Engine, project: str) -> pd.DataFrame:
+def load_annotations(engine: Engine, project: str) -> pd.DataFrame:
     """All annotations of `project` that make a choice (rankings are left out: `load_rankings`),
-    one row each, with the columns of VOTE_COLUMNS.
+    one row each, with the columns of ANNOTATION_COLUMNS.
 
     The one loader the CLI, the Quality page and export share. `annotator` is the username.
     """
@@ -92,15 +92,15 @@ def load_votes(engine: Engine, project: str) -> pd.DataFrame:
             .order_by(Annotation.id)
         )
         rows = session.execute(stmt).all()
-    votes = pd.DataFrame(rows, columns=VOTE_COLUMNS)
-    votes["item_id"] = votes["item_id"].astype("int64")
-    votes["strength"] = votes["strength"].astype("Int64")
-    votes["duration_ms"] = votes["duration_ms"].astype("Int64")
-    votes["shown_swapped"] = votes["shown_swapped"].astype(bool)
-    votes["created_at"] = pd.to_datetime(votes["created_at"])
+    annotations = pd.DataFrame(rows, columns=ANNOTATION_COLUMNS)
+    annotations["item_id"] = annotations["item_id"].astype("int64")
+    annotations["strength"] = annotations["strength"].astype("Int64")
+    annotations["duration_ms"] = annotations["duration_ms"].astype("Int64")
+    annotations["shown_swapped"] = annotations["shown_swapped"].astype(bool)
+    annotations["created_at"] = pd.to_datetime(annotations["created_at"])
     for col in ("annotator", "choice", "gold_choice"):
-        votes[col] = votes[col].astype(object)
-    return votes
+        annotations[col] = annotations[col].astype(object)
+    return annotations
 
 
 def load_items(engine: Engine, item_ids: Iterable[int]) -> pd.DataFrame:
@@ -180,18 +180,18 @@ def check_level(level: str) -> None:
         raise AnnotationError(f"unknown level '{level}'; expected one of {', '.join(LEVELS)}")
 
 
-def signed_scale(votes: pd.DataFrame) -> pd.Series:
+def signed_scale(annotations: pd.DataFrame) -> pd.Series:
     """Each annotation on the signed preference scale (A strong +3 ... tie 0 ... B strong -3).
 
     NaN where it has no place on it: both_bad, or an A/B choice without a strength.
     """
-    if "strength" in votes.columns:
-        strength = pd.to_numeric(votes["strength"], errors="coerce").astype(float).to_numpy()
+    if "strength" in annotations.columns:
+        strength = pd.to_numeric(annotations["strength"], errors="coerce").astype(float).to_numpy()
     else:
-        strength = np.full(len(votes), np.nan)
-    is_ = {c: votes["choice"].eq(c).fillna(False).to_numpy(bool) for c in ("a", "b", "tie")}
+        strength = np.full(len(annotations), np.nan)
+    is_ = {c: annotations["choice"].eq(c).fillna(False).to_numpy(bool) for c in ("a", "b", "tie")}
     scale = np.select([is_["a"], is_["b"], is_["tie"]], [strength, -strength, 0.0], default=np.nan)
-    return pd.Series(scale, index=votes.index, name="scale")
+    return pd.Series(scale, index=annotations.index, name="scale")
 
 
 # --------------------------------------------------------------------------- encoding
@@ -215,17 +215,17 @@ class Codes:
         return np.bincount(self.t * n_val + self.k, minlength=n_items * n_val).reshape(n_items, n_val).astype(float)
 
 
-def axes(votes: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, pd.Index, pd.Index]:
+def axes(annotations: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, pd.Index, pd.Index]:
     """Item and annotator codes of every row, and the items (in order of appearance) and annotators (sorted)."""
-    t, items = pd.factorize(votes["item_id"])
-    w, annotators = pd.factorize(votes["annotator"], sort=True)
+    t, items = pd.factorize(annotations["item_id"])
+    w, annotators = pd.factorize(annotations["annotator"], sort=True)
     return t, w, pd.Index(items, name="item_id"), pd.Index(annotators, name="annotator")
 
 
-def encode(votes: pd.DataFrame, column: str, axes_: tuple | None = None) -> Codes:
+def encode(annotations: pd.DataFrame, column: str, axes_: tuple | None = None) -> Codes:
     """Codes for the non-missing labels in `column`, on the axes of `axes(votes)` (computed when not given)."""
-    t, w, items, annotators = axes_ if axes_ is not None else axes(votes)
-    col = votes[column]
+    t, w, items, annotators = axes_ if axes_ is not None else axes(annotations)
+    col = annotations[column]
     mask = col.notna().to_numpy()
     k, values = pd.factorize(col[mask], sort=True)
     return Codes(t[mask], w[mask], k, items, annotators, np.asarray(values, dtype=object))
@@ -373,18 +373,18 @@ class ItemStats:
     items. `evaluate` turns item weights (how often each item is drawn) into every metric.
     """
 
-    def __init__(self, votes: pd.DataFrame, label: str, alpha_levels: Mapping[str, str], min_shared: int):
+    def __init__(self, annotations: pd.DataFrame, label: str, alpha_levels: Mapping[str, str], min_shared: int):
         from scipy import sparse
 
-        self.axes = axes(votes)
-        self.nominal = encode(votes, label, self.axes)
+        self.axes = axes(annotations)
+        self.nominal = encode(annotations, label, self.axes)
         self.items, self.annotators = self.axes[2], self.axes[3]
         counts = self.nominal.counts
         self.n_per_item = counts.sum(1)
         self.multi = np.flatnonzero(self.n_per_item >= 2)
         self.n_raters = fleiss_raters(counts)
         self.alpha_codes = {
-            level: self.nominal if (column == label and level == "nominal") else encode(votes, column, self.axes)
+            level: self.nominal if (column == label and level == "nominal") else encode(annotations, column, self.axes)
             for level, column in alpha_levels.items()
         }
         # label counts per item (items with two or more labels only): everything dense derives from them
@@ -522,7 +522,7 @@ def _num(x) -> float | None:
 
 
 def agreement_report(
-    votes: pd.DataFrame,
+    annotations: pd.DataFrame,
     label: str = "choice",
     alpha_levels: Mapping[str, str] | None = None,
     *,
@@ -539,7 +539,7 @@ def agreement_report(
     the reason under "notes".
     """
     for col in ("item_id", "annotator", label):
-        if col not in votes.columns:
+        if col not in annotations.columns:
             raise AnnotationError(f"votes lack the column '{col}'")
     alpha_levels = dict(alpha_levels or {"nominal": label})
     for level in alpha_levels:
@@ -551,8 +551,8 @@ def agreement_report(
     if not 0 < confidence < 1:
         raise AnnotationError(f"confidence must be between 0 and 1, got {confidence}")
 
-    votes = votes[votes[label].notna()]
-    stats = ItemStats(votes, label, alpha_levels, min_shared)
+    annotations = annotations[annotations[label].notna()]
+    stats = ItemStats(annotations, label, alpha_levels, min_shared)
     point = stats.point()
     samples = stats.bootstrap(bootstrap, seed)
 
@@ -601,11 +601,11 @@ def agreement_report(
             "n_items": int(stats.shared[pid]), "kappa": kappa, "interval": ci,
         })
 
-    table = annotator_table(votes, label, stats.nominal).reset_index()
+    table = annotator_table(annotations, label, stats.nominal).reset_index()
     return {
         "n_items": int(len(stats.items)),
         "n_annotators": int(n_ann),
-        "n_labels": int(len(votes)),
+        "n_labels": int(len(annotations)),
         "n_items_multi": int(n_multi),
         "percent_agreement": _num(point["percent_agreement"]),
         "fleiss_kappa": _num(point["fleiss_kappa"]),
@@ -634,11 +634,11 @@ def _clean(v):
     return v
 
 
-def project_report(votes: pd.DataFrame, **kwargs) -> dict:
+def project_report(annotations: pd.DataFrame, **kwargs) -> dict:
     """`agreement_report` for a project's annotations: nominal on the choice, ordinal on the signed scale."""
-    votes = votes.assign(scale=signed_scale(votes))
-    report = agreement_report(votes, "choice", {"nominal": "choice", "ordinal": "scale"}, **kwargs)
-    excluded = int(votes["scale"].isna().sum())
+    annotations = annotations.assign(scale=signed_scale(annotations))
+    report = agreement_report(annotations, "choice", {"nominal": "choice", "ordinal": "scale"}, **kwargs)
+    excluded = int(annotations["scale"].isna().sum())
     report["ordinal_scale"] = {
         "values": "A strong +3, A clear +2, A slight +1, tie 0, B slight -1, B clear -2, B strong -3",
         "excluded": excluded,
@@ -670,7 +670,7 @@ def _others_median(x: pd.Series) -> pd.Series:
     return pd.Series(out, index=x.index)
 
 
-def annotator_table(votes: pd.DataFrame, label: str = "choice", codes: Codes | None = None) -> pd.DataFrame:
+def annotator_table(annotations: pd.DataFrame, label: str = "choice", codes: Codes | None = None) -> pd.DataFrame:
     """One row per annotator: count, agreement with the leave-one-out majority, gold accuracy,
     left-choice rate (with a binomial p-value against 0.5), tie rate, median duration, outlier flags.
 
@@ -681,11 +681,11 @@ def annotator_table(votes: pd.DataFrame, label: str = "choice", codes: Codes | N
     """
     from scipy.stats import binomtest
 
-    votes = votes[votes[label].notna()]
-    if votes.empty:
+    annotations = annotations[annotations[label].notna()]
+    if annotations.empty:
         return pd.DataFrame(columns=["count", "outlier", "outlier_reasons"]).rename_axis("annotator")
     if codes is None:
-        codes = encode(votes, label)
+        codes = encode(annotations, label)
     annotators = codes.annotators
     n_ann = len(annotators)
     table = pd.DataFrame(index=annotators)
@@ -713,8 +713,8 @@ def annotator_table(votes: pd.DataFrame, label: str = "choice", codes: Codes | N
         den = np.bincount(w, weights=among, minlength=n_ann)
         return np.where(den > 0, num / np.maximum(den, 1), np.nan), den
 
-    if "gold_choice" in votes.columns:
-        gold = votes["gold_choice"]
+    if "gold_choice" in annotations.columns:
+        gold = annotations["gold_choice"]
         has_gold = gold.notna().to_numpy(bool)
         gold_code = value_index.get_indexer(gold.where(gold.notna(), None).astype(object))
         acc, n_gold = rate(has_gold & (gold_code == codes.k), has_gold)
@@ -722,8 +722,8 @@ def annotator_table(votes: pd.DataFrame, label: str = "choice", codes: Codes | N
     else:
         table["gold_accuracy"], table["n_gold"] = np.nan, 0
     is_choice = label == "choice"
-    if "shown_swapped" in votes.columns and is_choice:
-        swapped = votes["shown_swapped"].fillna(False).to_numpy(bool)
+    if "shown_swapped" in annotations.columns and is_choice:
+        swapped = annotations["shown_swapped"].fillna(False).to_numpy(bool)
         left = (said("a") & ~swapped) | (said("b") & swapped)
         sided = said("a") | said("b")
         left_rate, n_sided = rate(left, sided)
@@ -734,8 +734,8 @@ def annotator_table(votes: pd.DataFrame, label: str = "choice", codes: Codes | N
     else:
         table["left_rate"], table["n_sided"], table["position_p"] = np.nan, 0, np.nan
     table["tie_rate"] = rate(said("tie"), np.ones(len(codes.k), dtype=bool))[0] if is_choice else np.nan
-    if "duration_ms" in votes.columns:
-        dur = pd.to_numeric(votes["duration_ms"], errors="coerce").astype(float).to_numpy()
+    if "duration_ms" in annotations.columns:
+        dur = pd.to_numeric(annotations["duration_ms"], errors="coerce").astype(float).to_numpy()
         table["median_duration_ms"] = pd.Series(dur).groupby(w).median().reindex(range(n_ann)).to_numpy(float)
     else:
         table["median_duration_ms"] = np.nan
@@ -761,14 +761,14 @@ def annotator_table(votes: pd.DataFrame, label: str = "choice", codes: Codes | N
     return table
 
 
-def item_table(votes: pd.DataFrame, label: str = "choice", top: int | None = None) -> pd.DataFrame:
+def item_table(annotations: pd.DataFrame, label: str = "choice", top: int | None = None) -> pd.DataFrame:
     """One row per item: n_annotations, agreement (share of agreeing annotator pairs; NaN for a single
     label), the majority label (None on a tie) and the votes as text, most disputed first (lowest
     agreement, then most labels). `top` keeps only the first rows."""
-    votes = votes[votes[label].notna()]
-    if votes.empty:
+    annotations = annotations[annotations[label].notna()]
+    if annotations.empty:
         return pd.DataFrame(columns=["n_annotations", "agreement", "majority", "votes"]).rename_axis("item_id")
-    codes = encode(votes, label)
+    codes = encode(annotations, label)
     counts = codes.counts
     n = counts.sum(1)
     agreement = np.where(n >= 2, (counts * (counts - 1)).sum(1) / np.maximum(n * (n - 1), 1), np.nan)
@@ -793,29 +793,29 @@ def item_table(votes: pd.DataFrame, label: str = "choice", top: int | None = Non
     )
 
 
-def disputed_items(votes: pd.DataFrame, label: str = "choice", top: int = 10) -> list[dict]:
+def disputed_items(annotations: pd.DataFrame, label: str = "choice", top: int = 10) -> list[dict]:
     """The `top` most disputed items with two or more labels, JSON-ready."""
-    table = item_table(votes, label, top)
+    table = item_table(annotations, label, top)
     table = table[table["n_annotations"] >= 2].reset_index()
     return [{k: _clean(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
 
 
-def agreement_over_time(votes: pd.DataFrame, freq: str = "D", label: str = "choice", by_annotator: bool = False) -> pd.DataFrame:
+def agreement_over_time(annotations: pd.DataFrame, freq: str = "D", label: str = "choice", by_annotator: bool = False) -> pd.DataFrame:
     """Per period of created_at (and annotator, with `by_annotator`): labels given and their mean
     agreement with the other labels on the same item (the share of the item's other annotators who
     chose the same), over items with two or more labels."""
     columns = ["period", *(["annotator"] if by_annotator else []), "n_labels", "agreement"]
-    votes = votes[votes[label].notna()]
-    if votes.empty or "created_at" not in votes.columns:
+    annotations = annotations[annotations[label].notna()]
+    if annotations.empty or "created_at" not in annotations.columns:
         return pd.DataFrame(columns=columns)
-    codes = encode(votes, label)
+    codes = encode(annotations, label)
     counts = codes.counts
     n = counts.sum(1)[codes.t]
     same = counts[codes.t, codes.k] - 1
     multi = n >= 2
     frame = pd.DataFrame({
-        "period": pd.to_datetime(votes["created_at"]).dt.to_period(freq).dt.start_time.to_numpy()[multi],
-        "annotator": votes["annotator"].to_numpy(dtype=object)[multi],
+        "period": pd.to_datetime(annotations["created_at"]).dt.to_period(freq).dt.start_time.to_numpy()[multi],
+        "annotator": annotations["annotator"].to_numpy(dtype=object)[multi],
         "agreement": (same / np.maximum(n - 1, 1))[multi],
     })
     keys = ["period", "annotator"] if by_annotator else ["period"]
@@ -826,7 +826,7 @@ def agreement_over_time(votes: pd.DataFrame, freq: str = "D", label: str = "choi
 # --------------------------------------------------------------------------- rankings
 #
 # Items with 3 to 6 responses are ranked, not compared: each annotation holds every response's rank
-# (stored order, 1 = best, ties equal). The pairwise metrics above never see them (load_votes leaves
+# (stored order, 1 = best, ties equal). The pairwise metrics above never see them (load_annotations leaves
 # them out); these do. Ties are scored as mid-ranks (the mean of the places the tied responses
 # share: [1, 1, 3, 4] becomes [1.5, 1.5, 3, 4]), as Kendall's tie correction assumes.
 #

@@ -147,7 +147,7 @@ def _check_bootstrap(bootstrap: int, confidence: float) -> None:
 
 
 def model_vs_aggregate(
-    votes: pd.DataFrame,
+    annotations: pd.DataFrame,
     opinion: pd.DataFrame,
     *,
     method: str = "majority",
@@ -165,7 +165,7 @@ def model_vs_aggregate(
     """
     _check_opinion(opinion)
     _check_bootstrap(bootstrap, confidence)
-    agg = aggregated if aggregated is not None else aggregate(votes, method)
+    agg = aggregated if aggregated is not None else aggregate(annotations, method)
     human = agg["label"].dropna()
     model = _compared(opinion["label"])
     both = human.index.intersection(model.index)
@@ -190,7 +190,7 @@ def model_vs_aggregate(
 
 
 def model_vs_annotators(
-    votes: pd.DataFrame,
+    annotations: pd.DataFrame,
     opinion: pd.DataFrame,
     *,
     bootstrap: int = ag.DEFAULT_RESAMPLES,
@@ -203,11 +203,11 @@ def model_vs_annotators(
     `agreement_report`, kappa needs `min_shared` shared items (None below, agreement still given)."""
     _check_opinion(opinion)
     _check_bootstrap(bootstrap, confidence)
-    votes = votes[votes["choice"].notna()]
+    annotations = annotations[annotations["choice"].notna()]
     model = _compared(opinion["label"])
-    shared = votes[votes["item_id"].isin(model.index)]
+    shared = annotations[annotations["item_id"].isin(model.index)]
     said_by_model = model.reindex(shared["item_id"]).to_numpy(object)
-    annotators = pd.factorize(votes["annotator"], sort=True)[1]
+    annotators = pd.factorize(annotations["annotator"], sort=True)[1]
     w_shared = pd.Index(annotators).get_indexer(shared["annotator"])
     (hc, mc), values = _codes(shared["choice"].to_numpy(object), said_by_model)
     k = max(len(values), 1)
@@ -223,19 +223,19 @@ def model_vs_annotators(
     return rows
 
 
-def model_as_rater(votes: pd.DataFrame, opinion: pd.DataFrame) -> dict:
+def model_as_rater(annotations: pd.DataFrame, opinion: pd.DataFrame) -> dict:
     """The model's row of annotation.agreement's per-annotator table, the model joined as one more
     annotator: agreement with the people's plurality on each item, gold accuracy, undecided rate."""
     _check_opinion(opinion)
-    votes = votes[votes["choice"].notna()]
+    annotations = annotations[annotations["choice"].notna()]
     model = _compared(opinion["label"])
-    model = model[model.index.isin(votes["item_id"])]
-    gold = votes.drop_duplicates("item_id").set_index("item_id")["gold_choice"] if "gold_choice" in votes.columns else None
+    model = model[model.index.isin(annotations["item_id"])]
+    gold = annotations.drop_duplicates("item_id").set_index("item_id")["gold_choice"] if "gold_choice" in annotations.columns else None
     model_votes = pd.DataFrame({
         "item_id": model.index.to_numpy(), "annotator": MODEL_RATER, "choice": model.to_numpy(object),
         "gold_choice": gold.reindex(model.index).to_numpy(object) if gold is not None else None,
     })
-    humans = votes[["item_id", "annotator", "choice"] + (["gold_choice"] if gold is not None else [])]
+    humans = annotations[["item_id", "annotator", "choice"] + (["gold_choice"] if gold is not None else [])]
     # a real annotator could be called "model": prefix the people so the model's row is its own
     humans = humans.assign(annotator="~" + humans["annotator"].astype(str))
     table = ag.annotator_table(pd.concat([humans, model_votes], ignore_index=True), "choice")
@@ -255,7 +255,7 @@ def model_as_rater(votes: pd.DataFrame, opinion: pd.DataFrame) -> dict:
 
 
 def label_noise(
-    votes: pd.DataFrame,
+    annotations: pd.DataFrame,
     opinion: pd.DataFrame,
     items: pd.DataFrame | None = None,
     *,
@@ -279,7 +279,7 @@ def label_noise(
     check_options(threshold, method, min_share, min_annotations, min_posterior)
     if top is not None and top < 0:
         raise AnnotationError(f"--top must be 0 or more, got {top}")
-    agg = aggregated if aggregated is not None else aggregate(votes, method)
+    agg = aggregated if aggregated is not None else aggregate(annotations, method)
     frame = agg.join(opinion[[c for c in OPINION_COLUMNS if c in opinion.columns]].add_prefix("model_"), how="inner")
     if method == "majority":
         strong = (frame["confidence"] >= min_share - _TOL) & (frame["n_annotations"] >= min_annotations)
@@ -293,7 +293,7 @@ def label_noise(
     n_candidates = len(hits)
     if top is not None:
         hits = hits.iloc[:top]
-    vote_text = ag.item_table(votes[votes["item_id"].isin(hits.index)])["votes"] if len(hits) else pd.Series(dtype=object)
+    vote_text = ag.item_table(annotations[annotations["item_id"].isin(hits.index)])["votes"] if len(hits) else pd.Series(dtype=object)
     rows = []
     for item_id, r in hits.iterrows():
         row = {
@@ -315,7 +315,7 @@ def label_noise(
 
 
 def model_report(
-    votes: pd.DataFrame,
+    annotations: pd.DataFrame,
     opinion: pd.DataFrame,
     items: pd.DataFrame | None = None,
     *,
@@ -333,25 +333,25 @@ def model_report(
     """(a), (b), the model's rater row and (c) as one JSON-ready dict (the `model` section of `rlhf agreement`)."""
     check_options(noise_threshold, method, min_share, min_annotations, min_posterior)
     _check_opinion(opinion)
-    votes = votes[votes["choice"].notna()]
+    annotations = annotations[annotations["choice"].notna()]
     notes: dict[str, str] = {}
-    if votes.empty:
+    if annotations.empty:
         notes["model"] = "no annotations to compare the model with"
-        aggregated = aggregate(votes, "majority")
+        aggregated = aggregate(annotations, "majority")
     else:
-        aggregated = aggregate(votes, method)
-    scored = opinion[opinion.index.isin(votes["item_id"])]
+        aggregated = aggregate(annotations, method)
+    scored = opinion[opinion.index.isin(annotations["item_id"])]
     n_undecided = int((scored["label"] == UNDECIDED).sum())
     out = {
         "n_scored": int(len(opinion)),
         "n_compared_items": int(len(scored)),
         "n_undecided": n_undecided,
-        "project": model_vs_aggregate(votes, opinion, method=method, bootstrap=bootstrap, seed=seed,
+        "project": model_vs_aggregate(annotations, opinion, method=method, bootstrap=bootstrap, seed=seed,
                                       confidence=confidence, aggregated=aggregated),
-        "as_rater": model_as_rater(votes, opinion) if len(scored) else None,
-        "annotators": model_vs_annotators(votes, opinion, bootstrap=bootstrap, seed=seed, confidence=confidence,
-                                          min_shared=min_shared) if not votes.empty else [],
-        "label_noise": label_noise(votes, opinion, items, threshold=noise_threshold, method=method, min_share=min_share,
+        "as_rater": model_as_rater(annotations, opinion) if len(scored) else None,
+        "annotators": model_vs_annotators(annotations, opinion, bootstrap=bootstrap, seed=seed, confidence=confidence,
+                                          min_shared=min_shared) if not annotations.empty else [],
+        "label_noise": label_noise(annotations, opinion, items, threshold=noise_threshold, method=method, min_share=min_share,
                                    min_annotations=min_annotations, min_posterior=min_posterior, top=top,
                                    aggregated=aggregated),
         "min_shared": min_shared,
@@ -359,7 +359,7 @@ def model_report(
         "undecided_as": UNDECIDED_AS,
         "notes": notes,
     }
-    not_scored = int((~votes["item_id"].drop_duplicates().isin(opinion.index)).sum())
+    not_scored = int((~annotations["item_id"].drop_duplicates().isin(opinion.index)).sum())
     if not_scored:
         notes["not_scored"] = f"{not_scored} annotated items have no model score (annotated after scoring); score again to include them"
     if any(r["kappa"] is None and r["n_items"] for r in out["annotators"]):

@@ -184,8 +184,8 @@ def agreement(
     if project is not None:
         if level is not None:
             raise AnnotationError("--level applies to --labels only; a project's report has nominal and ordinal alpha both")
-        votes = ag.load_votes(engine(), project)
-        report = ag.project_report(votes, **options)
+        annotations = ag.load_annotations(engine(), project)
+        report = ag.project_report(annotations, **options)
         rankings = ag.project_ranking_report(engine(), project, bootstrap=bootstrap, seed=seed)
         if rankings is not None:
             report["rankings"] = rankings
@@ -193,15 +193,15 @@ def agreement(
     else:
         level = level or "nominal"
         ag.check_level(level)
-        votes = ag.read_labels_csv(labels, level)
-        report = ag.labels_report(votes, level, **options)
+        annotations = ag.read_labels_csv(labels, level)
+        report = ag.labels_report(annotations, level, **options)
         label = "label"
     report["source"] = {"project": project} if project is not None else {"labels": labels, "level": level}
-    report["disputed"] = ag.disputed_items(votes, label, top)
+    report["disputed"] = ag.disputed_items(annotations, label, top)
     if with_model is not None:
         from reward.second_opinion import second_opinion
 
         # the loaded votes are passed on: the model is compared with the very labels reported above
-        report["model"] = second_opinion(engine(), project, with_model, votes=votes, noise_threshold=noise_threshold,
+        report["model"] = second_opinion(engine(), project, with_model, annotations=annotations, noise_threshold=noise_threshold,
                                          top=top, **options)
     emit(report, as_json, render_text(report))

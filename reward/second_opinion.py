@@ -149,17 +149,17 @@ def score_project(engine, project: str, model: str | int | None = None, *, score
             "items": items}
 
 
-def second_opinion(engine, project: str, model: str | int | None = None, *, votes: pd.DataFrame | None = None, scorer=None,
+def second_opinion(engine, project: str, model: str | int | None = None, *, annotations: pd.DataFrame | None = None, scorer=None,
                    margin: float = DEFAULT_MARGIN, batch_size: int | None = None, **report_options) -> dict:
     """Score the project and compare: annotation.second_opinion.model_report plus which model and
     the margin. `votes` (annotation.agreement.load_votes) saves loading them again."""
-    from annotation.agreement import load_votes
+    from annotation.agreement import load_annotations
 
     # options are checked before the model loads: a typo costs no minutes of scoring
     checked = ("noise_threshold", "method", "min_share", "min_annotations", "min_posterior")
     so.check_options(**{k: report_options[k] for k in checked if k in report_options})
     check_margin(margin)
     scored = score_project(engine, project, model, scorer=scorer, margin=margin, batch_size=batch_size)
-    votes = load_votes(engine, project) if votes is None else votes
-    report = so.model_report(votes, scored["opinion"], scored["items"], **report_options)
+    annotations = load_annotations(engine, project) if annotations is None else annotations
+    report = so.model_report(annotations, scored["opinion"], scored["items"], **report_options)
     return {"model": scored["model"], "undecided_margin": margin, **report}

@@ -47,8 +47,8 @@ def votes_from_matrix(matrix: np.ndarray, column: str = "label") -> pd.DataFrame
     return pd.DataFrame(rows, columns=["item_id", "annotator", column])
 
 
-def matrix_from_votes(votes: pd.DataFrame, column: str) -> np.ndarray:
-    return votes.pivot(index="annotator", columns="item_id", values=column).to_numpy(float)
+def matrix_from_votes(annotations: pd.DataFrame, column: str) -> np.ndarray:
+    return annotations.pivot(index="annotator", columns="item_id", values=column).to_numpy(float)
 
 
 def random_votes(n_items=300, n_ann=5, p_label=0.7, accuracy=0.6, seed=0) -> pd.DataFrame:
@@ -75,9 +75,9 @@ def no_nan(obj) -> bool:
 def test_fleiss_1971_published_example():
     rows = [(i, f"r{r}", cat) for i, counts in enumerate(FLEISS_1971) for cat, c in enumerate(counts) for r in range(c)]
     # rater ids restart per category above, so give each item's 14 ratings distinct raters
-    votes = pd.DataFrame(rows, columns=["item_id", "annotator", "label"])
-    votes["annotator"] = votes.groupby("item_id").cumcount().map(lambda r: f"r{r}")
-    report = ag.agreement_report(votes, "label", bootstrap=0)
+    annotations = pd.DataFrame(rows, columns=["item_id", "annotator", "label"])
+    annotations["annotator"] = annotations.groupby("item_id").cumcount().map(lambda r: f"r{r}")
+    report = ag.agreement_report(annotations, "label", bootstrap=0)
     assert round(report["fleiss_kappa"], 3) == 0.210
     assert report["fleiss_kappa"] == pytest.approx(sm_fleiss_kappa(FLEISS_1971, method="fleiss"), abs=1e-12)
     assert report["fleiss_raters"] == 14
@@ -85,8 +85,8 @@ def test_fleiss_1971_published_example():
 
 @pytest.mark.parametrize("level,published", [("nominal", 0.743), ("ordinal", 0.815), ("interval", 0.849)])
 def test_krippendorff_2011_example_c(level, published):
-    votes = votes_from_matrix(KRIPPENDORFF_C)
-    report = ag.agreement_report(votes, "label", {level: "label"}, bootstrap=0)
+    annotations = votes_from_matrix(KRIPPENDORFF_C)
+    report = ag.agreement_report(annotations, "label", {level: "label"}, bootstrap=0)
     alpha = report["krippendorff_alpha"][level]
     assert round(alpha, 3) == published
     assert alpha == pytest.approx(krippendorff.alpha(reliability_data=KRIPPENDORFF_C, level_of_measurement=level), abs=1e-12)
@@ -99,15 +99,15 @@ def test_krippendorff_2011_example_c(level, published):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_metrics_match_reference_libraries(seed):
-    votes = random_votes(n_items=250, n_ann=5, p_label=0.65, seed=seed)
-    report = ag.project_report(votes, bootstrap=0, min_shared=5)
+    annotations = random_votes(n_items=250, n_ann=5, p_label=0.65, seed=seed)
+    report = ag.project_report(annotations, bootstrap=0, min_shared=5)
 
     codes = {c: i for i, c in enumerate(CHOICES)}
-    nominal = matrix_from_votes(votes.assign(code=votes["choice"].map(codes)), "code")
+    nominal = matrix_from_votes(annotations.assign(code=annotations["choice"].map(codes)), "code")
     assert report["krippendorff_alpha"]["nominal"] == pytest.approx(
         krippendorff.alpha(reliability_data=nominal, level_of_measurement="nominal"), abs=1e-9
     )
-    scale = matrix_from_votes(votes.assign(scale=ag.signed_scale(votes)), "scale")
+    scale = matrix_from_votes(annotations.assign(scale=ag.signed_scale(annotations)), "scale")
     assert report["krippendorff_alpha"]["ordinal"] == pytest.approx(
         krippendorff.alpha(reliability_data=scale, level_of_measurement="ordinal"), abs=1e-9
     )
@@ -135,9 +135,9 @@ def test_interval_and_numeric_labels_match_krippendorff():
     rng = np.random.default_rng(5)
     data = rng.integers(1, 8, size=(6, 80)).astype(float)
     data[rng.random(data.shape) < 0.3] = np.nan
-    votes = votes_from_matrix(data)
+    annotations = votes_from_matrix(data)
     for level in ("ordinal", "interval"):
-        report = ag.agreement_report(votes, "label", {level: "label"}, bootstrap=0)
+        report = ag.agreement_report(annotations, "label", {level: "label"}, bootstrap=0)
         assert report["krippendorff_alpha"][level] == pytest.approx(
             krippendorff.alpha(reliability_data=data, level_of_measurement=level), abs=1e-9
         )
@@ -148,15 +148,15 @@ def test_interval_and_numeric_labels_match_krippendorff():
 
 def test_weighted_evaluation_equals_libraries_on_the_resampled_items():
     """A bootstrap replicate is item weights; check one against the libraries on the duplicated items."""
-    votes = random_votes(n_items=120, seed=3)
-    stats = ag.ItemStats(votes, "choice", {"nominal": "choice"}, min_shared=1)
+    annotations = random_votes(n_items=120, seed=3)
+    stats = ag.ItemStats(annotations, "choice", {"nominal": "choice"}, min_shared=1)
     rng = np.random.default_rng(0)
     draw = rng.integers(0, len(stats.multi), len(stats.multi))
     weights = np.bincount(draw, minlength=len(stats.multi)).astype(float)
     got = stats.evaluate(weights)
     chosen = stats.items[stats.multi[draw]]
     copies = pd.concat(
-        [votes[votes["item_id"] == item].assign(item_id=j) for j, item in enumerate(chosen)], ignore_index=True
+        [annotations[annotations["item_id"] == item].assign(item_id=j) for j, item in enumerate(chosen)], ignore_index=True
     )
     codes = {c: i for i, c in enumerate(CHOICES)}
     matrix = matrix_from_votes(copies.assign(code=copies["choice"].map(codes)), "code")
@@ -168,10 +168,10 @@ def test_weighted_evaluation_equals_libraries_on_the_resampled_items():
 
 
 def test_bootstrap_intervals_agree_with_a_naive_item_bootstrap():
-    votes = random_votes(n_items=200, seed=4)
-    report = ag.agreement_report(votes, "choice", bootstrap=400, seed=1)
+    annotations = random_votes(n_items=200, seed=4)
+    report = ag.agreement_report(annotations, "choice", bootstrap=400, seed=1)
     codes = {c: i for i, c in enumerate(CHOICES)}
-    matrix = matrix_from_votes(votes.assign(code=votes["choice"].map(codes)), "code")
+    matrix = matrix_from_votes(annotations.assign(code=annotations["choice"].map(codes)), "code")
     rng = np.random.default_rng(123)
     alphas = []
     for _ in range(300):
@@ -186,10 +186,10 @@ def test_bootstrap_intervals_agree_with_a_naive_item_bootstrap():
 
 def test_bootstrap_without_pattern_compression_gives_the_same_intervals(monkeypatch):
     """Many annotators: items are drawn one by one instead of by label pattern; same distribution."""
-    votes = random_votes(n_items=300, seed=9)
-    packed = ag.agreement_report(votes, "choice", bootstrap=600, seed=2)
+    annotations = random_votes(n_items=300, seed=9)
+    packed = ag.agreement_report(annotations, "choice", bootstrap=600, seed=2)
     monkeypatch.setattr(ag, "MAX_PATTERN_CELLS", 0)
-    plain = ag.agreement_report(votes, "choice", bootstrap=600, seed=3)
+    plain = ag.agreement_report(annotations, "choice", bootstrap=600, seed=3)
     assert plain["intervals"]["cohen_kappa"] == pytest.approx(packed["intervals"]["cohen_kappa"], abs=0.02)
     for a, b in zip(plain["cohen_kappa"]["pairs"], packed["cohen_kappa"]["pairs"]):
         assert a["interval"] == pytest.approx(b["interval"], abs=0.03)
@@ -216,8 +216,8 @@ def test_intervals_contain_the_estimate_and_shrink_with_more_items():
 
 
 def test_one_annotator_gives_none_with_reasons():
-    votes = pd.DataFrame({"item_id": [1, 2, 3], "annotator": ["x"] * 3, "choice": ["a", "b", "tie"]})
-    report = ag.project_report(votes)
+    annotations = pd.DataFrame({"item_id": [1, 2, 3], "annotator": ["x"] * 3, "choice": ["a", "b", "tie"]})
+    report = ag.project_report(annotations)
     assert report["n_annotators"] == 1 and report["n_items_multi"] == 0
     assert report["percent_agreement"] is None and report["fleiss_kappa"] is None
     assert report["krippendorff_alpha"] == {"nominal": None, "ordinal": None}
@@ -229,10 +229,10 @@ def test_one_annotator_gives_none_with_reasons():
 
 
 def test_all_labels_equal_gives_perfect_percent_agreement_and_undefined_chance_corrected_metrics():
-    votes = pd.DataFrame(
+    annotations = pd.DataFrame(
         {"item_id": np.repeat(np.arange(20), 3), "annotator": ["x", "y", "z"] * 20, "choice": "a", "strength": 2}
     )
-    report = ag.project_report(votes, bootstrap=50)
+    report = ag.project_report(annotations, bootstrap=50)
     assert report["percent_agreement"] == 1.0
     assert report["fleiss_kappa"] is None and "chance agreement is 1" in report["notes"]["fleiss_kappa"]
     assert report["krippendorff_alpha"]["nominal"] is None and "only one value" in report["notes"]["krippendorff_alpha.nominal"]
@@ -245,10 +245,10 @@ def test_all_labels_equal_gives_perfect_percent_agreement_and_undefined_chance_c
 
 
 def test_items_with_a_single_label_are_left_out_and_counted():
-    votes = random_votes(n_items=60, seed=8)
+    annotations = random_votes(n_items=60, seed=8)
     extra = pd.DataFrame({"item_id": [1000, 1001], "annotator": ["u0", "u1"], "choice": ["a", "b"], "strength": 1})
-    with_single = ag.project_report(pd.concat([votes, extra], ignore_index=True), bootstrap=0)
-    without = ag.project_report(votes, bootstrap=0)
+    with_single = ag.project_report(pd.concat([annotations, extra], ignore_index=True), bootstrap=0)
+    without = ag.project_report(annotations, bootstrap=0)
     assert with_single["n_items"] == without["n_items"] + 2
     assert with_single["n_items_multi"] == without["n_items_multi"]
     for key in ("percent_agreement", "fleiss_kappa"):
@@ -260,26 +260,26 @@ def test_empty_votes_and_bad_options():
     empty = pd.DataFrame(columns=["item_id", "annotator", "choice", "strength"])
     report = ag.project_report(empty)
     assert report["n_items"] == 0 and report["percent_agreement"] is None and no_nan(report)
-    votes = random_votes(n_items=10)
+    annotations = random_votes(n_items=10)
     with pytest.raises(AnnotationError, match="--bootstrap"):
-        ag.project_report(votes, bootstrap=-1)
+        ag.project_report(annotations, bootstrap=-1)
     with pytest.raises(AnnotationError, match="unknown level"):
-        ag.agreement_report(votes, "choice", {"ratio": "choice"})
+        ag.agreement_report(annotations, "choice", {"ratio": "choice"})
     with pytest.raises(AnnotationError, match="lack the column 'label'"):
-        ag.agreement_report(votes, "label")
+        ag.agreement_report(annotations, "label")
 
 
 def test_ordinal_scale_and_both_bad_exclusion():
-    votes = pd.DataFrame({
+    annotations = pd.DataFrame({
         "item_id": [1] * 7,
         "annotator": list("abcdefg"),
         "choice": ["a", "a", "b", "tie", "both_bad", "b", "a"],
         "strength": pd.array([3, 1, 2, None, 2, 3, None], dtype="Int64"),
     })
-    assert ag.signed_scale(votes).tolist()[:4] == [3.0, 1.0, -2.0, 0.0]
-    assert np.isnan(ag.signed_scale(votes).iloc[4]) and ag.signed_scale(votes).iloc[5] == -3.0
-    assert np.isnan(ag.signed_scale(votes).iloc[6])  # an A choice without a strength
-    assert ag.project_report(votes, bootstrap=0)["ordinal_scale"]["excluded"] == 2
+    assert ag.signed_scale(annotations).tolist()[:4] == [3.0, 1.0, -2.0, 0.0]
+    assert np.isnan(ag.signed_scale(annotations).iloc[4]) and ag.signed_scale(annotations).iloc[5] == -3.0
+    assert np.isnan(ag.signed_scale(annotations).iloc[6])  # an A choice without a strength
+    assert ag.project_report(annotations, bootstrap=0)["ordinal_scale"]["excluded"] == 2
 
 
 # --------------------------------------------------------------------------- per annotator and per item
@@ -287,7 +287,7 @@ def test_ordinal_scale_and_both_bad_exclusion():
 
 def test_annotator_table_by_hand():
     # x and y agree everywhere; z disagrees on item 2. Item 3 is gold "b".
-    votes = pd.DataFrame({
+    annotations = pd.DataFrame({
         "item_id": [1, 1, 1, 2, 2, 2, 3, 3, 3],
         "annotator": ["x", "y", "z"] * 3,
         "choice": ["a", "a", "a", "b", "b", "tie", "b", "b", "a"],
@@ -295,7 +295,7 @@ def test_annotator_table_by_hand():
         "duration_ms": [1000, 2000, 300, 3000, 4000, 500, 5000, 6000, 700],
         "gold_choice": [None, None, None, None, None, None, "b", "b", "b"],
     })
-    table = ag.annotator_table(votes)
+    table = ag.annotator_table(annotations)
     assert table.loc["x", "loo_agreement"] == 1.0
     assert table.loc["z", "loo_agreement"] == pytest.approx(1 / 3)
     assert table.loc["z", "gold_accuracy"] == 0.0 and table.loc["y", "gold_accuracy"] == 1.0
@@ -321,8 +321,8 @@ def test_outliers_are_marked():
             if a == 5:  # always picks whatever was shown on the left
                 k = 1 if swapped else 0
             rows.append((i, f"u{a}", CHOICES[k], swapped, 20000 if a != 3 else 2000))
-    votes = pd.DataFrame(rows, columns=["item_id", "annotator", "choice", "shown_swapped", "duration_ms"])
-    table = ag.annotator_table(votes)
+    annotations = pd.DataFrame(rows, columns=["item_id", "annotator", "choice", "shown_swapped", "duration_ms"])
+    table = ag.annotator_table(annotations)
     assert "low agreement" in table.loc["u4", "outlier_reasons"]
     assert "position bias" in table.loc["u5", "outlier_reasons"] and table.loc["u5", "left_rate"] == 1.0
     assert "faster" in table.loc["u3", "outlier_reasons"]
@@ -330,20 +330,20 @@ def test_outliers_are_marked():
 
 
 def test_item_table_sorts_most_disputed_first_and_time_series():
-    votes = pd.DataFrame({
+    annotations = pd.DataFrame({
         "item_id": [1, 1, 1, 2, 2, 2, 3, 3, 4],
         "annotator": ["x", "y", "z", "x", "y", "z", "x", "y", "x"],
         "choice": ["a", "a", "a", "a", "b", "tie", "a", "b", "a"],
         "created_at": pd.to_datetime(["2026-01-01"] * 3 + ["2026-01-02"] * 6),
     })
-    table = ag.item_table(votes)
+    table = ag.item_table(annotations)
     assert list(table.index) == [2, 3, 1, 4]  # 3-way split (0 agreement, 3 labels) before a 1-1 split
     assert table.loc[2, "majority"] is None and table.loc[1, "majority"] == "a"
     assert table.loc[2, "votes"] == "a x1, b x1, tie x1" and np.isnan(table.loc[4, "agreement"])
-    assert [d["item_id"] for d in ag.disputed_items(votes, top=3)] == [2, 3, 1]
-    series = ag.agreement_over_time(votes, "D")
+    assert [d["item_id"] for d in ag.disputed_items(annotations, top=3)] == [2, 3, 1]
+    series = ag.agreement_over_time(annotations, "D")
     assert series["agreement"].tolist() == [1.0, 0.0] and series["n_labels"].tolist() == [3, 5]
-    per = ag.agreement_over_time(votes, "D", by_annotator=True).set_index(["period", "annotator"])
+    per = ag.agreement_over_time(annotations, "D", by_annotator=True).set_index(["period", "annotator"])
     assert per.loc[(pd.Timestamp("2026-01-02"), "x"), "agreement"] == 0.0 and per.loc[(pd.Timestamp("2026-01-02"), "x"), "n_labels"] == 2
     assert per.loc[(pd.Timestamp("2026-01-01"), "z"), "agreement"] == 1.0
 
@@ -429,23 +429,23 @@ def seed_project(engine):
         return [i.id for i in items]
 
 
-def test_load_votes_on_both_databases(engine):
+def test_load_annotations_on_both_databases(engine):
     ids = seed_project(engine)
-    votes = ag.load_votes(engine, "agree")
-    assert list(votes.columns) == ag.VOTE_COLUMNS
-    assert len(votes) == 3 and set(votes["item_id"]) == {ids[0], ids[1]}  # the other project's annotation is not here
-    first = votes.iloc[0]
+    annotations = ag.load_annotations(engine, "agree")
+    assert list(annotations.columns) == ag.ANNOTATION_COLUMNS
+    assert len(annotations) == 3 and set(annotations["item_id"]) == {ids[0], ids[1]}  # the other project's annotation is not here
+    first = annotations.iloc[0]
     assert (first["annotator"], first["choice"], first["strength"], bool(first["shown_swapped"])) == ("ann", "a", 3, True)
     assert first["duration_ms"] == 1500 and first["gold_choice"] == "a"
     assert first["created_at"] == pd.Timestamp("2026-01-01 12:00")
-    assert pd.isna(votes.iloc[2]["strength"]) and pd.isna(votes.iloc[2]["gold_choice"])
-    report = ag.project_report(votes, bootstrap=0)
+    assert pd.isna(annotations.iloc[2]["strength"]) and pd.isna(annotations.iloc[2]["gold_choice"])
+    report = ag.project_report(annotations, bootstrap=0)
     assert report["n_items"] == 2 and report["n_labels"] == 3
     rows = {r["annotator"]: r for r in report["annotators"]}
     assert rows["ann"]["gold_accuracy"] == 1.0 and rows["bob"]["gold_accuracy"] == 0.0
     assert ag.load_items(engine, [ids[1]]).loc[ids[1], "prompt"] == [{"role": "user", "content": "p2"}]
     with pytest.raises(AnnotationError, match="no project named 'nope'"):
-        ag.load_votes(engine, "nope")
+        ag.load_annotations(engine, "nope")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -562,7 +562,7 @@ def test_quality_page_for_researchers(quality_store):
     engine, ids = quality_store
     at = open_quality(engine, ids["res"])
     assert not at.exception, at.exception
-    report = ag.project_report(ag.load_votes(engine, "agree"), bootstrap=1000)
+    report = ag.project_report(ag.load_annotations(engine, "agree"), bootstrap=1000)
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Percent agreement"] == f"{report['percent_agreement']:.3f}"
     assert metrics["Krippendorff α ordinal"] == f"{report['krippendorff_alpha']['ordinal']:.3f}"
@@ -570,7 +570,7 @@ def test_quality_page_for_researchers(quality_store):
     annotators = next(f for f in frames if "Agrees with others" in f.columns)
     assert set(annotators["Annotator"]) == {"ann", "bob", "cat", "dan", "eve"}
     disputed = next(f for f in frames if "votes" in f.columns)
-    assert disputed["agreement"].iloc[0] == min(d["agreement"] for d in ag.disputed_items(ag.load_votes(engine, "agree"), top=50))
+    assert disputed["agreement"].iloc[0] == min(d["agreement"] for d in ag.disputed_items(ag.load_annotations(engine, "agree"), top=50))
     # item text is shown as plain text, script tags and all, never as HTML
     assert any("<script>alert(" in t.value for t in at.text)
     assert not any("<script>" in (m.value or "") for m in at.markdown)

@@ -410,11 +410,11 @@ def test_annotator_threads_give_every_ranking_item_exactly_k_rankings_nobody_twi
 
 def test_ranking_votes_all_and_adjacent_by_hand():
     rankings = pd.DataFrame({"item_id": [7, 7], "annotator": ["x", "y"], "ranking": [[1, 2, 3, 4], [2, 1, 3, 3]]})
-    votes = ranking_votes(rankings, "all")
-    x = votes[votes.annotator == "x"]
+    annotations = ranking_votes(rankings, "all")
+    x = annotations[annotations.annotator == "x"]
     assert list(zip(x["first"], x["second"], x["choice"])) == [(0, 1, "a"), (0, 2, "a"), (0, 3, "a"), (1, 2, "a"), (1, 3, "a"), (2, 3, "a")]
     assert x["signed_gap"].tolist() == pytest.approx([1 / 3, 2 / 3, 1, 1 / 3, 2 / 3, 1 / 3])
-    y = votes[votes.annotator == "y"]
+    y = annotations[annotations.annotator == "y"]
     assert y["choice"].tolist() == ["b", "a", "a", "a", "a", "tie"]
     adjacent = ranking_votes(rankings, "adjacent")
     # x: 1st-2nd, 2nd-3rd, 3rd-4th; y: groups {1}, {0}, {2, 3}: 0-1, 0-2, 0-3 and the tie 2-3
@@ -434,9 +434,9 @@ def rank_project(engine, rankings_per_item, pairs_votes=()):
         for item, rankings in zip(items, rankings_per_item):
             conn.execute(insert(Annotation), [dict(item_id=item, annotator_id=users[k], ranking=r, shown_order=list(range(len(r))),
                                                    criteria={}, shown_swapped=False) for k, r in enumerate(rankings)])
-        for item, votes in zip(items[len(sizes):], pairs_votes):
+        for item, annotations in zip(items[len(sizes):], pairs_votes):
             conn.execute(insert(Annotation), [dict(item_id=item, annotator_id=users[k], choice=c, criteria={}, shown_swapped=False)
-                                              for k, c in enumerate(votes)])
+                                              for k, c in enumerate(annotations)])
     return items
 
 
@@ -673,8 +673,8 @@ def test_load_rankings_and_the_pairwise_loader_keep_to_their_own_annotations(eng
     rankings, n_items = ag.load_rankings(engine, "r")
     assert n_items == 1 and rankings["ranking"].tolist() == [[1, 2, 3], [2, 1, 3]]
     assert rankings["annotator"].tolist() == ["ann0", "ann1"]
-    votes = ag.load_votes(engine, "r")
-    assert votes["choice"].tolist() == ["a", "b"]  # the rankings are not pairwise votes
+    annotations = ag.load_annotations(engine, "r")
+    assert annotations["choice"].tolist() == ["a", "b"]  # the rankings are not pairwise votes
     report = ag.project_ranking_report(engine, "r", bootstrap=0)
     assert report["n_items"] == 1 and report["kendall_w"] == pytest.approx(ag.kendall_w([[1, 2, 3], [2, 1, 3]]))
 

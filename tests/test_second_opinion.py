@@ -68,10 +68,10 @@ def opinion_for(p_a: dict) -> pd.DataFrame:
     return rso.opinion_from_rewards(ids, [math.log(p / (1 - p)) for p in p_a.values()], [0.0] * len(ids))
 
 
-def votes_frame(votes: dict) -> pd.DataFrame:
+def annotations_frame(annotations: dict) -> pd.DataFrame:
     """{item_id: "aab"-style string, one letter per annotator u0, u1, ... ('t' tie, '-' none)}."""
     names = {"a": "a", "b": "b", "t": "tie", "x": "both_bad"}
-    rows = [(item, f"u{j}", names[c]) for item, said in votes.items() for j, c in enumerate(said) if c != "-"]
+    rows = [(item, f"u{j}", names[c]) for item, said in annotations.items() for j, c in enumerate(said) if c != "-"]
     out = pd.DataFrame(rows, columns=["item_id", "annotator", "choice"])
     out["gold_choice"] = None
     return out
@@ -127,22 +127,22 @@ def random_project():
             if rng.random() < 0.65:
                 said = truth[item] if rng.random() < 0.75 else rng.choice(["a", "b", "tie", "both_bad"])
                 rows.append((item, f"ann{j}", said))
-    votes = pd.DataFrame(rows, columns=["item_id", "annotator", "choice"])
-    votes["gold_choice"] = [("a" if i % 2 else "b") if i < 10 else None for i in votes["item_id"]]
+    annotations = pd.DataFrame(rows, columns=["item_id", "annotator", "choice"])
+    annotations["gold_choice"] = [("a" if i % 2 else "b") if i < 10 else None for i in annotations["item_id"]]
     p_a = np.clip(np.where(truth == "a", 0.8, 0.2) + rng.normal(0, 0.25, size=80), 0.01, 0.99)
     p_a[:6] = 0.51  # a few undecided
     opinion = opinion_for({i: float(p) for i, p in enumerate(p_a) if i != 79})  # item 79 not scored
-    return votes, opinion
+    return annotations, opinion
 
 
 def test_model_vs_aggregate_matches_scikit_learn(random_project):
-    votes, opinion = random_project
-    out = so.model_vs_aggregate(votes, opinion, bootstrap=2000, seed=1)
-    human = majority(votes)["label"].dropna()
+    annotations, opinion = random_project
+    out = so.model_vs_aggregate(annotations, opinion, bootstrap=2000, seed=1)
+    human = majority(annotations)["label"].dropna()
     both = human.index.intersection(opinion.index)
     model = opinion.loc[both, "label"].replace("undecided", "tie")
     assert out["n_items"] == len(both) and out["left_out"]["not_scored"] == int(79 in human.index)
-    assert out["left_out"]["no_aggregated_label"] == int(majority(votes)["label"].isna().sum())
+    assert out["left_out"]["no_aggregated_label"] == int(majority(annotations)["label"].isna().sum())
     assert out["agreement"] == pytest.approx(accuracy_score(human.loc[both], model), abs=1e-12)
     assert out["kappa"] == pytest.approx(cohen_kappa_score(human.loc[both], model), abs=1e-12)
     decisive = human.loc[both].isin(["a", "b"])
@@ -159,41 +159,41 @@ def test_model_vs_aggregate_matches_scikit_learn(random_project):
     assert out["interval"][0] == pytest.approx(lo, abs=0.03) and out["interval"][1] == pytest.approx(hi, abs=0.03)
     assert out["interval"][0] < out["kappa"] < out["interval"][1]
     assert out["agreement_interval"][0] < out["agreement"] < out["agreement_interval"][1]
-    assert so.model_vs_aggregate(votes, opinion, bootstrap=200, seed=1) == so.model_vs_aggregate(votes, opinion, bootstrap=200, seed=1)
-    assert so.model_vs_aggregate(votes, opinion, bootstrap=0)["interval"] is None
+    assert so.model_vs_aggregate(annotations, opinion, bootstrap=200, seed=1) == so.model_vs_aggregate(annotations, opinion, bootstrap=200, seed=1)
+    assert so.model_vs_aggregate(annotations, opinion, bootstrap=0)["interval"] is None
 
 
 def test_model_vs_each_annotator_matches_scikit_learn(random_project):
-    votes, opinion = random_project
-    rows = {r["annotator"]: r for r in so.model_vs_annotators(votes, opinion, bootstrap=300, min_shared=10)}
-    assert set(rows) == set(votes["annotator"])
+    annotations, opinion = random_project
+    rows = {r["annotator"]: r for r in so.model_vs_annotators(annotations, opinion, bootstrap=300, min_shared=10)}
+    assert set(rows) == set(annotations["annotator"])
     for name, row in rows.items():
-        mine = votes[(votes["annotator"] == name) & votes["item_id"].isin(opinion.index)]
+        mine = annotations[(annotations["annotator"] == name) & annotations["item_id"].isin(opinion.index)]
         model = opinion.loc[mine["item_id"], "label"].replace("undecided", "tie").to_numpy()
         assert row["n_items"] == len(mine)
         assert row["kappa"] == pytest.approx(cohen_kappa_score(mine["choice"], model), abs=1e-12)
         assert row["agreement"] == pytest.approx(accuracy_score(mine["choice"], model), abs=1e-12)
         assert row["interval"][0] <= row["kappa"] <= row["interval"][1]
     # below min_shared: agreement still given, kappa not
-    few = so.model_vs_annotators(votes, opinion, bootstrap=0, min_shared=1000)
+    few = so.model_vs_annotators(annotations, opinion, bootstrap=0, min_shared=1000)
     assert all(r["kappa"] is None and r["agreement"] is not None for r in few)
 
 
 def test_model_as_one_more_rater(random_project):
-    votes, opinion = random_project
-    row = so.model_as_rater(votes, opinion)
-    plural = majority(votes)["label"]
+    annotations, opinion = random_project
+    row = so.model_as_rater(annotations, opinion)
+    plural = majority(annotations)["label"]
     both = plural.dropna().index.intersection(opinion.index)
     said = opinion.loc[both, "label"].replace("undecided", "tie")
     assert row["n_compared"] == len(both)
     assert row["loo_agreement"] == pytest.approx((said == plural.loc[both]).mean())
-    gold = votes.drop_duplicates("item_id").set_index("item_id")["gold_choice"].dropna()
+    gold = annotations.drop_duplicates("item_id").set_index("item_id")["gold_choice"].dropna()
     gold = gold[gold.index.isin(opinion.index)]
     assert row["n_gold"] == len(gold)
     assert row["gold_accuracy"] == pytest.approx((opinion.loc[gold.index, "label"] == gold).mean())
-    assert row["undecided_rate"] == pytest.approx((opinion.loc[opinion.index.isin(votes["item_id"]), "label"] == "undecided").mean())
+    assert row["undecided_rate"] == pytest.approx((opinion.loc[opinion.index.isin(annotations["item_id"]), "label"] == "undecided").mean())
     # a person called "model" keeps their own row apart from the model's
-    renamed = votes.replace({"annotator": {"ann0": "model"}})
+    renamed = annotations.replace({"annotator": {"ann0": "model"}})
     assert so.model_as_rater(renamed, opinion) == row
 
 
@@ -205,9 +205,9 @@ NOISE_P_A = {1: 0.05, 2: 0.10, 3: 0.01, 4: 0.01, 5: 0.01, 6: 0.20, 7: 0.99, 8: 0
 
 
 def test_label_noise_lists_confident_disagreement_with_a_strong_majority():
-    votes, opinion = votes_frame(NOISE_VOTES), opinion_for(NOISE_P_A)
+    annotations, opinion = annotations_frame(NOISE_VOTES), opinion_for(NOISE_P_A)
     items = items_frame([(i, f"{SCRIPT} prompt {i}", f"A{i}", f"B{i}") for i in NOISE_VOTES])
-    noise = so.label_noise(votes, opinion, items)
+    noise = so.label_noise(annotations, opinion, items)
     # 1: aaa vs P(B) 0.95; 2: 2/3 of 3 vs P(B) 0.90; 8: bbbb vs P(A) 0.93. Not 3 (two votes), 4 (no
     # majority), 5 (the model agrees), 6 (P(B) 0.80 < 0.85), 7 (ties are no side).
     assert [r["item_id"] for r in noise["items"]] == [1, 8, 2] and noise["n_candidates"] == 3
@@ -216,20 +216,20 @@ def test_label_noise_lists_confident_disagreement_with_a_strong_majority():
     assert first["model_confidence"] == pytest.approx(0.95) and first["p_a"] == pytest.approx(0.05)
     assert first["prompt"] == f"{SCRIPT} prompt 1" and first["response_b"] == "B1"
     assert noise["items"][2]["votes"] == "a x2, b x1"
-    lower = so.label_noise(votes, opinion, threshold=0.8)
+    lower = so.label_noise(annotations, opinion, threshold=0.8)
     assert [r["item_id"] for r in lower["items"]] == [1, 8, 2, 6] and "prompt" not in lower["items"][0]
-    top = so.label_noise(votes, opinion, top=1)
+    top = so.label_noise(annotations, opinion, top=1)
     assert top["n_candidates"] == 3 and len(top["items"]) == 1
-    stricter = so.label_noise(votes, opinion, min_share=0.75, min_annotations=2)
+    stricter = so.label_noise(annotations, opinion, min_share=0.75, min_annotations=2)
     assert [r["item_id"] for r in stricter["items"]] == [3, 1, 8]
     with pytest.raises(AnnotationError, match="--noise-threshold 0.5"):
-        so.label_noise(votes, opinion, threshold=0.5)
+        so.label_noise(annotations, opinion, threshold=0.5)
 
 
 def test_label_noise_with_dawid_skene_posteriors():
-    votes, opinion = votes_frame(NOISE_VOTES), opinion_for(NOISE_P_A)
-    noise = so.label_noise(votes, opinion, method="dawid-skene", min_posterior=0.9)
-    ds = aggregate(votes, "dawid-skene").join(opinion.add_prefix("m_"))
+    annotations, opinion = annotations_frame(NOISE_VOTES), opinion_for(NOISE_P_A)
+    noise = so.label_noise(annotations, opinion, method="dawid-skene", min_posterior=0.9)
+    ds = aggregate(annotations, "dawid-skene").join(opinion.add_prefix("m_"))
     other = ds["label"].map({"a": "b", "b": "a"})
     expected = ds[(ds["confidence"] >= 0.9) & (ds["m_label"] == other) & (ds["m_confidence"] >= 0.85)]
     assert [r["item_id"] for r in noise["items"]] == list(expected.sort_values("m_confidence", ascending=False).index)
@@ -238,14 +238,14 @@ def test_label_noise_with_dawid_skene_posteriors():
 
 
 def test_model_report_puts_it_together():
-    votes, opinion = votes_frame(NOISE_VOTES), opinion_for(NOISE_P_A)
-    report = so.model_report(votes, opinion, bootstrap=50, min_shared=2)
+    annotations, opinion = annotations_frame(NOISE_VOTES), opinion_for(NOISE_P_A)
+    report = so.model_report(annotations, opinion, bootstrap=50, min_shared=2)
     assert report["n_scored"] == 8 and report["n_undecided"] == 0
     assert set(report) >= {"project", "as_rater", "annotators", "label_noise", "notes", "bootstrap"}
     assert report["label_noise"]["n_candidates"] == 3
     json.dumps(report)  # JSON-ready
     with pytest.raises(AnnotationError, match="lacks column"):
-        so.model_report(votes, opinion.drop(columns=["p_a"]))
+        so.model_report(annotations, opinion.drop(columns=["p_a"]))
 
 
 # --------------------------------------------------------------------------- the store path with a tiny trained model
@@ -313,7 +313,7 @@ def seed_store(engine, models: dict) -> dict:
 
 
 def test_second_opinion_from_the_store(engine, tiny_models):
-    from annotation.agreement import load_votes
+    from annotation.agreement import load_annotations
 
     ids = seed_store(engine, tiny_models)
     out = rso.second_opinion(engine, "so", bootstrap=200, min_shared=4)
@@ -335,14 +335,14 @@ def test_second_opinion_from_the_store(engine, tiny_models):
     row = next(r for r in noise["items"] if r["item_id"] == planted)
     assert row["prompt"].startswith(SCRIPT) and row["votes"] == f"{row['human_label']} x3"
     # agreement numbers, against scikit-learn on the same labels
-    votes = load_votes(engine, "so")
-    human = majority(votes)["label"]
+    annotations = load_annotations(engine, "so")
+    human = majority(annotations)["label"]
     model = opinion.loc[human.index, "label"].replace("undecided", "tie")
     assert out["project"]["agreement"] == pytest.approx(accuracy_score(human, model))
     assert out["project"]["kappa"] == pytest.approx(cohen_kappa_score(human, model))
     rows = {r["annotator"]: r for r in out["annotators"]}
     assert rows["u1"]["n_items"] == N_ITEMS and rows["u4"]["n_items"] == 4
-    u1 = votes[votes.annotator == "u1"]
+    u1 = annotations[annotations.annotator == "u1"]
     u1_model = opinion.loc[u1["item_id"], "label"].replace("undecided", "tie")
     assert rows["u1"]["kappa"] == pytest.approx(cohen_kappa_score(u1["choice"], u1_model))
     assert rows["u4"]["kappa"] is not None
@@ -477,7 +477,7 @@ def test_quality_page_second_opinion_on_demand(page_store, monkeypatch):
     assert len(calls) == 1 and calls[0][1:] == ("so", ids["rm"])
     raters = next(f.value for f in at.dataframe if "Kappa with the model" in f.value.columns)
     assert set(raters["Annotator"]) == {"u1", "u2", "u3", "u4", "(model vs the majority)"}
-    expected = so.model_report(__import__("annotation.agreement", fromlist=["x"]).load_votes(engine, "so"),
+    expected = so.model_report(__import__("annotation.agreement", fromlist=["x"]).load_annotations(engine, "so"),
                                real(engine, "so")["opinion"], bootstrap=0, min_shared=10)
     u1 = raters.set_index("Annotator").loc["u1"]
     assert u1["Kappa with the model"] == pytest.approx(next(r["kappa"] for r in expected["annotators"] if r["annotator"] == "u1"))

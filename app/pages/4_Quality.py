@@ -55,8 +55,8 @@ user_caption(user)
 @st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
 def project_quality(db_url: str, project: str, resamples: int) -> tuple[pd.DataFrame, dict]:
     # Cached for a minute per (store, project, resamples): reruns from widget clicks reuse it.
-    votes = ag.load_votes(get_engine(), project)
-    return votes, ag.project_report(votes, bootstrap=resamples)
+    annotations = ag.load_annotations(get_engine(), project)
+    return annotations, ag.project_report(annotations, bootstrap=resamples)
 
 
 @st.cache_data(ttl=CACHE_SECONDS, show_spinner=False)
@@ -92,7 +92,7 @@ c1, c2 = st.columns([3, 1])
 name = c1.selectbox("Project", [p.name for p in projects], key="quality_project")
 resamples = c2.number_input("Bootstrap resamples", min_value=0, max_value=5000, value=1000, step=500, key="quality_resamples")
 with st.spinner("Computing agreement…"):
-    votes, report = project_quality(get_settings().db_url, name, int(resamples))
+    annotations, report = project_quality(get_settings().db_url, name, int(resamples))
 
 if report["n_labels"] == 0:
     st.info("No annotations in this project yet.")
@@ -220,7 +220,7 @@ with time_tab:
     t1, t2 = st.columns(2)
     freq = t1.radio("Period", ["day", "week"], horizontal=True, key="quality_freq")
     per_annotator = t2.checkbox("One line per annotator", key="quality_per_annotator")
-    series = ag.agreement_over_time(votes, {"day": "D", "week": "W"}[freq], by_annotator=per_annotator)
+    series = ag.agreement_over_time(annotations, {"day": "D", "week": "W"}[freq], by_annotator=per_annotator)
     if series.empty:
         st.info("No item has two or more labels yet.")
     else:
@@ -238,7 +238,7 @@ with time_tab:
 # ----------------------------------------------------------------------------- disputed items
 
 with disputed_tab:
-    disputed = ag.disputed_items(votes, "choice", DISPUTED_SHOWN)
+    disputed = ag.disputed_items(annotations, "choice", DISPUTED_SHOWN)
     if not disputed:
         st.info("No item has two or more labels yet.")
     else:
@@ -257,7 +257,7 @@ with disputed_tab:
                     b.text("Response B:\n" + str(item["response_b"]))
                     if item["gold_choice"]:
                         st.caption(f"Gold: {item['gold_choice']}")
-                st.dataframe(votes.loc[votes["item_id"] == item_id, vote_columns], hide_index=True, width="stretch")
+                st.dataframe(annotations.loc[annotations["item_id"] == item_id, vote_columns], hide_index=True, width="stretch")
 
 # ----------------------------------------------------------------------------- leaderboard of sources
 
@@ -330,7 +330,7 @@ if reward_model is not None:
                 scored = model_scores(*scored_key)
             threshold = b2.slider("Label-noise threshold: the model's P for the other side", 0.55, 1.0,
                                   so.DEFAULT_NOISE_THRESHOLD, 0.01, key="quality_noise_threshold")
-            opinion = so.model_report(votes, scored["opinion"], scored["items"], bootstrap=int(resamples),
+            opinion = so.model_report(annotations, scored["opinion"], scored["items"], bootstrap=int(resamples),
                                       noise_threshold=threshold, min_shared=report["cohen_kappa"]["min_shared"])
             proj = opinion["project"]
             mm = st.columns(4)
