@@ -107,6 +107,7 @@ def items_frame(
             func.lower(cast(Item.prompt, Text)).like(like.lower()),
             func.lower(Item.response_a).like(like.lower()),
             func.lower(Item.response_b).like(like.lower()),
+            func.lower(cast(Item.responses, Text)).like(like.lower()),  # a ranking item's responses
         ))
     if min_annotations is not None:
         query = query.where(annotations >= min_annotations)
@@ -129,6 +130,7 @@ def items_frame(
                 "response_b": _preview(item.response_b),
                 "source_a": item.source_a,
                 "source_b": item.source_b,
+                "responses": len(item.responses) if item.responses is not None else 2,
                 "annotations": int(n),
                 "flags": int(f),
                 "gold_choice": item.gold_choice,
@@ -136,7 +138,7 @@ def items_frame(
             for item, n, f in rows
         ],
         columns=["item_id", "external_id", "prompt", "response_a", "response_b", "source_a", "source_b",
-                 "annotations", "flags", "gold_choice"],
+                 "responses", "annotations", "flags", "gold_choice"],
     )
     return frame, int(total)
 
@@ -174,6 +176,8 @@ def annotations_frame(
                 "item_id": a.item_id,
                 "annotator": name,
                 "choice": a.choice,
+                # a ranking: each response's rank in stored order (1 = best), e.g. "1 1 3"
+                "ranking": " ".join(str(r) for r in a.ranking) if a.ranking is not None else "",
                 "strength": a.strength,
                 "criteria": json.dumps(a.criteria) if a.criteria else "",
                 "rationale": a.rationale or "",
@@ -183,7 +187,7 @@ def annotations_frame(
             }
             for a, name in rows
         ],
-        columns=["annotation_id", "item_id", "annotator", "choice", "strength", "criteria", "rationale",
+        columns=["annotation_id", "item_id", "annotator", "choice", "ranking", "strength", "criteria", "rationale",
                  "shown_swapped", "duration_ms", "created_at"],
     ), int(total)
 
@@ -220,6 +224,8 @@ def item_detail(engine: Engine, project_id: int, item_id: int) -> dict:
         "response_b": item.response_b,
         "source_a": item.source_a,
         "source_b": item.source_b,
+        # a ranking item's responses [{"text", "source"}] in stored order; None for a pair
+        "responses": item.responses,
         "metadata": item.meta,
         "gold_choice": item.gold_choice,
         "flags": [{"kind": k, "note": n, "annotator": u, "created_at": c} for k, n, u, c in flags],

@@ -870,3 +870,28 @@ def test_projects_page_sets_uncertainty_selection(store):
         project = session.scalar(select(Project).where(Project.name == PROJECT))
     assert (project.selection, project.random_share, project.suggestions) == ("uncertainty", 0.3, False)
     assert "Not scored yet" in all_text(at.run())
+
+
+def test_data_page_shows_a_ranking_item_with_its_responses_and_rankings(store):
+    with session_factory(store)() as session:
+        project = session.scalar(select(Project).where(Project.name == PROJECT))
+        ann = session.scalar(select(User).where(User.username == "ann1"))
+        responses = [{"text": f"ranked reply {i}", "source": f"model-{i}"} for i in range(4)]
+        item = Item(project_id=project.id, prompt="rank these", response_a="", response_b="", responses=responses,
+                    content_hash="ranking-1")
+        session.add(item)
+        session.flush()
+        session.add(Annotation(item_id=item.id, annotator_id=ann.id, ranking=[2, 1, 4, 3], shown_order=[1, 0, 3, 2]))
+        session.commit()
+        item_id = item.id
+    at = open_page("data", store, "res")
+    items = at.tabs[0].dataframe[0].value
+    assert int(items.loc[items["item_id"] == item_id, "responses"].iloc[0]) == 4
+    at.text_input(key="data_search").input("ranked reply 3").run()  # a ranking's responses are searched too
+    assert list(at.tabs[0].dataframe[0].value["item_id"]) == [item_id]
+    at.selectbox(key="data_item_id").set_value(item_id).run()
+    text = all_text(at)
+    assert "**Response 4** · source: model\\-3" in text and "ranked reply 3" in text  # the source escaped for Markdown
+    assert not at.exception
+    annotations = at.tabs[1].dataframe[0].value
+    assert list(annotations.loc[annotations["item_id"] == item_id, "ranking"]) == ["2 1 4 3"]

@@ -65,13 +65,20 @@ with items_tab:
                 for turn in turns:
                     with st.chat_message(turn["role"] if turn["role"] in ("user", "assistant") else "system"):
                         st.text(turn["content"])
-            a_col, b_col = st.columns(2)
-            with a_col:
-                st.markdown(f"**A** · source: {escape_markdown(detail['source_a'] or 'unknown')}")
-                st.text(detail["response_a"])
-            with b_col:
-                st.markdown(f"**B** · source: {escape_markdown(detail['source_b'] or 'unknown')}")
-                st.text(detail["response_b"])
+            if detail["responses"] is not None:  # a ranking item: its responses in stored order
+                for row_start in range(0, len(detail["responses"]), 2):
+                    for col, (i, response) in zip(st.columns(2), list(enumerate(detail["responses"]))[row_start:row_start + 2]):
+                        with col:
+                            st.markdown(f"**Response {i + 1}** · source: {escape_markdown(response.get('source') or 'unknown')}")
+                            st.text(response.get("text", ""))
+            else:
+                a_col, b_col = st.columns(2)
+                with a_col:
+                    st.markdown(f"**A** · source: {escape_markdown(detail['source_a'] or 'unknown')}")
+                    st.text(detail["response_a"])
+                with b_col:
+                    st.markdown(f"**B** · source: {escape_markdown(detail['source_b'] or 'unknown')}")
+                    st.text(detail["response_b"])
             if detail["flags"]:
                 st.markdown("**Flags**")
                 st.dataframe(detail["flags"], hide_index=True)
