@@ -23,7 +23,7 @@ import datetime as dt
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import delete, insert, select, update
 
 from annotation.errors import AnnotationError
 from annotation.store import Item, ItemScore, Project, reading, transaction, utcnow
@@ -119,24 +119,27 @@ def write_queue(engine, project_id: int, scores: pd.DataFrame, *, measure: str, 
     items, table = Item.__table__, ItemScore.__table__
     project_items = select(items.c.id).where(items.c.project_id == project_id)
 
-    def number(value, cast):
-        return None if value is None or pd.isna(value) else cast(value)
-
+    # The rows are built before the transaction opens: on SQLite it holds the write lock.
+    key_of = dict(zip(regular.index.tolist(), keys.tolist()))
+    drawn_of = dict(zip(drawn.index.tolist(), drawn.to_numpy().tolist()))
+    p_a = [None if v is None or pd.isna(v) else float(v) for v in scores["p_a"].tolist()]
+    top = [None if v is None or pd.isna(v) else int(v) for v in scores["top"].tolist()]
+    rows = [{"item_id": i, "model_id": model_id, "p_a": pa, "top": t, "uncertainty": u, "measure": measure,
+             "calibration": drawn_of[i], "queue_key": key_of.get(i), "scored_at": now}
+            for i, pa, t, u in zip(scores.index.tolist(), p_a, top, scores["uncertainty"].astype(float).tolist())]
     with transaction(engine) as session:
         conn = session.connection()
         conn.execute(delete(table).where(table.c.item_id.in_(project_items)))
         conn.execute(update(items).where(items.c.project_id == project_id, items.c.queue_key != 0).values(queue_key=0.0))
-        if len(regular):
+        if rows:
+            conn.execute(insert(table), rows)
+            # One UPDATE ... FROM (SQLite 3.33+, PostgreSQL) instead of an UPDATE per item: the
+            # write lock is held for a fraction of a second even at 100k items.
             conn.execute(
-                update(items).where(items.c.id == bindparam("b_id")).values(queue_key=bindparam("b_key")),
-                [{"b_id": int(i), "b_key": float(k)} for i, k in zip(regular.index, keys)],
+                update(items).where(items.c.id == table.c.item_id, items.c.project_id == project_id,
+                                    table.c.queue_key.is_not(None))
+                .values(queue_key=table.c.queue_key)
             )
-        if len(scores):
-            conn.execute(insert(table), [
-                {"item_id": int(i), "model_id": model_id, "p_a": number(row.p_a, float), "top": number(row.top, int),
-                 "uncertainty": float(row.uncertainty), "measure": measure, "calibration": bool(drawn[i]), "scored_at": now}
-                for i, row in zip(scores.index, scores.itertuples(index=False))
-            ])
     return {"scored": int(len(scores)), "queued": int(len(regular)), "calibration": int(calibration.sum()),
             "gold_scored": int(gold.sum()), "measure": measure, "model_id": model_id, "random_share": random_share}
 

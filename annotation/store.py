@@ -41,7 +41,7 @@ MIN_RANKED_RESPONSES, MAX_RANKED_RESPONSES = 3, 6
 """A ranking item holds this many responses; two responses are a pair (response_a, response_b)."""
 STRENGTHS = {1: "slight", 2: "clear", 3: "strong"}
 FLAG_KINDS = ("skip", "broken", "unsafe")
-JOB_KINDS = ("train_rm", "eval_rm", "sft", "ppo", "dpo", "grpo", "rloo", "generate", "export", "score_queue")
+JOB_KINDS = ("train_rm", "eval_rm", "sft", "ppo", "dpo", "grpo", "rloo", "eval_policy", "generate", "export", "score_queue")
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 MODEL_KINDS = ("reward", "policy")
 
@@ -136,6 +136,8 @@ class ItemScore(Base):
     measure: Mapped[str] = mapped_column(String(16), nullable=False)
     calibration: Mapped[bool] = mapped_column(Boolean, nullable=False)
     """Drawn at random (the queue's calibration share) rather than placed by its uncertainty."""
+    queue_key: Mapped[float | None] = mapped_column(Float)
+    """The place it was given (copied into items.queue_key); None for a gold item, which has none."""
     scored_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
 
 

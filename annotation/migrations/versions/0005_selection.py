@@ -12,7 +12,8 @@ Create Date: 2026-12-02 03:30:00
   `ix_items_queue` becomes (project_id, annotation_count, queue_key, id), so the next-item query
   is still one ordered range scan whichever selection a project uses.
 - `item_scores`: what the scoring job found for each item: the model, P(A preferred), the
-  uncertainty, whether the item was drawn at random for calibration.
+  uncertainty, whether the item was drawn at random for calibration, and the key it was given
+  (copied into items.queue_key by one UPDATE ... FROM).
 - `assignments.suggestion` and `annotations.suggestion`: the model's suggestion shown with a lease
   ('a' or 'b', or for a ranking the stored index of the response the model ranks first), copied
   into the annotation on submit; NULL when none was shown.
@@ -49,6 +50,7 @@ def upgrade() -> None:
         sa.Column('uncertainty', sa.Float(), nullable=False),
         sa.Column('measure', sa.String(length=16), nullable=False),
         sa.Column('calibration', sa.Boolean(), nullable=False),
+        sa.Column('queue_key', sa.Float(), nullable=True),
         sa.Column('scored_at', sa.DateTime(), nullable=False),
     )
 
