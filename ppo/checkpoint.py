@@ -135,12 +135,23 @@ def save_model(module, target: Path, tokenizer) -> None:
     tokenizer.save_pretrained(target)
 
 
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
 def save_final(out: Path, inner, tokenizer) -> dict:
-    """policy/ and value/ as plain model directories (LoRA merged in), loadable by load_policy."""
+    """policy/ and value/ as plain model directories (LoRA merged in), loadable by load_policy; a
+    shared value head (value_model=shared) is its one layer's weights in value_head.safetensors."""
     paths = {}
-    for name, module in (("policy", inner.policy), ("value", inner.value)):
-        save_model(module, out / name, tokenizer)
-        paths[f"{name}_path"] = str(out / name)
+    save_model(inner.policy, out / "policy", tokenizer)
+    paths["policy_path"] = str(out / "policy")
+    if getattr(inner, "shared", False):
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in inner.value.state_dict().items()}, str(out / VALUE_HEAD_FILE))
+        paths["value_path"] = str(out / VALUE_HEAD_FILE)
+    else:
+        save_model(inner.value, out / "value", tokenizer)
+        paths["value_path"] = str(out / "value")
     return paths
 
 

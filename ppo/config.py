@@ -105,6 +105,10 @@ class PPOConfig:
     """Stop a step's update early once a mini-batch's approx KL to the rollout policy exceeds this."""
     value_init: str = "policy"
     """Value model from the policy's backbone or from the reward model (when it shares the tokenizer)."""
+    value_model: str = "separate"
+    """separate: a second model (a copy of the policy's backbone, or the reward model) with a scalar
+    head; shared: one scalar head on the policy's own last hidden state (one backbone, two heads:
+    one forward for both, no second copy; the value loss then also moves the policy's weights)."""
     # --- precision
     precision: str = "auto"
     """Compute precision: auto (bf16 autocast per stage where native and measured to pay), fp32, or bf16
@@ -156,6 +160,9 @@ class PPOConfig:
         need(self.lr_scheduler in ("constant", "linear", "cosine"),
              f"lr_scheduler must be constant, linear or cosine, got {self.lr_scheduler!r}")
         need(self.value_init in ("policy", "reward"), f"value_init must be 'policy' or 'reward', got {self.value_init!r}")
+        need(self.value_model in ("separate", "shared"), f"value_model must be 'separate' or 'shared', got {self.value_model!r}")
+        need(not (self.value_model == "shared" and self.value_init == "reward"),
+             "value_init=reward needs value_model=separate (a shared value head sits on the policy, not on the reward model)")
         need(self.keep_best in ("last", "judge"), f"keep_best must be 'last' or 'judge', got {self.keep_best!r}")
         need(self.precision in PRECISION_MODES, f"precision must be one of {', '.join(PRECISION_MODES)}, got {self.precision!r}")
         need(self.approx_kl_stop is None or self.approx_kl_stop > 0,

@@ -171,17 +171,47 @@ def add_value_lora(value: nn.Module, lora: Any) -> nn.Module:
     return get_peft_model(value, cfg)
 
 
+class ValueHead(nn.Module):
+    """The value of a shared backbone (PPOConfig.value_model = "shared"): one linear layer on the
+    policy's last hidden state, zero at the start like value_model_from_policy's head."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+
+
+def value_head_for(policy: nn.Module) -> ValueHead:
+    config = (policy.get_base_model() if is_peft(policy) else policy).config
+    return ValueHead(getattr(config, "hidden_size", None) or config.get_text_config().hidden_size)
+
+
 class PolicyAndValue(nn.Module):
     """Both trained models behind one forward, so that one DDP wrapper syncs both and one
-    optimizer steps both (as TRL and CleanRL's shared-trunk agents do)."""
+    optimizer steps both (as TRL and CleanRL's shared-trunk agents do). `value` is a separate
+    sequence-classification model, or a ValueHead on the policy's own hidden states."""
 
     def __init__(self, policy: nn.Module, value: nn.Module):
         super().__init__()
         self.policy = policy
         self.value = value
 
+    @property
+    def shared(self) -> bool:
+        return isinstance(self.value, ValueHead)
+
     def forward(self, input_ids, attention_mask, position_ids, response_width: int):
         """Logits `[B, T, V]` and values `[B, T]` at the positions that predict the last T tokens."""
+        width = input_ids.shape[1]
+        if self.shared:
+            out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                              logits_to_keep=response_width + 1, output_hidden_states=True)
+            hidden = out.hidden_states[-1][:, width - response_width - 1 : width - 1]
+            return out.logits[:, :response_width], self.value(hidden)
         # Only the last T + 1 positions go through lm_head: prompt positions would cost a
         # vocabulary-wide matmul each (49k columns for SmolLM2) for logits nobody reads.
         logits = self.policy(
@@ -189,7 +219,6 @@ class PolicyAndValue(nn.Module):
             logits_to_keep=response_width + 1,
         ).logits[:, :response_width]
         values = values_forward(self.value, input_ids, attention_mask, position_ids)
-        width = input_ids.shape[1]
         return logits, values[:, width - response_width - 1 : width - 1]
 
 

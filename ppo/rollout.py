@@ -227,8 +227,12 @@ def collect(
 
     P, T = prompt_ids.shape[1], response_ids.shape[1]
     inputs = sequence_inputs(prompt_ids, prompt_mask, response_ids, response_mask)
+    shared_values = None
     with forward_ctx():
-        logits = response_logits(policy, *inputs, T)
+        if getattr(wrapped, "shared", False):  # one backbone: logits and values from one forward
+            logits, shared_values = wrapped(*inputs, T)
+        else:
+            logits = response_logits(policy, *inputs, T)
     logits = logits.float() / temperature
     logprobs = core.logprobs_from_logits(logits, response_ids)
     entropy = core.entropy_from_logits(logits)
@@ -240,9 +244,12 @@ def collect(
         ref_logits = ref_logits.float() / temperature
         ref_logprobs = core.logprobs_from_logits(ref_logits, response_ids)
         del ref_logits
-    with forward_ctx():
-        values = values_forward(value, *inputs)
-    values = response_slice(values.float(), P, T)
+    if shared_values is not None:
+        values = shared_values.float()
+    else:
+        with forward_ctx():
+            values = values_forward(value, *inputs)
+        values = response_slice(values.float(), P, T)
     pad = ~response_mask.bool()
     logprobs = logprobs.masked_fill(pad, core.INVALID_LOGPROB)
     ref_logprobs = ref_logprobs.masked_fill(pad, core.INVALID_LOGPROB)

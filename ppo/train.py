@@ -117,7 +117,7 @@ def train(
 
     from ppo import diagnostics
     from ppo.models import (PolicyAndValue, add_value_lora, get_lora_policy, is_peft, load_trainable_state,
-                            trainable_state, value_model_from_policy)
+                            trainable_state, value_head_for, value_model_from_policy)
     from ppo.rollout import collect, encode_prompts, ensemble_reward_fn, sequence_inputs
 
     config.validate()
@@ -145,12 +145,18 @@ def train(
     elif hasattr(reward_fn, "score") and not callable(reward_fn):
         reward_fn = reward_fn.score
 
-    # --- Models: policy, value, reference; one optimiser over everything trainable
-    if value_model is None:
+    # --- Models: policy, value (a second model, or a head on the policy's backbone), reference;
+    # one optimiser over everything trainable
+    shared = config.value_model == "shared"
+    if shared and value_model is not None:
+        raise PPOError("value_model=shared puts the value head on the policy; do not pass a value model as well")
+    if value_model is None and not shared:
         value_model = value_model_from_policy(model.get_base_model() if is_peft(model) else model)
     if config.lora and not is_peft(model):
         model = get_lora_policy(model, config.lora_options())
-    if is_peft(model) and not is_peft(value_model):
+    if shared:
+        value_model = value_head_for(model)
+    elif is_peft(model) and not is_peft(value_model):
         value_model = add_value_lora(value_model, config.lora_options())
     if ref_model is None and not is_peft(model):
         ref_model = copy.deepcopy(model)
@@ -431,7 +437,7 @@ def run_ppo(
     scorer = load_reward_model(str(reward_model))
     model, tokenizer = load_policy(policy)
     value_model = None
-    if config.value_init == "reward":
+    if config.value_init == "reward" and config.value_model == "separate":
         try:
             from transformers import AutoTokenizer
 

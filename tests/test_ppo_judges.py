@@ -343,7 +343,9 @@ def test_ppo_page_submits_judges_and_draws_the_over_optimisation_curve(store, tm
 
     # A finished run with judged steps: the proxy-and-judge-against-KL chart and the warning.
     job_id = submit_job(store, "ppo", {"reward_model": "rm", "prompts_project": "demo", "steps": 10})
-    run = Path(get_settings().runs_dir) / f"job-{job_id}" / "run"
+    from ppo.runs import job_run_dir
+
+    run = job_run_dir(Path(get_settings().runs_dir) / f"job-{job_id}")
     run.mkdir(parents=True)
     history = [{**r, "kl_coef": 0.05, "entropy": 2.0, "response_length": 8.0}
                for r in judged_rows([0.2, 0.4, 0.5, 0.1, -0.3], [0.3, 0.7, 1.8, 3.0, 4.4])]

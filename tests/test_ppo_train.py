@@ -417,3 +417,81 @@ def test_normalised_rewards_and_the_k3_penalty(tmp_path):
     assert first["reward_penalised_mean"] == pytest.approx(0.0, abs=1e-5) and first["reward_mean"] > 0
     # With kl_penalty=k3 the logged and controlled KL is the k3 sum, which is never negative.
     assert second["kl"] == second["kl_k3"] > 0 and second["kl_k3"] != second["kl_k1"]
+
+
+# --------------------------------------------------------------------------- a shared-backbone value head
+
+
+def test_shared_value_head_reads_the_policy_hidden_state_in_one_forward():
+    from ppo.models import PolicyAndValue, value_head_for
+
+    model, _ = tiny_policy()
+    head = value_head_for(model)
+    torch.nn.init.normal_(head.head.weight)
+    wrapped = PolicyAndValue(model, head)
+    assert wrapped.shared
+    ids = torch.randint(2, 32, (2, 9))
+    mask = torch.ones_like(ids)
+    pos = torch.arange(9).expand(2, 9)
+    with torch.no_grad():
+        logits, values = wrapped(ids, mask, pos, 4)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+    # positions 4..7 predict the last 4 tokens; the values are the head on the same hidden states
+    assert torch.allclose(logits, out.logits[:, 4:8], atol=1e-5)
+    assert torch.allclose(values, head(out.hidden_states[-1][:, 4:8]), atol=1e-5)
+    assert values.shape == (2, 4)
+
+
+def test_ppo_with_a_shared_value_head_learns_and_saves_the_head(tmp_path):
+    from safetensors.torch import load_file
+
+    config = small_config(steps=12, learning_rate=5e-3, value_model="shared", save_every=6)
+    result = train(config, tiny_policy(), share_of_yes, tiny_prompts(), tmp_path / "run")
+    history = rows(tmp_path / "run")
+    first, last = mean([r["reward_mean"] for r in history[:3]]), mean([r["reward_mean"] for r in history[-3:]])
+    assert last > first + 0.1 and last > 3 * first, (first, last)
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # rollout and update forwards agree
+    assert history[0]["value_mean"] == pytest.approx(0.0, abs=1e-6)  # the head starts at zero ...
+    assert abs(history[-1]["value_mean"]) > 1e-4  # ... and learns
+    assert not (tmp_path / "run" / "value").exists()
+    weights = load_file(result["value_path"])
+    assert set(weights) == {"head.weight", "head.bias"} and weights["head.weight"].abs().sum() > 0
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-000012" / "state.pt", weights_only=True)
+    assert set(state["value"]) == {"head.weight", "head.bias"}
+
+
+def test_shared_value_head_resumes_exactly(tmp_path):
+    import shutil
+
+    config = small_config(steps=3, save_every=2, learning_rate=2e-3, value_model="shared")
+    train(config, tiny_policy(), share_of_yes, tiny_prompts(), tmp_path / "a")
+    full = rows(tmp_path / "a")
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-000002", tmp_path / "b" / "checkpoints" / "step-000002")
+    (tmp_path / "b" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full[:2]))
+    train(config, tiny_policy(), share_of_yes, tiny_prompts(), tmp_path / "b", resume=True)
+    untimed = lambda r: {k: v for k, v in r.items() if not k.startswith("time_")}
+    assert untimed(rows(tmp_path / "b")[2]) == untimed(full[2])
+
+
+def test_shared_value_head_refuses_value_init_reward():
+    with pytest.raises(PPOError, match="value_init=reward needs value_model=separate"):
+        PPOConfig(value_model="shared", value_init="reward").validate()
+    with pytest.raises(PPOError, match="value_model must be 'separate' or 'shared'"):
+        PPOConfig(value_model="twin").validate()
+
+
+def test_shared_value_head_with_lora_trains_adapters_and_head_only(tmp_path):
+    from ppo.models import get_lora_policy
+
+    model, tok = tiny_policy()
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = small_config(steps=2, learning_rate=1e-2, lora=True, lora_r=4, value_model="shared",
+                          lora_target_modules="q_proj,v_proj")
+    lora_model = get_lora_policy(model, config.lora_options())
+    result = train(config, (lora_model, tok), share_of_yes, tiny_prompts(), tmp_path / "run")
+    for name, p in lora_model.get_base_model().named_parameters():
+        plain = name.replace(".base_layer", "")
+        if "lora_" not in name and plain in base_before:
+            assert torch.allclose(p, base_before[plain], atol=1e-6), name
+    assert result["value_path"].endswith("value_head.safetensors")
