@@ -87,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ours", choices=("both", "full", "lora"), default="both",
                    help="Which of our arms to run (one arm alone: a long win-rate run, no memory ratio).")
     p.add_argument("--trl-lora", action="store_true", help="Also run TRL with LoRA.")
+    p.add_argument("--value-model", choices=("separate", "shared", "both"), default="separate",
+                   help="Our arms' value model: a second model (separate), one head on the policy (shared), or both arms.")
     p.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # internal: run one arm in this process
     p.add_argument("--lora", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--prompts-file", default=None, help=argparse.SUPPRESS)
@@ -123,7 +125,8 @@ def arm_ours(args) -> dict:
     from reward.score import load_reward_model
 
     prompts = json.loads(Path(args.prompts_file).read_text())
-    out = OUT / f"run-ours-{'lora' if args.lora else 'full'}"
+    suffix = "-shared" if args.value_model == "shared" else ""
+    out = OUT / f"run-ours-{'lora' if args.lora else 'full'}{suffix}"
     if out.exists():
         import shutil
 
@@ -133,7 +136,7 @@ def arm_ours(args) -> dict:
         ppo_epochs=args.ppo_epochs, learning_rate=args.lora_lr if args.lora else args.lr,
         max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         init_kl_coef=args.kl_coef, adap_kl_ctrl=False, kl_penalty="k1", lora=args.lora, samples_every=max(1, args.steps),
-        tensorboard=False, save_every=0, keep_checkpoints=1,
+        tensorboard=False, save_every=0, keep_checkpoints=1, value_model=args.value_model,
     )
     scorer = load_reward_model(args.reward_model)
     peak = {"mb": 0.0}
@@ -146,7 +149,7 @@ def arm_ours(args) -> dict:
     result = train(config, policy, scorer.score, prompts["train"], out, progress=progress)
     wall = time.perf_counter() - t0
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    row = summarise("ours-lora" if args.lora else "ours-full", history, args.batch_size,
+    row = summarise(("ours-lora" if args.lora else "ours-full") + suffix, history, args.batch_size,
                     gen=[h["time_generate"] for h in history], score=[h["time_score"] for h in history],
                     step=[h["time_step"] for h in history], reward=[h["reward_mean"] for h in history],
                     kl=[h["kl"] for h in history], peak=peak["mb"], wall=wall)
@@ -348,10 +351,13 @@ def write_prompts(args) -> Path:
     return path
 
 
-def run_arm(python: Path, arm: str, lora: bool, argv: list[str], prompts: Path, policy: str, rm: str) -> dict:
+def run_arm(python: Path, arm: str, lora: bool, argv: list[str], prompts: Path, policy: str, rm: str,
+            value_model: str = "separate") -> dict:
     cmd = [str(python), str(Path(__file__).resolve()), *argv, "--arm", arm, "--prompts-file", str(prompts),
            "--policy", policy, "--reward-model", rm] + (["--lora"] if lora else [])
-    name = f"{arm}-{'lora' if lora else 'full'}"
+    if arm == "ours":
+        cmd += ["--value-model", value_model]
+    name = f"{arm}-{'lora' if lora else 'full'}" + ("-shared" if value_model == "shared" else "")
     print(f"--- {name} ...", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -367,10 +373,10 @@ def run_arm(python: Path, arm: str, lora: bool, argv: list[str], prompts: Path, 
 
 def report(rows: list[dict], load: tuple) -> str:
     ok = [r for r in rows if "error" not in r]
-    head = f"{'arm':<10} {'eps/s':>7} {'s/step':>7} {'gen':>6} {'score':>6} {'rest':>6} {'peak MiB':>9} {'reward 1st->last':>18} {'KL last':>8}"
+    head = f"{'arm':<17} {'eps/s':>7} {'s/step':>7} {'gen':>6} {'score':>6} {'rest':>6} {'peak MiB':>9} {'reward 1st->last':>18} {'KL last':>8}"
     lines = [head]
     for r in ok:
-        lines.append(f"{r['arm']:<10} {r['episodes_per_s']:7.3f} {r['s_per_step']:7.1f} {r['s_generate']:6.1f} {r['s_score']:6.2f} "
+        lines.append(f"{r['arm']:<17} {r['episodes_per_s']:7.3f} {r['s_per_step']:7.1f} {r['s_generate']:6.1f} {r['s_score']:6.2f} "
                      f"{r['s_rest']:6.1f} {r['peak_rss_mb']:9.0f} {r['reward_first']:8.3f} -> {r['reward_last']:6.3f} {r['kl_last']:8.3f}")
     for r in rows:
         if "error" in r:
@@ -385,7 +391,14 @@ def report(rows: list[dict], load: tuple) -> str:
     if "ours-full" in by and "ours-lora" in by:
         mem = by["ours-lora"]["peak_rss_mb"] / by["ours-full"]["peak_rss_mb"]
         lines.append(f"peak memory LoRA/full (ours): {mem:.2f}x  (target <= {TARGET_MEMORY_RATIO}: {'met' if mem <= TARGET_MEMORY_RATIO else 'NOT met'})")
-    for name in ("ours-full", "ours-lora"):
+    for name in ("full", "lora"):
+        a, b = by.get(f"ours-{name}"), by.get(f"ours-{name}-shared")
+        if a and b:
+            lines.append(f"shared value head vs separate value model ({name}): {b['episodes_per_s'] / a['episodes_per_s']:.2f}x "
+                         f"episodes/s, peak memory {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x; reward first -> last "
+                         f"{a['reward_first']:.3f} -> {a['reward_last']:.3f} (separate), {b['reward_first']:.3f} -> "
+                         f"{b['reward_last']:.3f} (shared)")
+    for name in ("ours-full", "ours-lora", "ours-full-shared", "ours-lora-shared"):
         r = by.get(name, {})
         if "win_rate" in r:
             met = r["win_rate"] >= TARGET_WIN_RATE and r["eval_kl"] < TARGET_KL
@@ -425,8 +438,9 @@ def main() -> None:
               "--kl-coef", str(args.kl_coef), "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
               "--max-prompt-length", str(args.max_prompt_length), "--eval-prompts", str(args.eval_prompts), "--seed", str(args.seed),
               "--threads", str(args.threads)]
-    rows = [run_arm(Path(sys.executable), "ours", lora, shared, prompts, policy, rm)
-            for lora in {"both": (False, True), "full": (False,), "lora": (True,)}[args.ours]]
+    values = ("separate", "shared") if args.value_model == "both" else (args.value_model,)
+    rows = [run_arm(Path(sys.executable), "ours", lora, shared, prompts, policy, rm, value)
+            for lora in {"both": (False, True), "full": (False,), "lora": (True,)}[args.ours] for value in values]
     if not args.skip_trl:
         trl_python = ensure_trl_venv()
         rows.append(run_arm(trl_python, "trl", False, shared, prompts, policy, rm))
