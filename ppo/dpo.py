@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ppo.errors import PPOError
-from ppo.sft import _reporters_ok
+from ppo.options import OfflineTrainerOptions
+from ppo.sft import SFTResult, _fresh_output_dir, as_messages, check_messages, data_hash
 from reward import reporting
+from reward.precision import precision_plan
 from reward.reporting import report_to_arg
-from ppo.sft import _fresh_output_dir, as_messages, check_messages, data_hash
-from reward.precision import MODES, precision_plan
 from reward.train import main_process
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -41,65 +41,35 @@ SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 
 
 @dataclasses.dataclass
-class DPOOptions:
-    """Hyperparameters of one DPO run; CLI flags and job params map onto these names."""
+class DPOOptions(OfflineTrainerOptions):
+    """Hyperparameters of one DPO run: ppo.options.OfflineTrainerOptions with DPO's defaults, and its loss."""
+
+    TRAINER = "DPO"
+    LEARNING_RATE = 1e-6
+    LORA_LEARNING_RATE = 1e-5
 
     beta: float = 0.1
     """Strength of the pull towards the reference: higher stays closer (TRL's default; tau for ipo)."""
     loss_type: str = "sigmoid"
-    """The DPO loss by TRL's name: sigmoid (DPO), ipo, hinge, robust, apo_zero, ... (see LOSS_TYPES)."""
+    """The DPO loss by TRL's name: sigmoid (DPO), ipo, hinge, robust, exo_pair, nca_pair, bco_pair, sppo_hard, aot,
+    aot_unpaired, apo_zero, apo_down, discopop, sft, sigmoid_norm."""
     label_smoothing: float = 0.0
     """Assumed label-flip probability, in [0, 0.5), for the robust, exo_pair and aot losses; 0 for plain DPO."""
-    learning_rate: float = 1e-6
-    """Peak AdamW learning rate (TRL's DPO default); LoRA usually wants ~1e-5."""
-    epochs: float = 1.0
-    """Passes over the pairs."""
-    max_steps: int = -1
-    """Stop after this many optimizer steps (-1: run all epochs)."""
+    learning_rate: float | None = None
+    """Peak AdamW learning rate; default 1e-6 (TRL's DPO default), or 1e-5 with lora."""
     batch_size: int = 4
     """Pairs per forward pass (each pair is two sequences: chosen and rejected)."""
-    gradient_accumulation_steps: int = 1
-    """Forward passes per optimizer step."""
-    max_length: int = 512
-    """Tokens per prompt + response after the chat template; longer ones are cut at the end."""
-    lora: bool = False
-    """Train LoRA adapters (merged into the saved model); the reference is then the model with adapters off."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator (scale = alpha / r)."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA branch."""
-    gradient_checkpointing: bool | None = None
-    """Recompute activations in the backward pass; None: on with a GPU, off on CPU, where it only costs time."""
-    seed: int = 0
-    """Seed for shuffling and adapter initialisation."""
-    precision: str = "auto"
-    """auto (bf16 autocast where native and measured to pay), fp32, or bf16 (forced); weights stay fp32."""
-    report_to: str = "none"
-    """Also log the training curve to: none, or a comma-separated list of tensorboard, mlflow, trackio (when installed)."""
 
-    def validate(self) -> "DPOOptions":
-        checks = [
+    def own_checks(self) -> list:
+        return [
             (self.beta > 0, "beta", "a positive number", self.beta),
             (self.loss_type in LOSS_TYPES, "loss_type", "one of " + ", ".join(LOSS_TYPES), self.loss_type),
             (0 <= self.label_smoothing < 0.5, "label_smoothing", "a number in [0, 0.5)", self.label_smoothing),
-            (self.learning_rate > 0, "learning_rate", "a positive number", self.learning_rate),
-            (self.epochs > 0, "epochs", "a positive number", self.epochs),
-            (self.max_steps == -1 or self.max_steps > 0, "max_steps", "-1 or a positive integer", self.max_steps),
-            (self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size),
-            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "an integer >= 1", self.gradient_accumulation_steps),
-            (self.max_length >= 8, "max_length", "an integer >= 8", self.max_length),
-            (self.lora_r >= 1, "lora_r", "an integer >= 1", self.lora_r),
-            (self.lora_alpha > 0, "lora_alpha", "a positive number", self.lora_alpha),
-            (0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)", self.lora_dropout),
-            (self.precision in MODES, "precision", "one of " + ", ".join(MODES), self.precision),
-            (_reporters_ok(self.report_to), "report_to", "none or installed trackers among tensorboard, mlflow, trackio",
-             self.report_to),
+            *super().own_checks(),
         ]
-        for ok, name, expected, value in checks:
-            if not ok:
-                raise PPOError(f"DPO option {name}={value!r} (--{name.replace('_', '-')}) is invalid; expected {expected}")
+
+    def validate(self) -> "DPOOptions":
+        super().validate()
         if self.label_smoothing and self.loss_type not in SMOOTHED_LOSSES:
             raise PPOError(f"DPO option label_smoothing={self.label_smoothing!r} (--label-smoothing) applies to loss_type "
                            f"{', '.join(SMOOTHED_LOSSES)} only, not {self.loss_type}; set it to 0")
@@ -108,44 +78,9 @@ class DPOOptions:
                            "expected a small positive number (the EXO paper uses 1e-3)")
         return self
 
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "DPOOptions":
-        """Options from a dict (job params); unknown keys are an error that lists the known ones."""
-        return cls(**_known_params(cls, params, "DPO")).validate()
 
-
-def _known_params(cls, params: dict[str, Any], what: str) -> dict[str, Any]:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise PPOError(f"unknown {what} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return dict(params)
-
-
-@dataclasses.dataclass
-class PolicyResult:
-    """What a finished TRL policy run (DPO, GRPO, RLOO) produced; `registration()` gives its models-table row."""
-
-    output_dir: Path
-    base_model: str
-    rows: int
-    data_hash: str
-    params: dict[str, Any]
-    metrics: dict[str, Any]
-
-    def registration(self, name: str | None = None, project_id: int | None = None, parent_id: int | None = None) -> dict:
-        return {
-            "kind": "policy",
-            "name": name or self.output_dir.name,
-            "path": str(self.output_dir),
-            "base_model": self.base_model,
-            "project_id": project_id,
-            "data_hash": self.data_hash,
-            "data_rows": self.rows,
-            "params": self.params,
-            "metrics": self.metrics,
-            "parent_id": parent_id,
-        }
+PolicyResult = SFTResult
+"""What a finished TRL policy run (DPO, GRPO, RLOO, as SFT) produced; `registration()` gives its models-table row."""
 
 
 # --------------------------------------------------------------------------- data

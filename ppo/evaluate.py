@@ -27,37 +27,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ppo.errors import PPOError
-from ppo.train import PPOConfig
+from ppo.options import SampleOptions  # noqa: F401  (defined with the other torch-free options; imported from here too)
 
 RewardFn = Callable[[list, list[str]], torch.Tensor]
-
-
-@dataclasses.dataclass
-class SampleOptions:
-    """Sampling settings shared by both models (defaults taken from PPOConfig, so eval sees what PPO trained on)."""
-
-    max_new_tokens: int = PPOConfig.max_new_tokens
-    """Longest response in tokens."""
-    temperature: float = PPOConfig.temperature
-    """Sampling temperature (also the temperature of the log-probs in the KL)."""
-    max_prompt_length: int = PPOConfig.max_prompt_length
-    """Prompt tokens kept (the end of longer prompts)."""
-    batch_size: int = 8
-    """Prompts per generation batch."""
-    seed: int = 0
-    """Seed of each batch's sampling (the same for policy and reference)."""
-    use_chat_template: bool = True
-    """Wrap prompts in the tokenizer's chat template when it has one."""
-
-    def validate(self) -> "SampleOptions":
-        if self.max_new_tokens < 1:
-            raise PPOError(f"max_new_tokens={self.max_new_tokens} is invalid; expected an integer >= 1")
-        if not self.temperature > 0:
-            raise PPOError(f"temperature={self.temperature} is invalid; expected a positive number")
-        for name in ("max_prompt_length", "batch_size"):
-            if getattr(self, name) < 1:
-                raise PPOError(f"{name}={getattr(self, name)} is invalid; expected an integer >= 1")
-        return self
 
 
 def win_rate(policy_rewards: Sequence[float], reference_rewards: Sequence[float]) -> dict[str, float]:

@@ -30,12 +30,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ppo.dpo import (PolicyResult, tracker_callbacks, _known_params, load_policy_for_training, logged, lora_config, publish, staging_dir,
+from ppo.dpo import (PolicyResult, load_policy_for_training, logged, lora_config, publish, staging_dir, tracker_callbacks,
                      train_and_save, trainer_args, trainer_hooks)
 from ppo.errors import PPOError
-from ppo.sft import _reporters_ok
+from ppo.options import TrainerOptions
 from ppo.sft import _fresh_output_dir, data_hash
-from reward.precision import MODES, precision_plan
+from reward.precision import precision_plan
 
 ALGORITHMS = ("grpo", "rloo")
 GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
@@ -46,8 +46,13 @@ REWARD_PROMPT = "reward_prompt"
 
 
 @dataclasses.dataclass
-class GRPOOptions:
-    """Hyperparameters of one GRPO or RLOO run; CLI flags and job params map onto these names."""
+class GRPOOptions(TrainerOptions):
+    """Hyperparameters of one GRPO or RLOO run: ppo.options.TrainerOptions with their defaults, and
+    what online RL adds (steps, sampling, the reward model's batch, vLLM)."""
+
+    TRAINER = "GRPO/RLOO"
+    LEARNING_RATE = 1e-6
+    LORA_LEARNING_RATE = 1e-5
 
     steps: int = 100
     """Optimizer steps."""
@@ -55,38 +60,20 @@ class GRPOOptions:
     """Completions sampled per prompt; the group whose rewards are compared (at least 2)."""
     batch_size: int = 8
     """Completions per forward pass, per process: batch_size / num_generations prompts (a multiple of num_generations)."""
-    gradient_accumulation_steps: int = 1
-    """Forward passes per optimizer step."""
     max_completion_length: int = 64
     """Longest completion in tokens."""
     temperature: float = 1.0
     """Sampling temperature; the group needs varied completions to learn from."""
-    learning_rate: float = 1e-6
-    """Peak AdamW learning rate (TRL's default); LoRA usually wants ~1e-5."""
+    learning_rate: float | None = None
+    """Peak AdamW learning rate; default 1e-6 (TRL's), or 1e-5 with lora."""
     beta: float | None = None
     """KL coefficient to the reference; None: TRL's default (GRPO 0.0, no reference loaded; RLOO 0.05)."""
     loss_type: str | None = None
-    """GRPO only: the loss aggregation by TRL's name (see GRPO_LOSS_TYPES); None: TRL's default (dapo)."""
+    """GRPO only: the loss aggregation by TRL's name (grpo, dr_grpo, dapo, bnpo, cispo, sapo, luspo, vespo); None: TRL's default (dapo)."""
     ensemble_spread_coef: float = 0.0
     """With a reward-model ensemble: reward = mean - this * spread across members (as in ppo.train)."""
     reward_batch_size: int = 32
     """Pairs per reward-model forward pass."""
-    lora: bool = False
-    """Train LoRA adapters (merged into the saved model); the reference is then the model with adapters off."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator (scale = alpha / r)."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA branch."""
-    gradient_checkpointing: bool | None = None
-    """Recompute activations in the backward pass; None: on with a GPU, off on CPU, where it only costs time."""
-    seed: int = 0
-    """Seed for sampling, shuffling and adapter initialisation."""
-    precision: str = "auto"
-    """auto (bf16 autocast where native and measured to pay), fp32, or bf16 (forced); weights stay fp32."""
-    report_to: str = "none"
-    """Also log the training curve to: none, or a comma-separated list of tensorboard, mlflow, trackio (when installed)."""
     use_vllm: bool = False
     """GPU only, vllm installed: generate with vLLM instead of model.generate (TRL's use_vllm)."""
     vllm_mode: str = "colocate"
@@ -96,33 +83,24 @@ class GRPOOptions:
     vllm_gpu_memory_utilization: float = 0.3
     """With vllm_mode=colocate: the share of GPU memory vLLM may take."""
 
-    def validate(self) -> "GRPOOptions":
-        checks = [
+    def own_checks(self) -> list:
+        return [
             (self.steps >= 1, "steps", "an integer >= 1", self.steps),
             (self.num_generations >= 2, "num_generations", "an integer >= 2 (a group to compare)", self.num_generations),
-            (self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size),
-            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "an integer >= 1", self.gradient_accumulation_steps),
             (self.max_completion_length >= 1, "max_completion_length", "an integer >= 1", self.max_completion_length),
             (self.temperature > 0, "temperature", "a positive number", self.temperature),
-            (self.learning_rate > 0, "learning_rate", "a positive number", self.learning_rate),
             (self.beta is None or self.beta >= 0, "beta", "a number >= 0, or None for TRL's default", self.beta),
             (self.loss_type is None or self.loss_type in GRPO_LOSS_TYPES, "loss_type",
              "one of " + ", ".join(GRPO_LOSS_TYPES), self.loss_type),
             (self.ensemble_spread_coef >= 0, "ensemble_spread_coef", "a number >= 0", self.ensemble_spread_coef),
             (self.reward_batch_size >= 1, "reward_batch_size", "an integer >= 1", self.reward_batch_size),
-            (self.lora_r >= 1, "lora_r", "an integer >= 1", self.lora_r),
-            (self.lora_alpha > 0, "lora_alpha", "a positive number", self.lora_alpha),
-            (0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)", self.lora_dropout),
-            (self.precision in MODES, "precision", "one of " + ", ".join(MODES), self.precision),
-            (_reporters_ok(self.report_to), "report_to", "none or installed trackers among tensorboard, mlflow, trackio",
-             self.report_to),
             (self.vllm_mode in VLLM_MODES, "vllm_mode", "one of " + ", ".join(VLLM_MODES), self.vllm_mode),
             (0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "a number in (0, 1]",
              self.vllm_gpu_memory_utilization),
         ]
-        for ok, name, expected, value in checks:
-            if not ok:
-                raise PPOError(f"GRPO/RLOO option {name}={value!r} (--{name.replace('_', '-')}) is invalid; expected {expected}")
+
+    def validate(self) -> "GRPOOptions":
+        super().validate()
         per_step = self.batch_size * self.gradient_accumulation_steps
         if per_step % self.num_generations:
             raise PPOError(f"GRPO/RLOO option batch_size={self.batch_size} (--batch-size) is invalid: batch_size x "
@@ -136,11 +114,6 @@ class GRPOOptions:
         if algorithm == "rloo" and self.loss_type is not None:
             raise PPOError(f"RLOO option loss_type={self.loss_type!r} (--loss-type) is invalid: RLOO has one loss; leave it unset")
         return self
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any], algorithm: str = "grpo") -> "GRPOOptions":
-        """Options from a dict (job params); unknown keys are an error that lists the known ones."""
-        return cls(**_known_params(cls, params, algorithm.upper())).check_for(algorithm)
 
 
 # --------------------------------------------------------------------------- rewards
@@ -198,7 +171,7 @@ def prompt_rows(prompts: Sequence[Any], has_chat_template: bool) -> list[dict]:
     return rows
 
 
-def _check_generation_backend(options: GRPOOptions) -> None:
+def check_generation_backend(options: GRPOOptions) -> None:
     if not options.use_vllm:
         return
     import importlib.util
@@ -241,7 +214,7 @@ def train_online(
     prompts = list(prompts)
     if not prompts:
         raise PPOError(f"no prompts to train {what} on")
-    _check_generation_backend(options)
+    check_generation_backend(options)
 
     reward_path = None
     if isinstance(reward, (str, Path)):

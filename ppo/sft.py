@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterable
 
 from annotation.errors import InputError
 from ppo.errors import PPOError
-from reward.precision import MODES, precision_plan
+from ppo.options import OfflineTrainerOptions
+from reward.precision import precision_plan
 from reward.reporting import trainer_reporting
 
 ROLES = ("system", "user", "assistant")
@@ -42,83 +43,23 @@ def resolve_base(base: str | Path | None, model_dir: str | Path) -> str:
 
 
 
-def _reporters_ok(value: str) -> bool:
-    from reward.errors import RewardError
-    from reward.reporting import check_report_to
-
-    try:
-        check_report_to(value)
-    except RewardError:
-        return False
-    return True
-
-
 @dataclasses.dataclass
-class SFTOptions:
-    """Hyperparameters of one SFT run; CLI flags and job params map onto these names."""
+class SFTOptions(OfflineTrainerOptions):
+    """Hyperparameters of one SFT run (ppo.options.OfflineTrainerOptions, SFT's defaults); CLI flags and job params map onto these names."""
 
-    epochs: float = 1.0
-    """Passes over the training rows."""
-    max_steps: int = -1
-    """Stop after this many optimizer steps (-1: run all epochs)."""
-    learning_rate: float = 2e-5
-    """Peak AdamW learning rate (TRL's SFT default); LoRA usually wants ~1e-4."""
+    TRAINER = "SFT"
+    LEARNING_RATE = 2e-5
+    LORA_LEARNING_RATE = 1e-4
+
+    learning_rate: float | None = None
+    """Peak AdamW learning rate; default 2e-5 (TRL's SFT default), or 1e-4 with lora."""
     batch_size: int = 4
     """Rows per forward pass."""
-    gradient_accumulation_steps: int = 1
-    """Forward passes per optimizer step."""
-    max_length: int = 512
-    """Tokens per row after the chat template; longer rows are cut at the end."""
-    lora: bool = False
-    """Train LoRA adapters instead of every weight (merged into the saved model at the end)."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator (scale = alpha / r)."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA branch."""
-    gradient_checkpointing: bool | None = None
-    """Recompute activations in the backward pass; None: on with a GPU, off on CPU, where it only costs time."""
-    seed: int = 0
-    """Seed for shuffling and adapter initialisation."""
-    precision: str = "auto"
-    """auto (bf16 autocast where native and measured to pay), fp32, or bf16 (forced); weights stay fp32."""
-    report_to: str = "none"
-    """Also log the training curve to: none, or a comma-separated list of tensorboard, mlflow, trackio (when installed)."""
-
-    def validate(self) -> "SFTOptions":
-        checks = [
-            (self.epochs > 0, "epochs", "a positive number", self.epochs),
-            (self.max_steps == -1 or self.max_steps > 0, "max_steps", "-1 or a positive integer", self.max_steps),
-            (self.learning_rate > 0, "learning_rate", "a positive number", self.learning_rate),
-            (self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size),
-            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "an integer >= 1", self.gradient_accumulation_steps),
-            (self.max_length >= 8, "max_length", "an integer >= 8", self.max_length),
-            (self.lora_r >= 1, "lora_r", "an integer >= 1", self.lora_r),
-            (self.lora_alpha > 0, "lora_alpha", "a positive number", self.lora_alpha),
-            (0 <= self.lora_dropout < 1, "lora_dropout", "a number in [0, 1)", self.lora_dropout),
-            (self.precision in MODES, "precision", "one of " + ", ".join(MODES), self.precision),
-            (_reporters_ok(self.report_to), "report_to", "none or installed trackers among tensorboard, mlflow, trackio",
-             self.report_to),
-        ]
-        for ok, name, expected, value in checks:
-            if not ok:
-                raise PPOError(f"SFT option {name}={value!r} is invalid; expected {expected}")
-        return self
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "SFTOptions":
-        """Options from a dict (job params); unknown keys are an error that lists the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise PPOError(f"unknown SFT option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**params).validate()
 
 
 @dataclasses.dataclass
 class SFTResult:
-    """What a finished SFT run produced; `registration()` turns it into a models-table row."""
+    """What a finished SFT run (or DPO, GRPO, RLOO run: ppo.dpo.PolicyResult) produced; `registration()` turns it into a models-table row."""
 
     output_dir: Path
     base_model: str

@@ -82,3 +82,33 @@ def save_tiny_llama(path: Path, seed: int = 0) -> Path:
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def save_untrained_rm(out: Path, bert: Path, seed: int) -> Path:
+    """A reward-model run directory as reward.train writes one (model, tokenizer, reward_config.json), untrained."""
+    import torch
+
+    from reward.data import PairEncoder
+    from reward.train import load_base
+
+    torch.manual_seed(seed)
+    model, tokenizer, _ = load_base(str(bert))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    PairEncoder(tokenizer, 32).save(out, base=str(bert))
+    return out
+
+
+def save_reward_models(root: Path) -> dict:
+    """Untrained reward-model runs on a tiny BERT: a single model and a two-member ensemble (reward.score reads both)."""
+    import json
+
+    from reward.score import ENSEMBLE_FILE
+
+    base = save_tiny_bert(root / "bert")
+    single = save_untrained_rm(root / "rm", base, seed=1)
+    ens = root / "ens"
+    for i in range(2):
+        save_untrained_rm(ens / f"member_{i}", base, seed=10 + i)
+    (ens / ENSEMBLE_FILE).write_text(json.dumps({"members": ["member_0", "member_1"], "seeds": [10, 11]}))
+    return {"base": base, "single": single, "ensemble": ens}

@@ -376,14 +376,15 @@ def _ctx(engine, tmp_path):
                                  run_dir=str(tmp_path / "run"), settings=None, cancelled=lambda: False)
 
 
-@pytest.mark.parametrize("kind", ["train_rm", "sft", "ppo"])
+@pytest.mark.parametrize("kind", ["train_rm", "sft", "ppo", "dpo", "grpo", "rloo"])
 def test_job_names_and_derived_names_are_checked_before_any_work(sqlite_engine, tmp_path, kind):
     from ppo import jobs as ppo_jobs
     from reward import jobs as reward_jobs
 
-    handler = {"train_rm": reward_jobs.train_rm, "sft": ppo_jobs.sft, "ppo": ppo_jobs.ppo}[kind]
-    source = {"train_rm": "data", "sft": "data", "ppo": "prompts"}[kind]
-    extra = {"reward_model": str(tmp_path / "no-rm")} if kind == "ppo" else {}
+    handler = {"train_rm": reward_jobs.train_rm, "sft": ppo_jobs.sft, "ppo": ppo_jobs.ppo, "dpo": ppo_jobs.dpo,
+               "grpo": ppo_jobs.grpo, "rloo": ppo_jobs.rloo}[kind]
+    source = "prompts" if kind in ("ppo", "grpo", "rloo") else "data"
+    extra = {"reward_model": str(tmp_path / "no-rm")} if kind in ("ppo", "grpo", "rloo") else {}
     missing = str(tmp_path / "missing.jsonl")
     with pytest.raises(Exception) as info:
         handler({source: missing, "name": LONG_NAME, **extra}, _ctx(sqlite_engine, tmp_path))

@@ -132,3 +132,37 @@ def test_generate_cli_and_job_write_items_named_after_registered_policies(settin
     done = generate(params, Ctx(stop=False))
     assert done["items_added"] == len(items_of(engine, "r4")) >= 1
     assert {(r[3], r[4]) for r in items_of(engine, "r4")} == {("sft-1", "policy-v3")}
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_rlhf_generate_and_the_generate_job_run_one_use_case_and_write_the_same_items(settings, policies, tmp_path):
+    """generate is written once (ppo.usecases.generate): with the same prompts, policies and seed, the
+    CLI and the job write the same items (responses, sources, metadata), and report the same counts."""
+    import json
+    import logging
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from annotation.store import init_db
+    from app.cli import _register_commands, cli
+    from ppo.jobs import generate
+
+    engine = init_db(settings.db_url)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n", encoding="utf-8")
+    ctx = SimpleNamespace(job_id=4, run_dir=tmp_path / "job", engine=engine, settings=settings, log=logging.getLogger("t"),
+                          progress=lambda f, m="": None, cancelled=lambda: False)
+    job = generate({"policy": str(policies[0]), "policy_b": str(policies[1]), "prompts": str(prompts), "project": "by-job",
+                    "max_new_tokens": 6, "seed": 5}, ctx)
+    _register_commands()
+    result = CliRunner().invoke(cli, ["generate", "--policy", str(policies[0]), "--policy-b", str(policies[1]), "--prompts",
+                                      str(prompts), "--project", "by-cli", "--max-new-tokens", "6", "--seed", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {k: v for k, v in printed.items() if k != "project"} == {k: v for k, v in job["metrics"].items() if k != "project"}
+    assert items_of(engine, "by-cli") == items_of(engine, "by-job") and len(items_of(engine, "by-job")) == job["items_added"] >= 1
+    # Both used generate's own default temperature (1.0), not eval-policy's.
+    assert {row[5]["temperature"] for row in items_of(engine, "by-job")} == {1.0}
+    assert json.loads((tmp_path / "job" / "generate.json").read_text())["items_added"] == job["items_added"]
+    engine.dispose()

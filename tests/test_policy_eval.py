@@ -101,29 +101,43 @@ def test_different_tokenizers_are_refused(tok, models):
         evaluate_policy((models[0], tok), (models[1], other), count_o, PROMPTS, OPTS)
 
 
-def test_eval_policy_cli_prints_the_json_keys_and_the_side_by_side_table(tmp_path, monkeypatch):
+class CountO:
+    """reward.score.load_reward_model's stand-in: a "reward model" that counts the letters 'o'."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def score(self, prompts, responses, batch_size=32):
+        return count_o(prompts, responses)
+
+
+@pytest.fixture
+def eval_files(tmp_path, monkeypatch):
+    """A policy and a reference (tiny models), a prompts file and a reward-model directory scored by CountO."""
+    import json
+    from types import SimpleNamespace
+
+    import reward.score
+    from tiny_lm import save_tiny_policy
+
+    monkeypatch.setattr(reward.score, "load_reward_model", CountO)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n", encoding="utf-8")
+    (tmp_path / "rm").mkdir()
+    return SimpleNamespace(policy=save_tiny_policy(tmp_path / "pol", seed=1), reference=save_tiny_policy(tmp_path / "ref", seed=0),
+                           prompts=prompts, rm=tmp_path / "rm")
+
+
+def test_eval_policy_cli_prints_the_json_keys_and_the_side_by_side_table(eval_files):
     import json
 
     from typer.testing import CliRunner
 
-    import app.cli_policy  # noqa: F401  (adds the policy commands to the app)
-    import reward.score
-    from app.cli import cli
-    from tiny_lm import save_tiny_policy
+    from app.cli import _register_commands, cli
 
-    class CountO:
-        def __init__(self, path):
-            self.path = path
-
-        def score(self, prompts, responses, batch_size=32):
-            return count_o(prompts, responses)
-
-    monkeypatch.setattr(reward.score, "load_reward_model", CountO)
-    policy, reference = save_tiny_policy(tmp_path / "pol", seed=1), save_tiny_policy(tmp_path / "ref", seed=0)
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n", encoding="utf-8")
-    (tmp_path / "rm").mkdir()
-    args = ["eval-policy", "--policy", str(policy), "--reference", str(reference), "--reward-model", str(tmp_path / "rm"),
+    _register_commands()
+    policy, reference, prompts = eval_files.policy, eval_files.reference, eval_files.prompts
+    args = ["eval-policy", "--policy", str(policy), "--reference", str(reference), "--reward-model", str(eval_files.rm),
             "--prompts", str(prompts), "--n", "4", "--max-new-tokens", "5", "--samples", "2"]
     result = CliRunner().invoke(cli, args + ["--json"])
     assert result.exit_code == 0, result.output
@@ -147,3 +161,36 @@ def test_eval_policy_cli_refuses_bad_sampling_options_naming_the_option(tmp_path
         result = CliRunner().invoke(cli, args + [option, value])
         assert isinstance(result.exception, PPOError), result.output
         assert f"{field}={value} is invalid" in str(result.exception)
+
+
+def test_rlhf_eval_policy_and_the_eval_policy_job_report_the_same_evaluation(eval_files, tmp_path):
+    """eval-policy is written once (ppo.usecases.eval_policy): the CLI prints what the job writes to
+    its run dir's eval.json, win rates, rewards, KL and samples alike (same prompts, same seed)."""
+    import json
+    import logging
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from app.cli import _register_commands, cli
+    from ppo.jobs import eval_policy
+
+    (tmp_path / "judge").mkdir()
+    params = {"policy": str(eval_files.policy), "reference": str(eval_files.reference), "reward_model": str(eval_files.rm),
+              "prompts": str(eval_files.prompts), "n": 4, "max_new_tokens": 5, "samples": 2, "seed": 7,
+              "judges": [str(tmp_path / "judge")]}
+    ctx = SimpleNamespace(job_id=3, run_dir=tmp_path / "job", engine=None, settings=SimpleNamespace(model_dir=tmp_path),
+                          log=logging.getLogger("t"), progress=lambda f, m="": None, cancelled=lambda: False)
+    job = eval_policy(params, ctx)
+    _register_commands()
+    result = CliRunner().invoke(cli, ["eval-policy", "--policy", params["policy"], "--reference", params["reference"],
+                                      "--reward-model", params["reward_model"], "--prompts", params["prompts"], "--n", "4",
+                                      "--max-new-tokens", "5", "--samples", "2", "--seed", "7", "--judge", str(tmp_path / "judge"),
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    written = json.loads((tmp_path / "job" / "eval.json").read_text())
+    assert printed == written == json.loads(json.dumps(job["metrics"], default=str))
+    assert job["path"] == str(tmp_path / "job" / "eval.json") and job["register"] == []
+    assert printed["n_prompts"] == 4 and printed["sampling"]["seed"] == 7 and len(printed["samples"]) == 2
+    assert list(printed["judges"]) and printed["self_judged"] is None

@@ -22,40 +22,21 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reward_fixtures import save_tiny_bert, synthetic_pairs  # noqa: E402
+from reward_fixtures import save_reward_models, synthetic_pairs  # noqa: E402
 
-from reward.data import PairEncoder  # noqa: E402
 from reward.errors import RewardError  # noqa: E402
-from reward.score import ENSEMBLE_FILE, load_reward_model  # noqa: E402
+from reward.score import load_reward_model  # noqa: E402
 from reward.serve import RewardServer, ServeSpec, split_queries  # noqa: E402
-from reward.train import load_base  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 QUIET = dict(host="127.0.0.1", port=0, log_level="warning")
 
 
-def save_untrained_rm(out: Path, base: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model, tokenizer, _ = load_base(str(base))
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    PairEncoder(tokenizer, 32).save(out, base=str(base))
-    return out
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    base = save_tiny_bert(root / "base")
-    single = save_untrained_rm(root / "rm", base, seed=1)
-    ens = root / "ens"
-    for i in range(2):
-        save_untrained_rm(ens / f"member_{i}", base, seed=10 + i)
-    (ens / ENSEMBLE_FILE).write_text(json.dumps({"members": ["member_0", "member_1"], "seeds": [10, 11]}))
-    return {"base": base, "single": single, "ensemble": ens}
+    return save_reward_models(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reward_fixtures import save_tiny_bert  # noqa: E402
+from reward_fixtures import save_reward_models  # noqa: E402
 from tiny_lm import one_thread, save_tiny_policy  # noqa: E402
 
 from ppo.dpo import DPOOptions, dpo_rows, train_dpo  # noqa: E402
@@ -49,33 +49,9 @@ def base(tmp_path_factory):
     return save_tiny_policy(tmp_path_factory.mktemp("tiny") / "base")
 
 
-def save_untrained_rm(out: Path, bert: Path, seed: int) -> Path:
-    """A reward-model run directory as reward.train writes one (model, tokenizer, reward_config.json), untrained."""
-    import torch
-
-    from reward.data import PairEncoder
-    from reward.train import load_base
-
-    torch.manual_seed(seed)
-    model, tokenizer, _ = load_base(str(bert))
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    PairEncoder(tokenizer, 32).save(out, base=str(bert))
-    return out
-
-
 @pytest.fixture(scope="module")
 def reward_models(tmp_path_factory):
-    from reward.score import ENSEMBLE_FILE
-
-    root = tmp_path_factory.mktemp("rm")
-    bert = save_tiny_bert(root / "bert")
-    single = save_untrained_rm(root / "rm", bert, seed=1)
-    ens = root / "ens"
-    for i in range(2):
-        save_untrained_rm(ens / f"member_{i}", bert, seed=10 + i)
-    (ens / ENSEMBLE_FILE).write_text(json.dumps({"members": ["member_0", "member_1"], "seeds": [10, 11]}))
-    return {"single": single, "ensemble": ens}
+    return save_reward_models(tmp_path_factory.mktemp("rm"))
 
 
 def completion_logprob(model_dir, prompt: str, completion: str) -> float:
@@ -234,6 +210,52 @@ def test_dpo_cli_registers_the_policy_as_a_child_of_its_registered_base(settings
     eng.dispose()
 
 
+# The fields of a registry row that say what was trained, on what, how: the same whichever caller ran it.
+SAME_FIELDS = ("kind", "base_model", "project_id", "data_hash", "data_rows", "params", "parent_id")
+
+
+def untimed(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "runtime_s"}
+
+
+def job_context(engine, settings, run_dir):
+    import logging
+    from types import SimpleNamespace
+
+    return SimpleNamespace(job_id=5, run_dir=run_dir, engine=engine, settings=settings, log=logging.getLogger("t"),
+                           progress=lambda f, m="": None, cancelled=lambda: False)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_rlhf_dpo_and_the_dpo_job_run_one_use_case_and_register_the_same_policy(settings, base, tmp_path):
+    """DPO is written once (ppo.usecases.dpo): the CLI and the job register the same row but for its
+    path and name; both apply "1e-5 with LoRA" (before, only the CLI did)."""
+    from typer.testing import CliRunner
+
+    from annotation.registry import get_model
+    from annotation.store import init_db, transaction
+    from app.cli import _register_commands, cli
+    from ppo.jobs import dpo
+
+    engine = init_db(settings.db_url)
+    parent = register_base(engine, base)
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    (job_row,) = dpo({"data": str(data), "base": str(base), "max_steps": 2, "batch_size": 2, "lora": True, "lora_r": 4,
+                      "beta": 0.2, **FP32}, job_context(engine, settings, tmp_path / "job"))["register"]
+    _register_commands()
+    result = CliRunner().invoke(cli, ["dpo", "--data", str(data), "--base", str(base), "--max-steps", "2", "--batch-size", "2",
+                                      "--lora", "--lora-r", "4", "--beta", "0.2", "--precision", "fp32",
+                                      "-o", str(tmp_path / "cli"), "--name", "dpo-cli"])
+    assert result.exit_code == 0, result.output
+    with transaction(engine) as session:
+        row = get_model(session, "dpo-cli")
+        assert {k: getattr(row, k) for k in SAME_FIELDS} == {k: job_row[k] for k in SAME_FIELDS}
+        assert untimed(row.metrics) == untimed(job_row["metrics"])
+    assert job_row["parent_id"] == parent and job_row["params"]["learning_rate"] == 1e-5 and job_row["name"] == "dpo-pairs-job5"
+    assert row.path == str((tmp_path / "cli").resolve()) and job_row["path"] == str((tmp_path / "job" / "policy").resolve())
+    engine.dispose()
+
+
 # --------------------------------------------------------------------------- GRPO and RLOO
 
 
@@ -349,6 +371,72 @@ def test_grpo_job_registers_the_policy_with_its_reward_model_and_prompt_lineage(
     assert not (tmp_path / "job-8" / "policy").exists()
     with pytest.raises(PPOError, match="loss_type"):
         resolve_handler("rloo")({**params, "loss_type": "grpo"}, ctx)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_rlhf_grpo_or_rloo_and_its_job_run_one_use_case_and_register_the_same_policy(settings, base, reward_models, tmp_path,
+                                                                                    algorithm):
+    """GRPO and RLOO are written once (ppo.usecases.grpo / rloo): the CLI and the job register the same
+    row (same seed, settings, prompts, reward model) but for its path and name."""
+    from typer.testing import CliRunner
+
+    from annotation.registry import get_model
+    from annotation.store import init_db, transaction
+    from app.cli import _register_commands, cli
+    from app.jobs import resolve_handler
+
+    engine = init_db(settings.db_url)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    params = {"policy": str(base), "reward_model": str(reward_models["single"]), "prompts": str(prompts), "steps": 2,
+              "batch_size": 4, "num_generations": 2, "max_completion_length": 4, "seed": 3, **FP32}
+    (job_row,) = resolve_handler(algorithm)(params, job_context(engine, settings, tmp_path / "job"))["register"]
+    _register_commands()
+    result = CliRunner().invoke(cli, [algorithm, "--policy", str(base), "--reward-model", str(reward_models["single"]),
+                                      "--prompts", str(prompts), "--steps", "2", "--batch-size", "4", "--num-generations", "2",
+                                      "--max-completion-length", "4", "--seed", "3", "--precision", "fp32",
+                                      "-o", str(tmp_path / "cli"), "--name", f"{algorithm}-cli", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout.strip().splitlines()[-1])
+    assert payload["reward_model"] == str(reward_models["single"]) and payload["rows"] == len(PROMPTS)
+    with transaction(engine) as session:
+        row = get_model(session, f"{algorithm}-cli")
+        assert {k: getattr(row, k) for k in SAME_FIELDS} == {k: job_row[k] for k in SAME_FIELDS}
+        assert untimed(row.metrics) == untimed(job_row["metrics"])
+    assert job_row["params"]["trainer"] == algorithm and job_row["name"] == f"{algorithm}-prompts-job5"
+    engine.dispose()
+
+
+def test_sft_dpo_and_grpo_options_share_one_base_with_one_validation():
+    """The fields every trainer takes are ppo.options.TrainerOptions' (validated there, once); each
+    trainer keeps its own defaults, and its errors name the trainer, the field and the CLI option."""
+    import dataclasses
+
+    from annotation.runs import field_help
+    from ppo.dpo import LOSS_TYPES
+    from ppo.options import OfflineTrainerOptions, TrainerOptions
+    from ppo.sft import SFTOptions
+    from ppo.usecases import DPOSpec, GRPOSpec, RLOOSpec, SFTSpec
+
+    shared = {f.name for f in dataclasses.fields(TrainerOptions)}
+    assert {"learning_rate", "batch_size", "lora", "lora_r", "precision", "report_to", "seed"} <= shared
+    assert issubclass(SFTOptions, OfflineTrainerOptions) and issubclass(DPOOptions, OfflineTrainerOptions)
+    assert issubclass(GRPOOptions, TrainerOptions) and not issubclass(GRPOOptions, OfflineTrainerOptions)
+    # Each trainer's own defaults: learning rate without and with LoRA, batch size.
+    assert [(cls().validate().learning_rate, cls(lora=True).validate().learning_rate, cls().batch_size)
+            for cls in (SFTOptions, DPOOptions, GRPOOptions)] == [(2e-5, 1e-4, 4), (1e-6, 1e-5, 4), (1e-6, 1e-5, 8)]
+    for cls, trainer in ((SFTOptions, "SFT"), (DPOOptions, "DPO"), (GRPOOptions, "GRPO/RLOO")):
+        with pytest.raises(PPOError, match=rf"^{trainer} option lora_dropout=1.0 \(--lora-dropout\) is invalid; expected a number in \[0, 1\)$"):
+            cls(lora_dropout=1.0).validate()
+        with pytest.raises(PPOError, match=rf"^{trainer} option precision='fp16' \(--precision\) is invalid"):
+            cls(precision="fp16").validate()
+    with pytest.raises(PPOError, match=r"^SFT option max_length=4 \(--max-length\) is invalid"):
+        SFTOptions(max_length=4).validate()
+    # Every field of every spec has its one line of help (the CLI, the job docs and the pages read it).
+    for spec in (SFTSpec, DPOSpec, GRPOSpec, RLOOSpec):
+        helps = field_help(spec)
+        assert all(helps.get(f.name) for f in dataclasses.fields(spec)), spec
+    assert all(loss in field_help(DPOSpec)["loss_type"] for loss in LOSS_TYPES)
 
 
 # --------------------------------------------------------------------------- bad options
