@@ -20,8 +20,8 @@ from typing import Optional
 import typer
 
 from app.cli import JsonOpt, cli, emit, engine, models_cli
-from app.options import spec_option
-from reward.usecases import TrainRMSpec
+from app.options import spec_option, spec_options
+from reward.usecases import EvalRMSpec, TrainRMSpec
 
 
 S = TrainRMSpec  # options, defaults and help of train-rm are this spec's fields
@@ -99,30 +99,23 @@ def train_rm(
 
 
 @cli.command("eval-rm")
+@spec_options(EvalRMSpec, "model", "data", "project", "split", "batch_size", required=("model",))
 def eval_rm(
-    model: str = typer.Option(..., "--model", help="Run directory, ensemble directory, or registered model id/name."),
-    data: Optional[str] = typer.Option(None, "--data", help="Labelled preference file (trl, trl-conversational, hh)."),
-    project: Optional[str] = typer.Option(None, "--project", help="Evaluate on a project's pairs instead."),
-    split: Optional[str] = typer.Option(None, "--split", help="With --project: train or test (default test)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Pairs scored per batch."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Write the reliability diagram (.html or .json, Vega-Lite)."),
     as_json: bool = JsonOpt,
+    **options,
 ) -> None:
     """Accuracy, margin, Bradley-Terry log-loss, calibration (ECE), agreement and length-bias breakdowns."""
-    from annotation.registry import get_model
-    from annotation.store import transaction
-    from reward.data import load_pairs
-    from reward.evaluate import evaluate_model, save_reliability_plot
+    import tempfile
 
-    eng = None
-    if not Path(model).is_dir():
-        eng = engine()
-        with transaction(eng) as session:
-            model = get_model(session, model).path
-    if project is not None and eng is None:
-        eng = engine()
-    pairs = load_pairs(data=data, project=project, engine=eng, split=split or ("test" if project else None))
-    metrics = evaluate_model(model, pairs, batch_size=batch_size)
+    from annotation.runs import RunContext
+    from reward.evaluate import save_reliability_plot
+    from reward.usecases import eval_rm as eval_rm_usecase
+
+    spec = EvalRMSpec(**options).validate()
+    eng = engine() if (spec.project is not None or not Path(spec.model).is_dir()) else None
+    with tempfile.TemporaryDirectory(prefix="rlhf-eval-rm-") as tmp:
+        metrics = eval_rm_usecase(spec, RunContext(output_dir=Path(tmp), engine=eng)).metrics
     if plot:
         metrics["plot"] = str(save_reliability_plot(metrics["calibration"], plot))
     lb = metrics["length_bias"]

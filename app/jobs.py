@@ -67,7 +67,7 @@ class JobKind:
 # The one table of job kinds (annotation.store.JOB_KINDS must name the same; a test holds them equal).
 JOB_TABLE: dict[str, JobKind] = {
     "train_rm": JobKind("reward.jobs:train_rm", "reward.usecases:TrainRMSpec", accelerate=True),
-    "eval_rm": JobKind("reward.jobs:eval_rm"),
+    "eval_rm": JobKind("reward.jobs:eval_rm", "reward.usecases:EvalRMSpec"),
     "sft": JobKind("ppo.jobs:sft", "ppo.usecases:SFTSpec", accelerate=True),
     "ppo": JobKind("ppo.jobs:ppo", "ppo.usecases:PPOSpec", accelerate=True),
     "dpo": JobKind("ppo.jobs:dpo", "ppo.usecases:DPOSpec", accelerate=True),

@@ -1,4 +1,5 @@
-"""The reward side's use cases, each written once for the CLI, the worker and the pages.
+"""The reward side's use cases, each written once for the CLI, the worker and the pages: train_rm,
+eval_rm and score_queue.
 
     spec = TrainRMSpec(project="demo", epochs=3).validate()
     result = train_rm(spec, RunContext(output_dir=Path("runs/rm-1"), engine=engine, settings=settings))
@@ -98,6 +99,69 @@ def train_rm(spec: TrainRMSpec, ctx: RunContext) -> RunResult:
            "metrics": metrics, "parent_id": parent_id}
     return RunResult(register=[row], path=row["path"], metrics=metrics,
                      extra={"train_pairs": len(train), "eval_pairs": len(held), "data_hash": result["data_hash"]})
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclasses.dataclass
+class EvalRMSpec:
+    """Evaluate a reward model on labelled pairs (reward.evaluate): accuracy, margin, Bradley-Terry
+    log-loss, calibration (ECE), agreement and length-bias breakdowns. The eval_rm job and `rlhf eval-rm`."""
+
+    model: str = ""
+    """Run directory, ensemble directory, or registered model id/name."""
+    data: str | None = None
+    """Labelled preference file (trl, trl-conversational, hh); give this or project."""
+    project: str | None = None
+    """Evaluate on a project's pairs instead."""
+    split: str | None = None
+    """With project: train or test (default test, the pairs a model trained on the project held out)."""
+    aggregation: str = "majority"
+    """Label aggregation for a project: majority or dawid-skene."""
+    batch_size: int = 32
+    """Pairs scored per batch."""
+
+    def validate(self) -> "EvalRMSpec":
+        if not self.model:
+            raise RewardError("--model is required: a run directory, an ensemble directory, or a registered model's id or name")
+        if bool(self.data) == bool(self.project):
+            raise RewardError("give exactly one of --data FILE or --project NAME")
+        if self.split not in (None, "train", "test"):
+            raise RewardError(f"--split {self.split!r} is invalid; expected train or test")
+        if self.aggregation not in AGGREGATIONS:
+            raise RewardError(f"--aggregation {self.aggregation!r} is invalid; expected one of {', '.join(AGGREGATIONS)}")
+        if self.batch_size < 1:
+            raise RewardError(f"--batch-size must be at least 1, got {self.batch_size}")
+        return self
+
+
+def eval_rm(spec: EvalRMSpec, ctx: RunContext) -> RunResult:
+    """Score spec's pairs with the reward model and compute every metric (reward.evaluate); writes
+    eval.json into ctx.output_dir. A registered id or name is looked up in ctx.engine."""
+    from annotation.registry import get_model
+    from annotation.store import reading
+    from reward.data import load_pairs
+    from reward.evaluate import evaluate_model
+
+    spec.validate()
+    model = str(spec.model)
+    if not Path(model).is_dir():
+        if ctx.engine is None:
+            raise RewardError(f"--model {model}: not a directory")
+        with reading(ctx.engine) as session:
+            model = get_model(session, model).path
+    ctx.progress(0.0, "loading pairs")
+    pairs = load_pairs(data=spec.data, project=spec.project, engine=ctx.engine,
+                       split=spec.split or ("test" if spec.project else None), aggregation=spec.aggregation)
+    ctx.stop_if_asked("reward-model evaluation")
+    ctx.progress(0.1, f"scoring {len(pairs)} pairs")
+    metrics = evaluate_model(model, pairs, batch_size=spec.batch_size)
+    out = Path(ctx.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(metrics, indent=2))
+    ctx.log.info(f"accuracy {metrics['accuracy']:.3f} on {metrics['n_pairs']} pairs")
+    return RunResult(register=[], path=str(out / "eval.json"), metrics=metrics)
 
 
 # --------------------------------------------------------------------------- the annotation queue

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import func, select
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reward_fixtures import save_tiny_bert, synthetic_pairs  # noqa: E402
+from reward_fixtures import save_tiny_bert, save_untrained_rm, synthetic_pairs  # noqa: E402
 
 from annotation.store import Job, RegisteredModel, init_db, transaction  # noqa: E402
 from reward.data import pairs_hash, split_pairs  # noqa: E402
@@ -195,3 +195,30 @@ def test_the_cli_and_the_job_run_one_use_case_and_register_the_same_model(sqlite
         assert comparable(from_job) == comparable(from_cli)
         assert from_cli.path == str((tmp_path / "rm-cli").resolve()) and from_cli.name == "rm-cli"
         assert from_job.name == f"rm-pairs-job{job_id}" and Path(from_job.path).name == "model"
+
+
+def test_rlhf_eval_rm_and_the_eval_rm_job_run_one_use_case_and_report_the_same_metrics(sqlite_settings, tiny_base, pairs_file,
+                                                                                       tmp_path):
+    """eval-rm is written once (reward.usecases.eval_rm): `rlhf eval-rm` prints the metrics that the
+    eval_rm job, run by the worker on the same registered model and pairs, writes to its eval.json."""
+    from annotation.registry import register_model
+    from app.jobs import claim_next, get_job, run_job, submit_job
+
+    engine = init_db(sqlite_settings.db_url)
+    rm = save_untrained_rm(tmp_path / "rm", tiny_base, seed=3)
+    with transaction(engine) as s:
+        model_id = register_model(s, kind="reward", name="rm-eval", path=str(rm)).id
+    job_id = submit_job(engine, "eval_rm", {"model": "rm-eval", "data": str(pairs_file)})
+    claim_next(engine, "test-worker")
+    assert run_job(job_id, sqlite_settings) == 0
+    job = get_job(engine, job_id)
+    proc = _cli("eval-rm", "--model", str(model_id), "--data", str(pairs_file), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert printed == json.loads(Path(job["result"]["path"]).read_text()) == job["result"]["metrics"]
+    assert printed["model"] == str(rm) and printed["n_pairs"] == 64
+    # The spec is checked when the job is submitted: a bad value never reaches the worker.
+    from app.jobs import JobError
+
+    with pytest.raises(JobError, match=r"eval_rm: --split 'dev' is invalid"):
+        submit_job(engine, "eval_rm", {"model": "rm-eval", "project": "p", "split": "dev"})
