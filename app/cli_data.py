@@ -20,7 +20,9 @@ from typing import Optional
 import typer
 
 from annotation.io.formats import FORMATS
+from annotation.usecases import ExportSpec
 from app.cli import JsonOpt, cli, emit, engine
+from app.options import spec_options
 
 
 @cli.command("import")
@@ -63,53 +65,39 @@ def import_cmd(
 
 
 @cli.command("export")
+@spec_options(ExportSpec, "project", "format", "aggregation", "min_agreement", "min_confidence", "split", "test_fraction",
+              "margin_from", "ranking_pairs", required=("project", "format"))
 def export_cmd(
-    project: str = typer.Option(..., "--project", help="Project to export."),
-    format: str = typer.Option(..., "--format", help="trl, trl-conversational, hh (pairs) or annotations (one row per annotation)."),
     output: str = typer.Option(..., "-o", "--output", help="File to write; .parquet writes Parquet, anything else JSONL."),
-    aggregation: str = typer.Option("majority", "--aggregation", help="How annotations become one label: majority or dawid-skene."),
-    min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Leave out items whose annotator agreement is below this (0..1)."),
-    min_confidence: Optional[float] = typer.Option(None, "--min-confidence", help="Leave out items whose aggregated label's confidence is below this (0..1)."),
-    split: Optional[str] = typer.Option(None, "--split", help="Only the train or the test split (by item hash)."),
-    test_fraction: float = typer.Option(0.1, "--test-fraction", help="Share of items in the test split."),
-    margin_from: str = typer.Option(
-        "none", "--margin-from",
-        help="Add TRL's 'margin' column: none; confidence (2*confidence-1); or rank-gap (the voters' mean signed rank gap / "
-             "(n-1), n the item's responses; a two-response item gets (votes for chosen - votes for rejected) / votes)."),
-    ranking_pairs: str = typer.Option(
-        "all", "--ranking-pairs",
-        help="Pairs from ranking items (3-6 responses): all (every pair of responses) or adjacent (neighbouring places "
-             "in each annotator's ranking); each pair is aggregated over annotators like a two-response item."),
     parquet: bool = typer.Option(False, "--parquet", help="Write Parquet whatever the file name."),
     as_json: bool = JsonOpt,
+    **options,
 ) -> None:
     """Export a project's pairs (aggregated labels) or its raw annotations, atomically."""
-    from annotation.io import export
-    from annotation.io.exporter import check_options, check_output
+    from pathlib import Path
+
+    from annotation.io.exporter import check_output
+    from annotation.runs import RunContext
+    from annotation.usecases import export
 
     # Every option is checked before the store is opened, so a typo costs no connection and no file.
-    check_options(format, aggregation=aggregation, split=split, test_fraction=test_fraction,
-                  min_agreement=min_agreement, min_confidence=min_confidence, margin_from=margin_from, ranking_pairs=ranking_pairs)
-    check_output(output)
-    report = export(
-        engine(), project, format, output, aggregation=aggregation, min_agreement=min_agreement,
-        min_confidence=min_confidence, split=split, test_fraction=test_fraction, margin_from=margin_from,
-        parquet=True if parquet else None, ranking_pairs=ranking_pairs,
-    )
-    what = "annotations" if format == "annotations" else "pairs"
-    lines = [f"exported {report.exported} {what} from project '{project}' to {output} ({format})"]
-    if format != "annotations":
+    spec = ExportSpec(**options, filename=Path(output).name, parquet=True if parquet else None).validate()
+    out = check_output(output)
+    report = export(spec, RunContext(output_dir=out.parent, engine=engine())).metrics
+    what = "annotations" if spec.format == "annotations" else "pairs"
+    lines = [f"exported {report['exported']} {what} from project '{spec.project}' to {output} ({spec.format})"]
+    if spec.format != "annotations":
         lines.append(
-            f"  skipped: no majority {report.no_majority}, ties excluded {report.ties_excluded}, "
-            f"both-bad excluded {report.both_bad_excluded}, unannotated {report.unannotated}, "
-            f"below threshold {report.below_threshold}"
+            f"  skipped: no majority {report['no_majority']}, ties excluded {report['ties_excluded']}, "
+            f"both-bad excluded {report['both_bad_excluded']}, unannotated {report['unannotated']}, "
+            f"below threshold {report['below_threshold']}"
         )
-        if report.ranking_items:
+        if report["ranking_items"]:
             lines.append(
-                f"  ranking items: {report.ranking_items}, pairs from them ({report.ranking_pairs}): {report.ranking_pairs_exported}; "
-                f"pairs left out: tied {report.ranking_pairs_tied}, no majority {report.ranking_pairs_no_majority}, "
-                f"below threshold {report.ranking_pairs_below_threshold}"
+                f"  ranking items: {report['ranking_items']}, pairs from them ({report['ranking_pairs']}): "
+                f"{report['ranking_pairs_exported']}; pairs left out: tied {report['ranking_pairs_tied']}, "
+                f"no majority {report['ranking_pairs_no_majority']}, below threshold {report['ranking_pairs_below_threshold']}"
             )
-    if split:
-        lines.append(f"  split {split}: {report.other_split} left out as the other split")
-    emit(report.as_dict(), as_json, "\n".join(lines))
+    if spec.split:
+        lines.append(f"  split {spec.split}: {report['other_split']} left out as the other split")
+    emit(report, as_json, "\n".join(lines))

@@ -75,7 +75,7 @@ JOB_TABLE: dict[str, JobKind] = {
     "rloo": JobKind("ppo.jobs:rloo", "ppo.usecases:RLOOSpec", accelerate=True),
     "eval_policy": JobKind("ppo.jobs:eval_policy", "ppo.usecases:EvalPolicySpec"),
     "generate": JobKind("ppo.jobs:generate", "ppo.usecases:GenerateSpec"),
-    "export": JobKind("app.jobs:export_job"),
+    "export": JobKind("app.jobs:export_job", "annotation.usecases:ExportSpec"),
     "score_queue": JobKind("reward.jobs:score_queue", "reward.usecases:ScoreQueueSpec"),
 }
 HANDLERS: dict[str, str] = {kind: job.handler for kind, job in JOB_TABLE.items()}
@@ -157,7 +157,7 @@ def _check_spec(target: str, kind: str, params: dict) -> None:
             spec_cls.from_params(dict(params), kind)
         else:
             spec_from_params(spec_cls, dict(params), kind, JobError)
-    except (RewardError, PPOError) as exc:
+    except (AnnotationError, RewardError, PPOError) as exc:
         raise JobError(str(exc) if str(exc).startswith(kind) else f"{kind}: {exc}") from None
 
 
@@ -769,19 +769,16 @@ def _export_filename(filename) -> str:
 
 
 def export_job(params: dict, ctx: JobContext) -> dict:
-    """Export a project into the job's run dir (params: project, format, optional filename — a plain
-    name ending .jsonl or .parquet — and export's filters: aggregation, min_agreement, split, ...)."""
-    from annotation.io import export
+    """The export job: annotation.usecases.export into the job's run dir (params: ExportSpec's fields;
+    filename, if given, a plain name ending .jsonl or .parquet)."""
+    from annotation.runs import RunContext, spec_from_params
+    from annotation.usecases import ExportSpec, export
 
-    params = dict(params)
-    project, fmt = params.pop("project"), params.pop("format")
-    filename = _export_filename(params.pop("filename", f"{project}-{fmt}.jsonl"))
-    out_path = ctx.run_dir / filename
-    ctx.progress(0.0, f"exporting project '{project}' as {fmt}")
-    report = export(ctx.engine, project, fmt, out_path, **params)
-    summary = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(vars(report))
-    ctx.log.info("export written to %s: %s", out_path, summary)
-    return _json_safe({"path": str(out_path), "report": summary}, "export report")
+    spec = spec_from_params(ExportSpec, params, "export", JobError)
+    _export_filename(spec.file_name())
+    result = export(spec, RunContext(output_dir=Path(ctx.run_dir), engine=ctx.engine, settings=ctx.settings,
+                                     progress=ctx.progress, should_stop=ctx.cancelled, log=ctx.log))
+    return _json_safe(result.as_job_result(), "export report")
 
 
 def _main(argv: list[str]) -> int:

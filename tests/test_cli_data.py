@@ -111,3 +111,38 @@ def test_exported_file_feeds_trl_reward_trainer_unchanged(sqlite_engine, tmp_pat
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert trainer.state.global_step == 2 and len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("fmt, filename", [("trl", "p.jsonl"), ("annotations", "p.parquet")])
+def test_rlhf_export_and_the_export_job_run_one_use_case_and_write_the_same_file(settings, tmp_path, fmt, filename):
+    """export is written once (annotation.usecases.export): with the same options the CLI's -o file
+    and the export job's file in its run dir are the same bytes, with the same report but for the path."""
+    import logging
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from annotation.store import init_db
+    from app.jobs import JobError, export_job, submit_job
+
+    engine = init_db(settings.db_url)
+    rows = [{"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(30)]
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    import_file(engine, data, "p", format="trl")
+    options = {"split": "train", "test_fraction": 0.3, "margin_from": "confidence"}
+    (tmp_path / "job").mkdir()
+    ctx = SimpleNamespace(job_id=2, run_dir=tmp_path / "job", engine=engine, settings=settings, log=logging.getLogger("t"),
+                          progress=lambda f, m="": None, cancelled=lambda: False)
+    job = export_job({"project": "p", "format": fmt, "filename": filename, **options}, ctx)
+    out = tmp_path / "cli" / filename
+    out.parent.mkdir()
+    printed = json.loads(rlhf("export", "--project", "p", "--format", fmt, "-o", str(out), "--split", "train",
+                              "--test-fraction", "0.3", "--margin-from", "confidence", "--json"))
+    assert out.read_bytes() == Path(job["path"]).read_bytes() and job["path"] == str(tmp_path / "job" / filename)
+    assert {**printed, "path": None} == {**job["report"], "path": None} == {**job["metrics"], "path": None}
+    assert 0 < printed["exported"] < 30 and printed["other_split"] > 0 and job["register"] == []
+    # The spec is checked when the job is submitted, naming the option.
+    with pytest.raises(JobError, match=r"export: --margin-from 'votes'"):
+        submit_job(engine, "export", {"project": "p", "format": fmt, "margin_from": "votes"})
+    engine.dispose()

@@ -108,6 +108,26 @@ def test_submit_validates_kind_and_params(jset):
         jobs.get_job(eng, 12345)
 
 
+@pytest.mark.parametrize("kind, params, message", [
+    ("dpo", {"data": "p.jsonl", "beta": 0}, r"dpo: DPO option beta=0.0 \(--beta\) is invalid"),
+    ("dpo", {"data": "p.jsonl", "betta": 0.2}, r"dpo: unknown param\(s\) betta"),
+    ("grpo", {"prompts": "q.jsonl"}, r"grpo: --reward-model is required"),
+    ("grpo", {"reward_model": "rm", "prompts": "q.jsonl", "batch_size": 6}, r"grpo: GRPO/RLOO option batch_size=6"),
+    ("rloo", {"reward_model": "rm", "prompts": "q.jsonl", "loss_type": "grpo"}, r"rloo: RLOO option loss_type='grpo'"),
+    ("generate", {"policy": "p", "project": "r2"}, r"generate: give exactly one of --prompts FILE or --prompts-project NAME"),
+    ("generate", {"policy": "p", "project": "r2", "prompts": "q.jsonl", "temperature": 0}, r"generate: temperature=0.0 is invalid"),
+    ("eval_policy", {"policy": "p", "reward_model": "rm", "prompts": "q.jsonl", "n": 0}, r"eval_policy: --n 0: expected"),
+    ("eval_rm", {"data": "p.jsonl"}, r"eval_rm: --model is required"),
+    ("export", {"project": "p", "format": "csv"}, r"export: --format 'csv': expected one of"),
+])
+def test_every_use_case_spec_is_checked_at_submission(jset, kind, params, message):
+    """Each kind's spec (app.jobs.JOB_TABLE) checks its params when the job is submitted, naming the option."""
+    _, eng = jset
+    with pytest.raises(jobs.JobError, match=message):
+        jobs.submit_job(eng, kind, params)
+    assert jobs.list_jobs(eng) == []
+
+
 def test_cancel_while_queued_is_immediate_and_the_worker_never_runs_it(jset):
     s, eng = jset
     job_id = jobs.submit_job(eng, "t_ok", {})
