@@ -129,13 +129,18 @@ def generate(as_json: bool = JsonOpt, **options) -> None:
 
     from ppo.usecases import generate as generate_usecase
 
+    from app.jobs import queue_rescore
+
     spec = GenerateSpec(**options).validate()
+    eng = engine()
     with tempfile.TemporaryDirectory(prefix="rlhf-generate-") as tmp:
-        result = generate_usecase(spec, _run_context(Path(tmp), engine(), "generate", logs=False, progress=not as_json))
-    r = result.metrics
+        result = generate_usecase(spec, _run_context(Path(tmp), eng, "generate", logs=False, progress=not as_json))
+    r = dict(result.metrics)
+    r["score_job"] = queue_rescore(eng, spec.project) if r.get("items_added") else None  # as the generate job does
     emit(r, as_json, f"{r['items_added']} new items in project '{spec.project}' from {r['prompts']} prompts "
          f"({r['source_a']} vs {r['source_b']}); {r['duplicates']} already there, "
-         f"{r['identical']} with identical responses, {r['empty_response']} with an empty response left out")
+         f"{r['identical']} with identical responses, {r['empty_response']} with an empty response left out"
+         + (f"\nqueued job {r['score_job']} to score the new items (uncertainty selection)" if r["score_job"] else ""))
 
 
 # --------------------------------------------------------------------------- dpo, grpo, rloo (TRL trainers)

@@ -160,6 +160,8 @@ def test_rlhf_generate_and_the_generate_job_run_one_use_case_and_write_the_same_
                                       str(prompts), "--project", "by-cli", "--max-new-tokens", "6", "--seed", "5", "--json"])
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout.strip().splitlines()[-1])
+    # score_job: the CLI says whether it queued a rescore (the job runner does that after the job); none here
+    assert printed.pop("score_job") is None
     assert {k: v for k, v in printed.items() if k != "project"} == {k: v for k, v in job["metrics"].items() if k != "project"}
     assert items_of(engine, "by-cli") == items_of(engine, "by-job") and len(items_of(engine, "by-job")) == job["items_added"] >= 1
     # Both used generate's own default temperature (1.0), not eval-policy's.
