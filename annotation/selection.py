@@ -177,3 +177,44 @@ def wants_scores(engine, project: str) -> bool:
     with reading(engine) as session:
         proj = get_project(session, project)
         return proj.selection == "uncertainty" and active_model(session, proj.id) is not None
+
+
+# --------------------------------------------------------------------------- did the suggestions sway people?
+
+
+def suggestion_effect(engine, project: str, confidence: float = 0.95) -> dict | None:
+    """How often annotators chose the response the model prefers, with the suggestion shown and
+    without it (two-response items only); None when no answer of the project was given with one.
+
+    With a suggestion: the share of those answers that chose it. Without: the share that chose what
+    the model prefers now (item_scores' P(A); items never scored are left out). A large gap means the
+    suggestions sway people (anchoring) rather than that people agree with the model. The interval
+    of the gap is Newcombe's hybrid score interval (statsmodels). Ties and both_bad count as not
+    choosing the model's side."""
+    from statsmodels.stats.proportion import confint_proportions_2indep
+
+    from annotation.projects import get_project
+    from annotation.store import Annotation
+
+    with reading(engine) as session:
+        proj = get_project(session, project)
+        rows = session.execute(
+            select(Annotation.choice, Annotation.suggestion, ItemScore.p_a)
+            .join(Item, Item.id == Annotation.item_id)
+            .outerjoin(ItemScore, ItemScore.item_id == Item.id)
+            .where(Item.project_id == proj.id, Item.responses.is_(None), Annotation.choice.is_not(None))
+        ).all()
+    shown = [r.choice == r.suggestion for r in rows if r.suggestion is not None]
+    if not shown:
+        return None
+    unshown = [r.choice == ("a" if r.p_a >= 0.5 else "b") for r in rows if r.suggestion is None and r.p_a is not None]
+    out = {"shown": {"n": len(shown), "chose_model_side": sum(shown) / len(shown)},
+           "not_shown": {"n": len(unshown), "chose_model_side": sum(unshown) / len(unshown) if unshown else None},
+           "difference": None, "interval": None, "confidence": confidence,
+           "note": "answers without a suggestion are compared with the model's current scores (the last scoring)"}
+    if unshown:
+        out["difference"] = out["shown"]["chose_model_side"] - out["not_shown"]["chose_model_side"]
+        lo, hi = confint_proportions_2indep(sum(shown), len(shown), sum(unshown), len(unshown), method="newcomb",
+                                            compare="diff", alpha=1 - confidence)
+        out["interval"] = [float(lo), float(hi)]
+    return out

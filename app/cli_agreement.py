@@ -52,6 +52,17 @@ def render_rankings(rankings: dict) -> list[str]:
     return lines
 
 
+def render_suggestions(effect: dict) -> list[str]:
+    """The suggestions line: how often people chose the model's side with and without seeing it."""
+    shown, unshown = effect["shown"], effect["not_shown"]
+    line = (f"suggestions: chose the model's side in {shown['chose_model_side']:.1%} of {shown['n']} answers given with "
+            f"its suggestion shown")
+    if unshown["n"]:
+        line += (f", {unshown['chose_model_side']:.1%} of {unshown['n']} without; difference "
+                 f"{effect['difference']:+.3f}{_fmt_ci(effect['interval'])} (a large one means the suggestions sway people)")
+    return [line]
+
+
 def render_text(report: dict) -> str:
     """The report for people: headline metrics with intervals, notes, annotators, disputed items."""
     ci = report["intervals"]
@@ -93,6 +104,8 @@ def render_text(report: dict) -> str:
         lines.append(", ".join(parts))
     if "rankings" in report:
         lines += ["", *render_rankings(report["rankings"])]
+    if "suggestions" in report:
+        lines += ["", *render_suggestions(report["suggestions"])]
     if report.get("disputed"):
         lines.append("")
         lines.append("most disputed items:")
@@ -189,6 +202,11 @@ def agreement(
         rankings = ag.project_ranking_report(engine(), project, bootstrap=bootstrap, seed=seed)
         if rankings is not None:
             report["rankings"] = rankings
+        from annotation.selection import suggestion_effect
+
+        effect = suggestion_effect(engine(), project)
+        if effect is not None:
+            report["suggestions"] = effect
         label = "choice"
     else:
         level = level or "nominal"
@@ -201,7 +219,7 @@ def agreement(
     if with_model is not None:
         from reward.second_opinion import second_opinion
 
-        # the loaded votes are passed on: the model is compared with the very labels reported above
+        # the loaded annotations are passed on: the model is compared with the very labels reported above
         report["model"] = second_opinion(engine(), project, with_model, annotations=annotations, noise_threshold=noise_threshold,
                                          top=top, **options)
     emit(report, as_json, render_text(report))

@@ -895,3 +895,25 @@ def test_data_page_shows_a_ranking_item_with_its_responses_and_rankings(store):
     assert not at.exception
     annotations = at.tabs[1].dataframe[0].value
     assert list(annotations.loc[annotations["item_id"] == item_id, "ranking"]) == ["2 1 4 3"]
+
+
+def test_quality_page_says_how_often_people_followed_the_suggestions(store):
+    import pandas as pd
+
+    from annotation.projects import save_project_settings
+    from annotation.selection import write_queue
+
+    with session_factory(store)() as session:
+        project = session.scalar(select(Project).where(Project.name == PROJECT))
+        items = session.scalars(select(Item).where(Item.project_id == project.id)).all()
+    scores = pd.DataFrame({"p_a": [0.8 if "GOOD" in i.response_a else 0.2 for i in items], "top": [None] * len(items),
+                           "uncertainty": [0.2] * len(items)}, index=[i.id for i in items])
+    write_queue(store, project.id, scores, measure="margin", model_id=None, random_share=0.0)
+    annotate_all(store, "ann1")  # without suggestions: the GOOD side, which the model prefers too
+    save_project_settings(store, project.id, suggestions=True)
+    annotate_all(store, "ann2")  # with them
+    at = open_page(APP / "pages" / "4_Quality.py", store, "res")
+    assert not at.exception
+    text = all_text(at)
+    assert f"Reward-model suggestions were shown with {len(items)} answers: 100% of them chose the model's side" in text
+    assert f"against 100% of {len(items)} answers given without one" in text

@@ -483,3 +483,65 @@ def test_selection_commands_refuse_bad_options(settings, capsys, monkeypatch):
     assert code == 2 and "no active reward model" in err
     code, out, err = rlhf(capsys, monkeypatch, "project", "set", "nope", "--suggestions")
     assert code == 2 and "no project named 'nope'" in err
+
+
+# --------------------------------------------------------------------------- did the suggestions sway people?
+
+
+def test_newcombe_interval_matches_the_published_example():
+    """Newcombe (1998), Statistics in Medicine 17:873, Table II example (a): 56/70 vs 48/80, the
+    hybrid score interval (method 10) for the difference is 0.0524 to 0.3339."""
+    from statsmodels.stats.proportion import confint_proportions_2indep
+
+    lo, hi = confint_proportions_2indep(56, 70, 48, 80, method="newcomb", compare="diff")
+    assert (round(lo, 4), round(hi, 4)) == (0.0524, 0.3339)
+
+
+def test_suggestion_effect_counts_who_chose_the_model_side(engine, tmp_path):
+    from annotation.assign import next_item, submit
+    from annotation.auth import create_user
+    from annotation.projects import save_project_settings
+    from annotation.selection import suggestion_effect
+    from annotation.store import transaction
+
+    pid, (u1, u2), ids = make_project(engine, 10, overlap=2)
+    # the model prefers A on every item (r_A - r_B = 1 .. 10)
+    score(engine, margins_scorer([float(i + 1) for i in range(10)]), tmp_path)
+    assert suggestion_effect(engine, "al") is None  # nothing shown yet
+    for _ in range(10):  # u1 answers without suggestions: A on 4 of 10
+        task = next_item(engine, pid, u1)
+        submit(engine, u1, task.item_id, "a" if task.item_id in ids[:4] else "b")
+    save_project_settings(engine, pid, suggestions=True)
+    for n in range(10):  # u2 sees "A" suggested: follows it on 9 of 10 (one tie)
+        task = next_item(engine, pid, u2)
+        assert task.suggestion == "a"
+        submit(engine, u2, task.item_id, "a" if n < 9 else "tie")
+    effect = suggestion_effect(engine, "al")
+    assert effect["shown"] == {"n": 10, "chose_model_side": 0.9}
+    assert effect["not_shown"] == {"n": 10, "chose_model_side": 0.4}
+    assert effect["difference"] == pytest.approx(0.5)
+    lo, hi = effect["interval"]
+    assert lo < 0.5 < hi and lo > 0  # 9/10 vs 4/10 is a clear difference even at n = 10
+    from app.cli_agreement import render_suggestions
+
+    assert render_suggestions(effect) == [
+        f"suggestions: chose the model's side in 90.0% of 10 answers given with its suggestion shown, 40.0% of 10 "
+        f"without; difference +0.500  [{lo:.3f}, {hi:.3f}] (a large one means the suggestions sway people)"]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_rlhf_agreement_reports_the_suggestion_effect(settings, tmp_path, capsys, monkeypatch):
+    from annotation.assign import next_item, submit
+    from annotation.projects import save_project_settings
+    from annotation.store import init_db
+
+    engine = init_db(settings.db_url)
+    pid, (u1, u2), ids = make_project(engine, 3, overlap=2, suggestions=True)
+    score(engine, margins_scorer([1.0, 2.0, 3.0]), tmp_path)
+    for user in (u1, u2):
+        for _ in range(3):
+            submit(engine, user, next_item(engine, pid, user).item_id, "a")
+    code, out, err = rlhf(capsys, monkeypatch, "agreement", "--project", "al", "--bootstrap", "0", "--json")
+    assert code == 0, err
+    assert json.loads(out)["suggestions"]["shown"] == {"n": 6, "chose_model_side": 1.0}
+    engine.dispose()

@@ -27,6 +27,7 @@ from annotation import leaderboard as lb  # noqa: E402
 from annotation import second_opinion as so  # noqa: E402
 from annotation.errors import AnnotationError  # noqa: E402
 from annotation.browse import list_projects, prompt_text  # noqa: E402
+from annotation.selection import suggestion_effect  # noqa: E402
 from reward import second_opinion as rso  # noqa: E402
 
 DISPUTED_SHOWN = 10
@@ -131,6 +132,17 @@ st.caption(
     f"Ordinal scale: {report['ordinal_scale']['values']}; {report['ordinal_scale']['excluded']} labels left out "
     f"({report['ordinal_scale']['excluded_why']})."
 )
+
+effect = suggestion_effect(engine, name)
+if effect is not None:
+    shown, unshown = effect["shown"], effect["not_shown"]
+    text = (f"Reward-model suggestions were shown with {shown['n']} answers: {shown['chose_model_side']:.0%} of them chose "
+            "the model's side")
+    if unshown["n"]:
+        text += (f", against {unshown['chose_model_side']:.0%} of {unshown['n']} answers given without one (difference "
+                 f"{effect['difference']:+.2f}, 95% CI [{effect['interval'][0]:+.2f}, {effect['interval'][1]:+.2f}]). "
+                 "A large difference means the suggestions sway people.")
+    st.info(text, icon=":material/smart_toy:")
 
 ties = st.session_state.get("quality_ties", "half")
 n_sourced, board, no_board = project_sources(get_settings().db_url, name, int(resamples), ties)
