@@ -419,8 +419,10 @@ def _suggestion(conn: Connection, item: Row, recorded: str | None = None, new: b
         return (recorded if recorded is not None else hint), None
     if row.p_a is None:
         return (recorded, None) if recorded is not None else (None, None)
-    hint = recorded if recorded is not None else ("a" if row.p_a >= 0.5 else "b")
-    return hint, float(row.p_a if hint == "a" else 1.0 - row.p_a)
+    side = "a" if row.p_a >= 0.5 else "b"
+    if recorded is not None and recorded != side:
+        return recorded, None  # scored again since the lease was taken, the other way: no confidence to show
+    return side, float(row.p_a if side == "a" else 1.0 - row.p_a)
 
 
 def _shown_for(annotator_id: int, item: Row) -> tuple[bool, list[int] | None]:

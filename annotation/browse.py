@@ -102,12 +102,19 @@ def items_frame(
     )
     if search:
         # The prompt is JSON (text or messages); a LIKE on its text form finds words in either.
-        like = f"%{search}%"
+        text = search.lower()
+        # JSON columns are stored as JSON text, where quotes, newlines and non-ASCII letters are
+        # escaped ("café" is "caf\u00e9"): search for the escaped form there too. autoescape: the
+        # text is matched as written (% and _ are not wildcards, a backslash is a backslash).
+        escaped = json.dumps(text)[1:-1]
+
+        def has(column, value):
+            return func.lower(column).contains(value, autoescape=True)
+
         query = query.where(or_(
-            func.lower(cast(Item.prompt, Text)).like(like.lower()),
-            func.lower(Item.response_a).like(like.lower()),
-            func.lower(Item.response_b).like(like.lower()),
-            func.lower(cast(Item.responses, Text)).like(like.lower()),  # a ranking item's responses
+            has(cast(Item.prompt, Text), text), has(cast(Item.prompt, Text), escaped),
+            has(Item.response_a, text), has(Item.response_b, text),
+            has(cast(Item.responses, Text), escaped),  # a ranking item's responses
         ))
     if min_annotations is not None:
         query = query.where(annotations >= min_annotations)

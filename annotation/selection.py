@@ -23,7 +23,7 @@ import datetime as dt
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, func, insert, select, update
 
 from annotation.errors import AnnotationError
 from annotation.store import Item, ItemScore, Project, reading, transaction, utcnow
@@ -104,12 +104,19 @@ def open_items(engine, project: str) -> tuple[Project, pd.DataFrame]:
     return proj, frame.set_index("item_id")
 
 
+KEY_CHUNK = 2000
+"""Items whose queue keys one short transaction rewrites (sync_keys): on PostgreSQL a row being
+rewritten is skipped by the next-item query (SKIP LOCKED), so only a chunk at a time is out of
+reach; on SQLite each chunk holds the write lock briefly instead of the whole rewrite at once."""
+
+
 def write_queue(engine, project_id: int, scores: pd.DataFrame, *, measure: str, model_id: int | None, random_share: float,
-                seed: int = 0, gold: pd.Series | None = None, now: dt.datetime | None = None) -> dict:
-    """Replace the project's queue order and item_scores with `scores` (indexed by item_id, columns
-    SCORE_COLUMNS: p_a for pairs, top for rankings, uncertainty larger = less sure), in one
-    transaction. Gold items (`gold` True) get a score, for suggestions, but no place: they are
-    handed out by their own rule. Items not in `scores` go back to key 0."""
+                seed: int = 0, gold: pd.Series | None = None, order: bool = True, now: dt.datetime | None = None) -> dict:
+    """Store `scores` (indexed by item_id, columns SCORE_COLUMNS: p_a for pairs, top for rankings,
+    uncertainty larger = less sure) in item_scores and, with `order` (a project with uncertainty
+    selection), give the items their places in the queue. Gold items (`gold` True) get a score, for
+    suggestions, but no place: they are handed out by their own rule. Items scored before but not
+    now (completed since) keep their score, for the suggestion effect, and lose their place."""
     check_measure(measure)
     now = now or utcnow()
     gold = pd.Series(False, index=scores.index) if gold is None else gold.reindex(scores.index).fillna(False).astype(bool)
@@ -124,31 +131,50 @@ def write_queue(engine, project_id: int, scores: pd.DataFrame, *, measure: str, 
     drawn_of = dict(zip(drawn.index.tolist(), drawn.to_numpy().tolist()))
     p_a = [None if v is None or pd.isna(v) else float(v) for v in scores["p_a"].tolist()]
     top = [None if v is None or pd.isna(v) else int(v) for v in scores["top"].tolist()]
+    ids = scores.index.tolist()
     rows = [{"item_id": i, "model_id": model_id, "p_a": pa, "top": t, "uncertainty": u, "measure": measure,
              "calibration": drawn_of[i], "queue_key": key_of.get(i), "scored_at": now}
-            for i, pa, t, u in zip(scores.index.tolist(), p_a, top, scores["uncertainty"].astype(float).tolist())]
+            for i, pa, t, u in zip(ids, p_a, top, scores["uncertainty"].astype(float).tolist())]
     with transaction(engine) as session:
         conn = session.connection()
-        conn.execute(delete(table).where(table.c.item_id.in_(project_items)))
-        conn.execute(update(items).where(items.c.project_id == project_id, items.c.queue_key != 0).values(queue_key=0.0))
+        conn.execute(update(table).where(table.c.item_id.in_(project_items), table.c.queue_key.is_not(None))
+                     .values(queue_key=None))
+        for start in range(0, len(ids), 5000):  # bounded IN lists (SQLite's and the drivers' parameter limits)
+            conn.execute(delete(table).where(table.c.item_id.in_(ids[start:start + 5000])))
         if rows:
             conn.execute(insert(table), rows)
-            # One UPDATE ... FROM (SQLite 3.33+, PostgreSQL) instead of an UPDATE per item: the
-            # write lock is held for a fraction of a second even at 100k items.
-            conn.execute(
-                update(items).where(items.c.id == table.c.item_id, items.c.project_id == project_id,
-                                    table.c.queue_key.is_not(None))
-                .values(queue_key=table.c.queue_key)
+    if order:
+        sync_keys(engine, project_id)
+    return {"scored": int(len(scores)), "queued": int(len(regular)) if order else 0,
+            "calibration": int(calibration.sum()) if order else 0, "gold_scored": int(gold.sum()), "measure": measure,
+            "model_id": model_id, "random_share": random_share}
+
+
+def sync_keys(engine, project_id: int) -> None:
+    """items.queue_key = the item's key in item_scores (0 without one), for every item of the
+    project whose key differs, in short transactions of KEY_CHUNK ids each."""
+    items, table = Item.__table__, ItemScore.__table__
+    new_key = func.coalesce(select(table.c.queue_key).where(table.c.item_id == items.c.id).scalar_subquery(), 0.0)
+    with reading(engine) as session:
+        low, high = session.execute(select(func.min(Item.id), func.max(Item.id)).where(Item.project_id == project_id)).one()
+    if low is None:
+        return
+    for lo in range(low, high + 1, KEY_CHUNK):
+        with transaction(engine) as session:
+            session.connection().execute(
+                update(items)
+                .where(items.c.project_id == project_id, items.c.id >= lo, items.c.id < lo + KEY_CHUNK, items.c.queue_key != new_key)
+                .values(queue_key=new_key)
             )
-    return {"scored": int(len(scores)), "queued": int(len(regular)), "calibration": int(calibration.sum()),
-            "gold_scored": int(gold.sum()), "measure": measure, "model_id": model_id, "random_share": random_share}
 
 
 def reset_queue(session, project_id: int) -> None:
-    """Back to the plain order (key 0 everywhere) and no scores: for a project that turns selection to random."""
+    """Back to the plain order (key 0 everywhere), for a project that turns selection to random;
+    the scores stay (suggestions read them)."""
     items, table = Item.__table__, ItemScore.__table__
     conn = session.connection()
-    conn.execute(delete(table).where(table.c.item_id.in_(select(items.c.id).where(items.c.project_id == project_id))))
+    conn.execute(update(table).where(table.c.item_id.in_(select(items.c.id).where(items.c.project_id == project_id)),
+                                     table.c.queue_key.is_not(None)).values(queue_key=None))
     conn.execute(update(items).where(items.c.project_id == project_id, items.c.queue_key != 0).values(queue_key=0.0))
 
 
@@ -170,13 +196,14 @@ def queue_preview(engine, project: str, limit: int = 20) -> pd.DataFrame:
 
 
 def wants_scores(engine, project: str) -> bool:
-    """Whether `project` orders its queue by a reward model and has an active one to score with."""
+    """Whether `project` uses its reward model's scores (uncertainty selection, or suggestions) and
+    has an active reward model to score with."""
     from annotation.projects import get_project
     from annotation.registry import active_model
 
     with reading(engine) as session:
         proj = get_project(session, project)
-        return proj.selection == "uncertainty" and active_model(session, proj.id) is not None
+        return (proj.selection == "uncertainty" or bool(proj.suggestions)) and active_model(session, proj.id) is not None
 
 
 # --------------------------------------------------------------------------- did the suggestions sway people?

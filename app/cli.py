@@ -161,9 +161,11 @@ def project_set(
         payload = {"name": project.name, "overlap": project.overlap, "gold_rate": project.gold_rate,
                    "lease_seconds": project.lease_seconds, "selection": project.selection,
                    "random_share": project.random_share, "suggestions": project.suggestions}
-    payload["score_job"] = queue_rescore(eng, name) if selection == "uncertainty" else None
+    # a changed selection, share or suggestions setting wants fresh scores (queue_rescore checks the project needs them)
+    changed = any(v is not None for v in (selection, random_share, suggestions))
+    payload["score_job"] = queue_rescore(eng, name) if changed else None
     text = "\n".join([f"project '{name}': " + ", ".join(f"{k} {v}" for k, v in payload.items() if k not in ("name", "score_job"))]
-                     + ([f"queued job {payload['score_job']} to order the queue by the active reward model (needs `rlhf worker`)"]
+                     + ([f"queued job {payload['score_job']} to score the project with its active reward model (needs `rlhf worker`)"]
                         if payload["score_job"] else []))
     emit(payload, as_json, text)
 
@@ -188,11 +190,13 @@ def project_score(
     with tempfile.TemporaryDirectory(prefix="rlhf-score-") as tmp:
         result = score_queue(spec, RunContext(output_dir=Path(tmp), engine=eng))
     m = result.metrics
-    note = "" if result.extra.get("selection") == "uncertainty" else (
-        f"; project '{name}' uses random selection, so the order applies once it is set to uncertainty")
-    emit({**m, "model": result.extra.get("model"), "selection": result.extra.get("selection")}, as_json,
-         f"scored {m['scored']} items of '{name}' by {m['measure']}: {m['queued']} ordered, "
-         f"{m['calibration']} drawn at random for calibration{note}")
+    if result.extra.get("selection") == "uncertainty":
+        text = (f"scored {m['scored']} items of '{name}' by {m['measure']}: {m['queued']} ordered, "
+                f"{m['calibration']} drawn at random for calibration")
+    else:
+        text = (f"scored {m['scored']} items of '{name}' by {m['measure']}; the project uses random selection, so its "
+                "queue order is unchanged (the scores serve suggestions, and the order once selection is uncertainty)")
+    emit({**m, "model": result.extra.get("model"), "selection": result.extra.get("selection")}, as_json, text)
 
 
 @project_cli.command("list")

@@ -251,7 +251,8 @@ def queue_scores(scorer, items, measure: str, batch_size: int = 32):
 
 
 def score_queue(spec: ScoreQueueSpec, ctx: RunContext, *, scorer=None) -> RunResult:
-    """Score the open items of spec.project and write its queue order (annotation.selection).
+    """Score the open items of spec.project and, with uncertainty selection, write its queue order
+    (annotation.selection); the scores are stored either way (suggestions read them).
     `scorer` (already loaded: tests, benchmarks/active_bench.py) skips loading spec.model."""
     from annotation.selection import open_items, write_queue
     from reward.score import load_reward_model
@@ -268,7 +269,8 @@ def score_queue(spec: ScoreQueueSpec, ctx: RunContext, *, scorer=None) -> RunRes
     scores = queue_scores(scorer, items, measure, spec.batch_size)
     ctx.stop_if_asked("scoring the queue")
     summary = write_queue(ctx.engine, project.id, scores, measure=measure, model_id=ref.id if ref else None,
-                          random_share=project.random_share, seed=spec.seed, gold=items["gold"])
+                          random_share=project.random_share, seed=spec.seed, gold=items["gold"],
+                          order=project.selection == "uncertainty")
     out = Path(ctx.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "queue.json").write_text(json.dumps({"project": spec.project, "model": ref.as_dict() if ref else None,

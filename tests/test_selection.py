@@ -158,7 +158,9 @@ def test_random_selection_ignores_nothing_and_keeps_id_order(engine, tmp_path):
 
     with reading(engine) as s:
         assert set(s.scalars(select(Item.queue_key).where(Item.project_id == pid))) == {0.0}
-        assert s.scalar(select(func.count()).select_from(ItemScore)) == 0
+        # the scores stay (suggestions read them), without places
+        assert s.scalar(select(func.count()).select_from(ItemScore)) == 6
+        assert set(s.scalars(select(ItemScore.queue_key))) == {None}
     assert served_order(engine, pid, u1, 5) == [i for i in ids if i != ids[3]]
 
 
@@ -545,3 +547,84 @@ def test_rlhf_agreement_reports_the_suggestion_effect(settings, tmp_path, capsys
     assert code == 0, err
     assert json.loads(out)["suggestions"]["shown"] == {"n": 6, "chose_model_side": 1.0}
     engine.dispose()
+
+
+def test_scoring_a_random_project_stores_scores_and_leaves_the_order(engine, tmp_path):
+    from annotation.assign import next_item
+    from annotation.selection import wants_scores
+    from annotation.store import Item, ItemScore, reading
+    from sqlalchemy import func, select
+
+    pid, (u1, _), ids = make_project(engine, 4, selection="random", suggestions=True)
+    result = score(engine, margins_scorer([3.0, 0.1, -2.0, 0.0]), tmp_path)
+    assert result.metrics["queued"] == 0 and result.metrics["scored"] == 4
+    with reading(engine) as s:
+        assert set(s.scalars(select(Item.queue_key).where(Item.project_id == pid))) == {0.0}
+        assert s.scalar(select(func.count()).select_from(ItemScore)) == 4
+    task = next_item(engine, pid, u1)
+    assert task.item_id == ids[0] and task.suggestion == "a"  # import order, with the model's suggestion
+    assert not wants_scores(engine, "al")  # suggestions on, but no active model to score with
+
+
+def test_keys_are_rewritten_in_short_chunks_with_the_same_result(engine, tmp_path, monkeypatch):
+    from annotation import selection
+
+    monkeypatch.setattr(selection, "KEY_CHUNK", 3)
+    pid, (u1, _), ids = make_project(engine, 8)
+    margins = [3.0, 0.1, -2.0, 0.0, 5.0, -0.5, 1.0, -0.05]
+    score(engine, margins_scorer(margins), tmp_path)
+    assert served_order(engine, pid, u1, 8) == [ids[i] for i in np.argsort(np.abs(margins), kind="stable")]
+
+
+def test_completed_items_keep_their_score_for_the_suggestion_effect(engine, tmp_path):
+    from annotation.assign import next_item, submit
+    from annotation.projects import save_project_settings
+    from annotation.selection import suggestion_effect
+    from annotation.store import ItemScore, reading
+    from sqlalchemy import select
+
+    pid, (u1, u2), ids = make_project(engine, 4, overlap=1)
+    score(engine, margins_scorer([1.0, 2.0, 3.0, 4.0]), tmp_path)
+    for _ in range(2):  # two items completed without a suggestion, the model's side chosen
+        submit(engine, u1, next_item(engine, pid, u1).item_id, "a")
+    score(engine, margins_scorer([1.0, 2.0, 3.0, 4.0]), tmp_path, seed=1)  # rescored: only the two open items
+    with reading(engine) as s:
+        kept = {r.item_id: r.queue_key for r in s.scalars(select(ItemScore))}
+    assert len(kept) == 4 and sum(k is None for k in kept.values()) == 2  # the completed ones keep a score, no place
+    save_project_settings(engine, pid, suggestions=True)
+    for _ in range(2):
+        submit(engine, u2, next_item(engine, pid, u2).item_id, "b")  # against the suggestion
+    effect = suggestion_effect(engine, "al")
+    assert effect["shown"] == {"n": 2, "chose_model_side": 0.0}
+    assert effect["not_shown"] == {"n": 2, "chose_model_side": 1.0}
+
+
+def test_a_resumed_lease_shows_no_confidence_once_the_model_changed_its_mind(engine, tmp_path):
+    from annotation.assign import next_item
+
+    pid, (u1, _), ids = make_project(engine, 1, suggestions=True)
+    score(engine, margins_scorer([2.0]), tmp_path)
+    assert next_item(engine, pid, u1).suggestion == "a"
+    score(engine, margins_scorer([-2.0]), tmp_path, seed=1)  # rescored the other way while the lease runs
+    again = next_item(engine, pid, u1)
+    assert (again.suggestion, again.suggestion_confidence) == ("a", None)  # what was shown, no stale figure
+
+
+def test_search_finds_accented_text_in_prompts_and_ranking_responses(engine):
+    from annotation.browse import items_frame
+    from annotation.projects import create_project
+    from annotation.store import Item, transaction
+
+    with transaction(engine) as s:
+        project = create_project(s, "al", overlap=1)
+        s.add_all([
+            Item(project_id=project.id, prompt="Où est le café?", response_a="x", response_b="y", content_hash="h1"),
+            Item(project_id=project.id, prompt="q", response_a="", response_b="", content_hash="h2",
+                 responses=[{"text": f"crème brûlée {i}", "source": None} for i in range(3)]),
+            Item(project_id=project.id, prompt="100% sure_thing", response_a="x", response_b="y", content_hash="h3"),
+        ])
+        pid = project.id
+    assert list(items_frame(engine, pid, search="café")[0]["prompt"]) == ["Où est le café?"]
+    assert len(items_frame(engine, pid, search="Brûlée 2")[0]) == 1
+    assert list(items_frame(engine, pid, search="0% s")[0]["prompt"]) == ["100% sure_thing"]
+    assert len(items_frame(engine, pid, search="%")[0]) == 1  # a percent sign is text, not a wildcard

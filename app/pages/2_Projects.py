@@ -141,11 +141,11 @@ with edit_tab:
                                       criteria=_criteria(e_criteria), gold_rate=float(e_gold), lease_seconds=int(e_lease),
                                       guidelines=e_guidelines, selection=e_selection, random_share=float(e_share),
                                       suggestions=bool(e_suggestions))
-                score_job = queue_rescore(engine, project.name, created_by=user.id) if e_selection == "uncertainty" else None
+                score_job = queue_rescore(engine, project.name, created_by=user.id)  # None unless the project uses scores
             except AnnotationError as exc:
                 st.error(str(exc))
             else:
-                st.success("Settings saved." + (f" Job {score_job} will order the queue by the active reward model."
+                st.success("Settings saved." + (f" Job {score_job} will score the project with its active reward model."
                                                 if score_job else ""))
     if project.selection == "uncertainty":
         with st.expander("Queue: the next items within the current completion level"):
