@@ -412,15 +412,14 @@ def _suggestion(conn: Connection, item: Row, recorded: str | None = None, new: b
     if not new and recorded is None:
         return None, None
     row = conn.execute(_SCORE, {"item": item.id}).first()
-    if row is None:
-        return (recorded, None) if recorded is not None else (None, None)
     if item.responses is not None:
-        hint = str(row.top) if row.top is not None and 0 <= row.top < len(item.responses) else None
+        top = row.top if row is not None else None
+        hint = str(top) if top is not None and 0 <= top < len(item.responses) else None
         return (recorded if recorded is not None else hint), None
-    if row.p_a is None:
-        return (recorded, None) if recorded is not None else (None, None)
+    if row is None or row.p_a is None:
+        return recorded, None
     side = "a" if row.p_a >= 0.5 else "b"
-    if recorded is not None and recorded != side:
+    if recorded not in (None, side):
         return recorded, None  # scored again since the lease was taken, the other way: no confidence to show
     return side, float(row.p_a if side == "a" else 1.0 - row.p_a)
 

@@ -122,18 +122,17 @@ def write_queue(engine, project_id: int, scores: pd.DataFrame, *, measure: str, 
     gold = pd.Series(False, index=scores.index) if gold is None else gold.reindex(scores.index).fillna(False).astype(bool)
     regular = scores[~gold.to_numpy()]
     keys, calibration = queue_order(regular.index, regular["uncertainty"], random_share, seed)
-    drawn = pd.Series(calibration, index=regular.index).reindex(scores.index).fillna(False).astype(bool)
     items, table = Item.__table__, ItemScore.__table__
     project_items = select(items.c.id).where(items.c.project_id == project_id)
 
     # The rows are built before the transaction opens: on SQLite it holds the write lock.
     key_of = dict(zip(regular.index.tolist(), keys.tolist()))
-    drawn_of = dict(zip(drawn.index.tolist(), drawn.to_numpy().tolist()))
+    drawn_of = dict(zip(regular.index.tolist(), calibration.tolist()))
     p_a = [None if v is None or pd.isna(v) else float(v) for v in scores["p_a"].tolist()]
     top = [None if v is None or pd.isna(v) else int(v) for v in scores["top"].tolist()]
     ids = scores.index.tolist()
     rows = [{"item_id": i, "model_id": model_id, "p_a": pa, "top": t, "uncertainty": u, "measure": measure,
-             "calibration": drawn_of[i], "queue_key": key_of.get(i), "scored_at": now}
+             "calibration": drawn_of.get(i, False), "queue_key": key_of.get(i), "scored_at": now}
             for i, pa, t, u in zip(ids, p_a, top, scores["uncertainty"].astype(float).tolist())]
     with transaction(engine) as session:
         conn = session.connection()

@@ -108,6 +108,20 @@ def _numpy(x) -> np.ndarray:
     return x.detach().float().cpu().numpy() if hasattr(x, "detach") else np.asarray(x, dtype=np.float64)
 
 
+def member_rewards(scorer, prompts: list, responses: list[str], batch_size: int | None = None) -> np.ndarray:
+    """Rewards `[members, n]` of n (prompt, response) pairs in one call: an ensemble's
+    `member_scores` (one row per member), or a single scorer's `score` as one row."""
+    extra: dict[str, Any] = {} if batch_size is None else {"batch_size": batch_size}
+    if hasattr(scorer, "member_scores"):
+        members = _numpy(scorer.member_scores(prompts, responses, **extra)).astype(np.float64)
+    else:
+        members = _numpy(scorer.score(prompts, responses, **extra)).astype(np.float64)[None, :]
+    if members.ndim != 2 or members.shape[1] != len(responses):
+        raise RewardError(f"the scorer returned {members.shape[-1] if members.ndim else members.size} rewards for "
+                          f"{len(responses)} responses; expected one per response")
+    return members
+
+
 def score_items(scorer, items: pd.DataFrame, *, margin: float = DEFAULT_MARGIN, batch_size: int | None = None) -> pd.DataFrame:
     """Score `items` (indexed by item_id: prompt, response_a, response_b) with `scorer`, anything
     with `.score(prompts, responses) -> tensor` (reward.score's scorers; an ensemble's
@@ -118,15 +132,9 @@ def score_items(scorer, items: pd.DataFrame, *, margin: float = DEFAULT_MARGIN, 
         return opinion_from_rewards([], [], [], margin=margin)
     prompts = list(items["prompt"]) * 2
     responses = [str(r) for r in items["response_a"]] + [str(r) for r in items["response_b"]]
-    extra: dict[str, Any] = {} if batch_size is None else {"batch_size": batch_size}
-    if hasattr(scorer, "member_scores"):
-        members = _numpy(scorer.member_scores(prompts, responses, **extra)).astype(np.float64)
-        diff = members[:, :n] - members[:, n:]
-        rewards, spread = members.mean(0), diff.std(0)
-    else:
-        rewards, spread = _numpy(scorer.score(prompts, responses, **extra)).astype(np.float64), None
-    if rewards.shape != (2 * n,):
-        raise RewardError(f"the scorer returned {rewards.size} rewards for {2 * n} responses; expected one per response")
+    members = member_rewards(scorer, prompts, responses, batch_size)
+    spread = (members[:, :n] - members[:, n:]).std(0) if hasattr(scorer, "member_scores") else None
+    rewards = members.mean(0)
     return opinion_from_rewards(items.index, rewards[:n], rewards[n:], spread, margin)
 
 

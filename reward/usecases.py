@@ -207,26 +207,19 @@ def queue_scores(scorer, items, measure: str, batch_size: int = 32):
     import pandas as pd
     from scipy.special import expit
 
-    from reward.second_opinion import _numpy
+    from reward.second_opinion import member_rewards
 
     ensemble = hasattr(scorer, "member_scores")
     if measure == "disagreement" and not ensemble:
         raise RewardError("--measure disagreement needs an ensemble reward model (train-rm --ensemble N); this one is a single model")
-    texts, owners = [], []
-    prompts = []
-    for item_id, row in zip(items.index, items.itertuples(index=False)):
+    texts, prompts = [], []
+    for row in items.itertuples(index=False):
         responses = [r["text"] for r in row.responses] if row.responses is not None else [row.response_a, row.response_b]
         texts += [str(r) for r in responses]
         prompts += [row.prompt] * len(responses)
-        owners += [item_id] * len(responses)
     if not texts:
         return pd.DataFrame({"p_a": [], "top": [], "uncertainty": []}, index=items.index)
-    if ensemble:
-        members = _numpy(scorer.member_scores(prompts, texts, batch_size=batch_size)).astype(np.float64)
-    else:
-        members = _numpy(scorer.score(prompts, texts, batch_size=batch_size)).astype(np.float64)[None, :]
-    if members.shape[1] != len(texts):
-        raise RewardError(f"the scorer returned {members.shape[1]} rewards for {len(texts)} responses; expected one per response")
+    members = member_rewards(scorer, prompts, texts, batch_size)
     out = {"p_a": [], "top": [], "uncertainty": []}
     start = 0
     for row in items.itertuples(index=False):

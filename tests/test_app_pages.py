@@ -821,19 +821,26 @@ def test_enter_right_after_the_choice_without_a_strength_is_refused_once(store):
 # ----------------------------------------------------------------------------- suggestions and selection
 
 
-def test_annotate_shows_the_model_suggestion_only_when_the_project_turns_it_on(store):
+def score_good_side(engine) -> tuple[Project, list[Item]]:
+    """Scores for project demo as a scoring job writes them: the model prefers the GOOD response of
+    every item, 80% sure. The project and its items."""
     import pandas as pd
 
-    from annotation.projects import save_project_settings
     from annotation.selection import write_queue
 
-    with session_factory(store)() as session:
+    with session_factory(engine)() as session:
         project = session.scalar(select(Project).where(Project.name == PROJECT))
         items = session.scalars(select(Item).where(Item.project_id == project.id)).all()
-    # the model prefers the GOOD response of every item, 80% sure
     scores = pd.DataFrame({"p_a": [0.8 if "GOOD" in i.response_a else 0.2 for i in items], "top": [None] * len(items),
                            "uncertainty": [0.2] * len(items)}, index=[i.id for i in items])
-    write_queue(store, project.id, scores, measure="margin", model_id=None, random_share=0.0)
+    write_queue(engine, project.id, scores, measure="margin", model_id=None, random_share=0.0)
+    return project, items
+
+
+def test_annotate_shows_the_model_suggestion_only_when_the_project_turns_it_on(store):
+    from annotation.projects import save_project_settings
+
+    project, _ = score_good_side(store)
 
     at = open_page("annotate", store, "ann1")
     assert "reward model prefers" not in all_text(at)  # off by default
@@ -898,17 +905,9 @@ def test_data_page_shows_a_ranking_item_with_its_responses_and_rankings(store):
 
 
 def test_quality_page_says_how_often_people_followed_the_suggestions(store):
-    import pandas as pd
-
     from annotation.projects import save_project_settings
-    from annotation.selection import write_queue
 
-    with session_factory(store)() as session:
-        project = session.scalar(select(Project).where(Project.name == PROJECT))
-        items = session.scalars(select(Item).where(Item.project_id == project.id)).all()
-    scores = pd.DataFrame({"p_a": [0.8 if "GOOD" in i.response_a else 0.2 for i in items], "top": [None] * len(items),
-                           "uncertainty": [0.2] * len(items)}, index=[i.id for i in items])
-    write_queue(store, project.id, scores, measure="margin", model_id=None, random_share=0.0)
+    project, items = score_good_side(store)
     annotate_all(store, "ann1")  # without suggestions: the GOOD side, which the model prefers too
     save_project_settings(store, project.id, suggestions=True)
     annotate_all(store, "ann2")  # with them

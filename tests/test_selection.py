@@ -200,29 +200,28 @@ def test_the_random_share_is_honoured_in_the_store(engine, tmp_path):
     assert [i for i in order if i not in drawn] == [i for i in ids if i not in drawn]  # the rest least sure first
 
 
-def test_new_items_wait_behind_scored_ones_until_the_next_scoring(engine, tmp_path):
+def add_item(engine, project_id: int, i: int) -> int:
+    """One more item, i-th in make_project's naming (a{i} / b{i}), arriving after a scoring; its id."""
     from annotation.store import Item, transaction
 
+    with transaction(engine) as s:
+        item = Item(project_id=project_id, prompt=f"p{i}", response_a=f"a{i}", response_b=f"b{i}", content_hash=f"h{i}")
+        s.add(item)
+        s.flush()
+        return item.id
+
+
+def test_new_items_wait_behind_scored_ones_until_the_next_scoring(engine, tmp_path):
     pid, (u1, _), ids = make_project(engine, 3)
     score(engine, margins_scorer([1.0, 0.0, 2.0]), tmp_path)
-    with transaction(engine) as s:
-        late = Item(project_id=pid, prompt="p9", response_a="a9", response_b="b9", content_hash="h9")
-        s.add(late)
-        s.flush()
-        late_id = late.id
+    late_id = add_item(engine, pid, 9)
     assert served_order(engine, pid, u1, 4) == [ids[1], ids[0], ids[2], late_id]
 
 
 def test_scoring_again_places_the_new_items(engine, tmp_path):
-    from annotation.store import Item, transaction
-
     pid, (u1, _), ids = make_project(engine, 3)
     score(engine, margins_scorer([1.0, 0.5, 2.0]), tmp_path)
-    with transaction(engine) as s:
-        late = Item(project_id=pid, prompt="p3", response_a="a3", response_b="b3", content_hash="h3")
-        s.add(late)
-        s.flush()
-        late_id = late.id
+    late_id = add_item(engine, pid, 3)
     score(engine, margins_scorer([1.0, 0.5, 2.0, 0.0]), tmp_path, seed=1)
     assert served_order(engine, pid, u1, 4) == [late_id, ids[1], ids[0], ids[2]]
 
