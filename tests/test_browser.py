@@ -326,6 +326,12 @@ def test_login_survives_a_reload_and_a_bookmark_and_logout_ends_it(app_url, brow
 
         page = new_page(browser, origin=app_url)
         log_in(page, app_url, "ann1")
+        # The cookie is written by a script the page runs just after the welcome shows (Streamlit
+        # cannot set cookies itself): a reload before it has run would find no session to resume.
+        from app.ui import SESSION_COOKIE
+
+        page.wait_for_function(f"document.cookie.split('; ').some(c => c.startsWith('{SESSION_COOKIE}=') "
+                               f"&& c.length > {len(SESSION_COOKIE) + 1})")
         page.reload()
         expect(page.get_by_text("Welcome, ann1")).to_be_visible()
         page.goto(f"{app_url}/Annotate")  # a bookmark, in a fresh Streamlit session
