@@ -176,8 +176,10 @@ def confirm_if_asked(page, total: int, strength_key: str | None = None) -> None:
     saved, asked = metric_value(page, "My annotations in total"), page.get_by_text("Not saved yet")
     expect(saved.filter(has_text=str(total)).or_(asked).first).to_be_visible()
     if asked.count():
-        if strength_key:
+        settle(page)  # a person reads the message first
+        if strength_key:  # pressed like a person who read the message: the key, then Enter once it shows
             page.keyboard.press(strength_key)
+            expect(page.get_by_text(re.compile(rf"Your choice: .*, {STRENGTH_NAMES[strength_key]}"))).to_be_visible()
         page.keyboard.press("Enter")
     expect(saved).to_have_text(str(total))
 
@@ -207,8 +209,18 @@ def answer_fast(page, done_before: int, strength_key: str) -> None:
     for k in (key, strength_key, "Enter"):
         page.keyboard.press(k)
         page.wait_for_timeout(40)
-    # Either saved with the strength, or refused with a message when the strength key was lost in
-    # transit; never saved without the strength.
+    # Saved with the strength, or refused with a message (the strength not applied yet, or the choice
+    # key itself dropped by a busy browser); never saved without the strength.
+    no_choice = page.get_by_text("Pick a choice first")
+    expect(metric_value(page, "My annotations in total").filter(has_text=str(done_before + 1))
+           .or_(page.get_by_text("Not saved yet")).or_(no_choice).first).to_be_visible()
+    if no_choice.count():  # typed again at a person's pace
+        settle(page)
+        page.keyboard.press(key)
+        expect(page.get_by_text(f"Your choice: Response {key}")).to_be_visible()
+        page.keyboard.press(strength_key)
+        expect(page.get_by_text(re.compile(rf"Your choice: .*, {STRENGTH_NAMES[strength_key]}"))).to_be_visible()
+        page.keyboard.press("Enter")
     confirm_if_asked(page, done_before + 1, strength_key)
 
 

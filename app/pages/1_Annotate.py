@@ -16,11 +16,19 @@ rerun are merged by Streamlit and their callbacks run in the page's button order
 typed. So when two ranking keys arrive together neither is applied (a warning asks to press them
 again), and Enter arriving with a ranking key applies the key but does not submit: what is saved
 is always a ranking the annotator has seen.
+
+A pairwise answer behaves the same way: Enter merged with a choice or strength key is refused once
+with a message, since the strength may not be applied yet. The choice and strength callbacks change
+a plain object passed as their argument and never touch st.session_state: each session_state access
+inside a callback is a point where Streamlit abandons the callback when the next key's request has
+come in (streamlit 1.67), so a strength callback that read or wrote session_state could be cut off
+under load and the strength lost with nothing shown.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import streamlit as st
 
@@ -33,8 +41,7 @@ from annotation.browse import chat_turns, list_projects  # noqa: E402
 from annotation.errors import AnnotationError  # noqa: E402
 
 UNDO_WINDOW_S = 30
-FAST_SUBMIT_S = 0.3
-"""A submit this soon after the choice, with no strength, is refused once (see _submit)."""
+FAST_SUBMIT_S = 0.3  # an Enter this soon after the choice was drawn, with no strength, is refused once (_submit)
 CHOICE_KEYS = {  # shown choice -> (key, label, choice when shown unswapped, when swapped)
     "left": ("1", "Response 1 better", "a", "b"),
     "right": ("2", "Response 2 better", "b", "a"),
@@ -53,10 +60,18 @@ state = st.session_state
 # ----------------------------------------------------------------------------- state helpers
 
 
+@dataclass
+class PairAnswer:
+    """The answer to the pairwise item on screen, changed by the key callbacks (see the docstring)."""
+
+    choice: str | None = None  # a CHOICE_KEYS key: the side as shown
+    strength: int | None = None
+    drawn_at: float | None = None  # when a run first finished drawing the current choice
+    fast_refused: bool = False  # a too-fast Enter on this item was refused once already
+
+
 def _reset_item_state() -> None:
-    state["ann_choice"] = None
-    state["ann_strength"] = None
-    state.pop("ann_fast_confirmed", None)
+    state["ann_answer"] = PairAnswer()
     state["ann_rank_keys"] = []  # a ranking item's keys so far: "1".."6" and TIE_KEY
 
 
@@ -124,22 +139,27 @@ def _acting_user():
     return acting
 
 
-def _choose(shown: str) -> None:
-    state["ann_choice"] = shown
-    state["ann_choice_at"] = time.monotonic()
-    state.pop("ann_fast_confirmed", None)
+def _choose(answer: PairAnswer, shown: str) -> None:
+    answer.choice = shown
+    answer.drawn_at = None  # set again once a run has drawn the new choice
     if shown in ("tie", "both_bad"):
-        state["ann_strength"] = None
+        answer.strength = None
 
 
-def _set_strength(level: int) -> None:
+def _set_strength(answer: PairAnswer, level: int) -> None:
     # Kept even when no side is chosen yet (a fast "1 E Enter" can reach the server before the
     # rerun that showed the choice); a tie or both-bad choice drops it, and submit ignores it then.
-    if state.get("ann_choice") not in ("tie", "both_bad"):
-        state["ann_strength"] = level
+    if answer.choice not in ("tie", "both_bad"):
+        answer.strength = level
 
 
 RANK_BUTTONS = tuple(f"ann_rank_{p}" for p in range(1, 7)) + ("ann_rank_tie", "ann_rank_back")
+
+
+def _choice_keys_this_rerun() -> int:
+    """How many choice and strength keys were merged into this rerun (see _rank_keys_this_rerun)."""
+    keys = [f"ann_choice_{shown}" for shown in CHOICE_KEYS] + [f"ann_strength_{level}" for level in STRENGTH_KEYS]
+    return sum(bool(state.get(key)) for key in keys)
 
 
 def _rank_keys_this_rerun() -> int:
@@ -224,16 +244,26 @@ def _submit(project) -> None:
     if task.is_ranking:
         _submit_ranking(task, acting)
         return
-    shown = state.get("ann_choice")
+    answer = state["ann_answer"]
+    shown = answer.choice
     if shown is None:
         state["ann_flash"] = ("warning", "Pick a choice first: 1, 2" + (", 3" if "tie" in project.choices else "")
                               + (", 4" if "both_bad" in project.choices else "") + ".")
         return
-    if (shown in ("left", "right") and state.get("ann_strength") is None and not state.get("ann_fast_confirmed")
-            and time.monotonic() - state.get("ann_choice_at", 0.0) < FAST_SUBMIT_S):
-        # Keys typed faster than the page redraws can reach the server in one rerun, and a strength
-        # key among them may have been lost on the way: refuse, say so, and let Enter again confirm.
-        state["ann_fast_confirmed"] = True
+    # Keys typed faster than the page redraws go wrong in two ways, and each is refused once, with a
+    # message; the next Enter saves. (1) Keys queued while a run is busy reach the server merged into
+    # one rerun, whose callbacks run in widget order, not key order (the browser's merged request puts
+    # the older key last): a strength typed just before this Enter may not be applied yet. (2) A key
+    # pressed while the page redraws can be dropped by the browser: an Enter that comes before the
+    # choice was drawn, or right after, with no strength, may have lost one on the way.
+    if _choice_keys_this_rerun():
+        answer.fast_refused = True
+        state["ann_flash"] = ("warning", "Not saved yet: Enter arrived together with a choice or strength key. "
+                              "Check your choice, then press Enter again.")
+        return
+    if (shown in ("left", "right") and answer.strength is None and not answer.fast_refused
+            and (answer.drawn_at is None or time.monotonic() - answer.drawn_at < FAST_SUBMIT_S)):
+        answer.fast_refused = True
         state["ann_flash"] = ("warning", "Not saved yet: Enter came right after the choice, with no strength. "
                               "Press Q/W/E for a strength, or Enter again to save without one.")
         return
@@ -247,7 +277,7 @@ def _submit(project) -> None:
     try:
         assign.submit(
             engine, acting.id, task.item_id, _to_ab(shown, task.shown_swapped),
-            strength=state.get("ann_strength") if shown in ("left", "right") else None,
+            strength=answer.strength if shown in ("left", "right") else None,
             criteria=criteria, rationale=rationale, duration_ms=duration_ms,
         )
     except AnnotationError as exc:
@@ -378,12 +408,17 @@ if task is None:
                 if restore.ranking is not None:
                     state["ann_rank_keys"] = _keys_from_ranks(restore.ranking, task.shown_order)
             elif restore.choice is not None:
-                state["ann_choice"] = next(s for s in CHOICE_KEYS if _to_ab(s, task.shown_swapped) == restore.choice)
-                state["ann_strength"] = restore.strength
+                state["ann_answer"] = PairAnswer(
+                    choice=next(s for s in CHOICE_KEYS if _to_ab(s, task.shown_swapped) == restore.choice),
+                    strength=restore.strength)
 
+# Every element keeps its place from run to run (a message or the choice line fills a slot that is
+# always there): an element inserted above the buttons would make the browser redraw them, and a
+# key pressed meanwhile would be dropped.
+flash_slot = st.empty()
 flash = state.pop("ann_flash", None)
 if flash:
-    getattr(st, flash[0])(flash[1])
+    getattr(flash_slot, flash[0])(flash[1])
 
 _progress(project, done=task is None)
 
@@ -456,8 +491,9 @@ def _render_ranking(task) -> None:
     st.text_area("Rationale (optional; also sent as the note when you flag an item)",
                  key=f"ann_rationale_{task.item_id}", height=80)
     missing = [str(p + 1) for p in range(n) if p not in place_of]
+    ranking_line = st.empty()  # always there, so the buttons below keep their place (see the flash slot)
     if groups:
-        st.markdown(f"Your ranking: **{_ranking_text(groups, tie_next)}**"
+        ranking_line.markdown(f"Your ranking: **{_ranking_text(groups, tie_next)}**"
                     + (f" · still to place: {', '.join(missing)}" if missing else " · complete: Enter submits"))
 
 
@@ -485,22 +521,23 @@ with right:
         st.markdown("**Response 2**")
         _render_text(task.right_text)
 
+answer = state["ann_answer"]
 st.markdown("**Which response is better?**")
 choice_cols = st.columns(4)
 shown_choices = ["left", "right"] + [c for c in ("tie", "both_bad") if c in project.choices]
 for col, shown in zip(choice_cols, shown_choices):
     key, label, _, _ = CHOICE_KEYS[shown]
     col.button(
-        label, key=f"ann_choice_{shown}", shortcut=key, on_click=_choose, args=(shown,), width="stretch",
-        type="primary" if state.get("ann_choice") == shown else "secondary",
+        label, key=f"ann_choice_{shown}", shortcut=key, on_click=_choose, args=(answer, shown), width="stretch",
+        type="primary" if answer.choice == shown else "secondary",
     )
 
 st.markdown("**How much better?** (for Response 1 or 2)")
 strength_cols = st.columns(4)
 for col, (level, (key, label)) in zip(strength_cols, STRENGTH_KEYS.items()):
     col.button(
-        label, key=f"ann_strength_{level}", shortcut=key, on_click=_set_strength, args=(level,), width="stretch",
-        type="primary" if state.get("ann_strength") == level else "secondary",
+        label, key=f"ann_strength_{level}", shortcut=key, on_click=_set_strength, args=(answer, level), width="stretch",
+        type="primary" if answer.strength == level else "secondary",
         # Never disabled: a disabled button drops a shortcut typed before the rerun that enables it.
     )
 
@@ -512,9 +549,11 @@ if project.criteria:
 st.text_area("Rationale (optional; also sent as the note when you flag an item)",
              key=f"ann_rationale_{task.item_id}", height=80)
 
-chosen = state.get("ann_choice")
-if chosen:
-    strength = state.get("ann_strength")
-    st.markdown(f"Your choice: **{CHOICE_KEYS[chosen][1]}**" + (f", {STRENGTH_KEYS[strength][1].lower()}" if strength else ""))
+choice_line = st.empty()
+if answer.choice:
+    choice_line.markdown(f"Your choice: **{CHOICE_KEYS[answer.choice][1]}**"
+                         + (f", {STRENGTH_KEYS[answer.strength][1].lower()}" if answer.strength else ""))
 
 _render_actions()
+if answer.choice and answer.drawn_at is None:  # this run reached the end: the browser draws the choice now
+    answer.drawn_at = time.monotonic()
