@@ -30,7 +30,8 @@ no reward whitening, temperature 0.7, top_k 0 / top_p 1, 53 new tokens, gamma 1,
 clip 0.2, vf_coef 0.1, AdamW at --lr with linear decay, batch_size episodes per step split in
 mini-batches of --mini-batch-size (one optimizer step each), --ppo-epochs epochs, no gradient
 checkpointing, dropout off, and one --precision for every arm: fp32 (default), or bf16 mixed
-(fp32 weights; our precision plan forced to bf16, TRL's `bf16=True`).
+(fp32 weights; our precision plan forced to bf16, TRL's `bf16=True` plus
+ACCELERATE_MIXED_PRECISION=bf16, without which TRL 1.12's PPOTrainer silently stays fp32).
 
 Prints per arm: episodes/s, seconds per step split into generation, scoring and the rest
 (rollout forwards + update), peak RSS, reward and KL at the last step; then the ratios against
@@ -67,7 +68,7 @@ TARGET_WIN_RATE, TARGET_KL, TARGET_MEMORY_RATIO, TARGET_SPEEDUP = 0.65, 6.0, 0.6
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=4, help="PPO steps per arm (small: 2 shared cores).")
-    p.add_argument("--batch-size", type=int, default=8, help="Episodes per PPO step.")
+    p.add_argument("--batch-size", type=int, default=16, help="Episodes per PPO step.")
     p.add_argument("--mini-batch-size", type=int, default=4, help="Episodes per optimizer step.")
     p.add_argument("--ppo-epochs", type=int, default=4, help="Passes over each batch.")
     p.add_argument("--lr", type=float, default=1e-5, help="Learning rate (both arms; LoRA arms use --lora-lr).")
@@ -274,6 +275,10 @@ def arm_trl(args) -> dict:
         logging_steps=1, num_sample_generations=0, seed=args.seed, use_cpu=True, disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    if args.precision == "bf16":
+        # TRL 1.12's PPOTrainer builds its Accelerator without a mixed_precision argument, and
+        # transformers 5 no longer exports `bf16=True` to accelerate: without this the arm runs fp32.
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
     marks, collected, peak = [], [], {"mb": 0.0}
 
     class Clock(TrainerCallback):
