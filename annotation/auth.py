@@ -37,11 +37,16 @@ def check_role(role: str) -> str:
     return role
 
 
+def find_user(session: Session, username: str) -> User | None:
+    """The user with exactly this login name, or None."""
+    return session.scalar(select(User).where(User.username == username))
+
+
 def create_user(session: Session, username: str, password: str | None, role: str = "annotator") -> User:
     """Add a user. password None makes an account that cannot log in (the source of imported labels)."""
     username = check_username(username)
     check_role(role)
-    if session.scalar(select(User).where(User.username == username)) is not None:
+    if find_user(session, username) is not None:
         raise AnnotationError(f"user '{username}' already exists")
     user = User(username=username, role=role, password_hash=hash_password(password) if password is not None else None)
     session.add(user)

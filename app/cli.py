@@ -93,10 +93,16 @@ def user_add(
     as_json: bool = JsonOpt,
 ) -> None:
     """Add a user; the password is read from a prompt or standard input, never from the command line."""
-    from annotation.auth import check_role, create_user
+    from annotation.auth import check_role, create_user, find_user
+    from annotation.names import check_username
     from annotation.store import transaction
 
+    # Everything that can be refused is checked before the password is asked for.
+    username = check_username(username)
     check_role(role)
+    with transaction(engine()) as session:
+        if find_user(session, username) is not None:
+            raise AnnotationError(f"user '{username}' already exists")
     password = read_password()
     with transaction(engine()) as session:
         user = create_user(session, username, password, role)

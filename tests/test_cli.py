@@ -38,6 +38,15 @@ def test_bad_role_and_empty_stdin_are_clear_errors_with_exit_code_2(settings):
     assert proc.returncode == 2 and "no password on standard input" in proc.stderr
 
 
+def test_user_add_refuses_a_taken_or_bad_name_before_asking_for_the_password(settings):
+    # stdin is empty: had the password been read first, the error would be about the password.
+    assert run(["user", "add", "dora"], input_text="s3cret-pass\n").returncode == 0
+    proc = run(["user", "add", "dora"], input_text="")
+    assert proc.returncode == 2 and "user 'dora' already exists" in proc.stderr, proc.stderr
+    proc = run(["user", "add", "   "], input_text="")
+    assert proc.returncode == 2 and "username must not be empty" in proc.stderr, proc.stderr
+
+
 def test_project_create_and_list(settings, tmp_path):
     guide = tmp_path / "guide.md"
     guide.write_text("# Be kind\nPrefer harmless answers.", encoding="utf-8")
