@@ -42,12 +42,18 @@ def find_user(session: Session, username: str) -> User | None:
     return session.scalar(select(User).where(User.username == username))
 
 
-def create_user(session: Session, username: str, password: str | None, role: str = "annotator") -> User:
-    """Add a user. password None makes an account that cannot log in (the source of imported labels)."""
+def check_new_user(session: Session, username: str, role: str) -> str:
+    """`username` stripped, or AnnotationError: the name is invalid or taken, or the role unknown."""
     username = check_username(username)
     check_role(role)
     if find_user(session, username) is not None:
         raise AnnotationError(f"user '{username}' already exists")
+    return username
+
+
+def create_user(session: Session, username: str, password: str | None, role: str = "annotator") -> User:
+    """Add a user. password None makes an account that cannot log in (the source of imported labels)."""
+    username = check_new_user(session, username, role)
     user = User(username=username, role=role, password_hash=hash_password(password) if password is not None else None)
     session.add(user)
     session.flush()
@@ -57,7 +63,7 @@ def create_user(session: Session, username: str, password: str | None, role: str
 def authenticate(session: Session, username: str, password: str) -> User | None:
     """The active user with this name and password, or None (without saying which part was wrong)."""
     username = username.strip()
-    user = session.scalar(select(User).where(User.username == username)) if can_be_looked_up(username) else None
+    user = find_user(session, username) if can_be_looked_up(username) else None
     ok = verify_password(user.password_hash if user else None, password)
     if user is None or not ok or not user.active:
         return None

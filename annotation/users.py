@@ -9,7 +9,7 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from annotation.auth import check_role, create_user, hash_password, require_role
+from annotation.auth import check_role, create_user, find_user, hash_password, require_role
 from annotation.errors import AnnotationError
 from annotation.store import User, reading, transaction
 
@@ -31,7 +31,7 @@ def _admin(session: Session, actor: User) -> User:
 
 
 def _target(session: Session, username: str) -> User:
-    user = session.scalar(select(User).where(User.username == username))
+    user = find_user(session, username)
     if user is None:
         raise AnnotationError(f"no user named '{username}'")
     return user

@@ -93,18 +93,16 @@ def user_add(
     as_json: bool = JsonOpt,
 ) -> None:
     """Add a user; the password is read from a prompt or standard input, never from the command line."""
-    from annotation.auth import check_role, create_user, find_user
-    from annotation.names import check_username
-    from annotation.store import transaction
+    from annotation.auth import check_new_user, create_user
+    from annotation.store import reading, transaction
 
-    # Everything that can be refused is checked before the password is asked for.
-    username = check_username(username)
-    check_role(role)
-    with transaction(engine()) as session:
-        if find_user(session, username) is not None:
-            raise AnnotationError(f"user '{username}' already exists")
+    db = engine()
+    # Everything that can be refused is checked before the password is asked for (create_user
+    # checks again, inside its transaction).
+    with reading(db) as session:
+        username = check_new_user(session, username, role)
     password = read_password()
-    with transaction(engine()) as session:
+    with transaction(db) as session:
         user = create_user(session, username, password, role)
         payload = {"id": user.id, "username": user.username, "role": user.role}
     emit(payload, as_json, f"user '{username}' ({role}) created")

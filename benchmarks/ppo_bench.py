@@ -1,6 +1,6 @@
 """PPO benchmark: our PPO (ppo.train) against TRL 1.12's experimental PPOTrainer, same run, on this machine.
 
-    .venv/bin/python benchmarks/ppo_bench.py [--steps 4] [--batch-size 8] [--eval-prompts 32]
+    .venv/bin/python benchmarks/ppo_bench.py [--steps 4] [--batch-size 16] [--eval-prompts 32]
         [--reward-model DIR] [--policy DIR] [--skip-trl] [--trl-lora] [--ours both|full|lora]
 
 Setup, done by the script when missing (cached under benchmarks/, both gitignored):
