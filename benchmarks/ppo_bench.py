@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/ppo_bench.py [--steps 4] [--batch-size 16] [--eval-prompts 32]
         [--reward-model DIR] [--policy DIR] [--skip-trl] [--trl-lora] [--ours both|full|lora]
+        [--value-model separate|shared|both] [--precision fp32|bf16] [--seeds 0,1,2]
 
 Setup, done by the script when missing (cached under benchmarks/, both gitignored):
 - benchmarks/.venv-trl112: `python3.11 -m venv` + `pip install trl==1.12.* torch==2.13.0
@@ -32,6 +33,11 @@ mini-batches of --mini-batch-size (one optimizer step each), --ppo-epochs epochs
 checkpointing, dropout off, and one --precision for every arm: fp32 (default), or bf16 mixed
 (fp32 weights; our precision plan forced to bf16, TRL's `bf16=True` plus
 ACCELERATE_MIXED_PRECISION=bf16, without which TRL 1.12's PPOTrainer silently stays fp32).
+
+With --seeds 0,1,2 every arm runs once per seed (the seed also picks the prompts) and a second
+table compares learning per step: each arm's training-reward slope per step, reward gained (last
+third of the steps against the first), KL at the last step and reward gained per nat, as mean ±
+standard error over the seeds, and our slope minus TRL's.
 
 Prints per arm: episodes/s, seconds per step split into generation, scoring and the rest
 (rollout forwards + update), peak RSS, reward and KL at the last step; then the ratios against
@@ -82,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="Compute precision of every arm: fp32, or bf16 mixed (autocast; fp32 weights) in both.")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default=None,
+                   help="Comma-separated seeds: run every arm once per seed and compare learning per step "
+                        "(reward slope, reward gained, KL) across seeds; overrides --seed.")
     p.add_argument("--threads", type=int, default=0, help="torch threads per arm (0: torch's default, one per core).")
     p.add_argument("--policy", default=None, help="Policy directory (default: <model_dir>/SmolLM2-135M-Instruct).")
     p.add_argument("--reward-model", default=None, help="Reward model run dir (default: train benchmarks/out/rm-hh).")
@@ -187,6 +196,7 @@ def summarise(name, history, batch_size, *, gen, score, step, reward, kl, peak, 
         "s_per_step": avg(step), "s_generate": avg(gen), "s_score": avg(score),
         "s_rest": avg(step) - avg(gen) - avg(score), "peak_rss_mb": peak,
         "reward_first": reward[0], "reward_last": reward[-1], "kl_last": kl[-1], "train_wall_s": wall,
+        "reward_curve": list(reward), "kl_curve": list(kl),
     }
 
 
@@ -380,17 +390,70 @@ def run_arm(python: Path, arm: str, lora: bool, argv: list[str], prompts: Path, 
     return row
 
 
+def slope(ys: list[float]) -> float:
+    """Least-squares slope of ys against the step number 1..n."""
+    n = len(ys)
+    if n < 2:
+        return 0.0
+    mx, my = (n + 1) / 2, sum(ys) / n
+    return sum((x - mx) * (y - my) for x, y in zip(range(1, n + 1), ys)) / sum((x - mx) ** 2 for x in range(1, n + 1))
+
+
+def learning_report(rows: list[dict]) -> str:
+    """Learning per step, arm by arm, over seeds: the training reward's slope per step, the reward
+    gained (mean of the last third of the steps minus the first third), the KL from the reference
+    at the last step, and the reward gained per nat of KL; mean ± standard error over seeds. The
+    per-step reward is a batch mean over fresh prompts, so the slope over many steps (not the
+    last step) is the figure; the ratio against TRL compares slopes."""
+    import statistics
+
+    def mean_se(xs):
+        return statistics.fmean(xs), (statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan"))
+
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        if "error" not in r and len(r.get("reward_curve", [])) >= 3:
+            by.setdefault(r["arm"], []).append(r)
+    lines = [f"{'arm':<17} {'seeds':>5} {'reward slope/step':>22} {'reward gained':>18} {'KL last':>16} {'gained per nat':>16}"]
+    summary = {}
+    for arm, group in by.items():
+        slopes = [slope(r["reward_curve"]) for r in group]
+        gained = []
+        for r in group:
+            c, k = r["reward_curve"], max(1, len(r["reward_curve"]) // 3)
+            gained.append(sum(c[-k:]) / k - sum(c[:k]) / k)
+        kls = [r["kl_curve"][-1] for r in group]
+        per_nat = [g / k if k > 0 else float("nan") for g, k in zip(gained, kls)]
+        summary[arm] = mean_se(slopes)
+        (s, se), (g, gse), (kl, kse), (pn, pse) = mean_se(slopes), mean_se(gained), mean_se(kls), mean_se(per_nat)
+        lines.append(f"{arm:<17} {len(group):5d} {s:+10.4f} ± {se:.4f}   {g:+8.3f} ± {gse:.3f}   {kl:7.3f} ± {kse:.3f}   "
+                     f"{pn:+7.3f} ± {pse:.3f}")
+    for ours in ("ours-full", "ours-full-shared", "ours-lora"):
+        trl_arm = "trl-lora" if ours == "ours-lora" else "trl-full"
+        if ours in summary and trl_arm in summary:
+            (a, ase), (b, bse) = summary[ours], summary[trl_arm]
+            diff_se = (ase ** 2 + bse ** 2) ** 0.5
+            verdict = "at least as fast" if a >= b else ("slower, within noise" if b - a <= 2 * diff_se else "slower")
+            lines.append(f"reward slope {ours} - {trl_arm}: {a - b:+.4f} ± {diff_se:.4f} per step ({verdict})")
+    return "\n".join(lines)
+
+
 def report(rows: list[dict], load: tuple) -> str:
     ok = [r for r in rows if "error" not in r]
     head = f"{'arm':<17} {'eps/s':>7} {'s/step':>7} {'gen':>6} {'score':>6} {'rest':>6} {'peak MiB':>9} {'reward 1st->last':>18} {'KL last':>8}"
     lines = [head]
     for r in ok:
-        lines.append(f"{r['arm']:<17} {r['episodes_per_s']:7.3f} {r['s_per_step']:7.1f} {r['s_generate']:6.1f} {r['s_score']:6.2f} "
+        label = r["arm"] + (f" s{r['seed']}" if "seed" in r else "")
+        lines.append(f"{label:<17} {r['episodes_per_s']:7.3f} {r['s_per_step']:7.1f} {r['s_generate']:6.1f} {r['s_score']:6.2f} "
                      f"{r['s_rest']:6.1f} {r['peak_rss_mb']:9.0f} {r['reward_first']:8.3f} -> {r['reward_last']:6.3f} {r['kl_last']:8.3f}")
     for r in rows:
         if "error" in r:
             lines.append(f"{r['arm']:<10} FAILED (see above)")
-    by = {r["arm"]: r for r in ok}
+    by = {}
+    for r in ok:  # with several seeds: mean episodes/s and the highest peak over the arm's runs
+        group = [x for x in ok if x["arm"] == r["arm"]]
+        by[r["arm"]] = dict(r, episodes_per_s=sum(x["episodes_per_s"] for x in group) / len(group),
+                            peak_rss_mb=max(x["peak_rss_mb"] for x in group))
     lines.append("")
     for ours in ("ours-full", "ours-full-shared"):
         if ours in by and "trl-full" in by:
@@ -443,6 +506,22 @@ def main() -> None:
     if not (Path(policy) / "config.json").exists():
         sys.exit(f"no policy at {policy}: run `rlhf models fetch` or pass --policy")
     rm = ensure_reward_model(args)
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    rows = []
+    for seed in seeds:
+        args.seed = seed
+        rows += [dict(row, seed=seed) for row in run_all_arms(args, policy, rm)]
+    text = report(rows, load)
+    if len(seeds) > 1:
+        text += "\n\n" + learning_report(rows)
+    print("\n" + text)
+    settings = {k: v for k, v in vars(args).items() if k not in ("arm", "lora", "prompts_file")}
+    (OUT / "ppo_bench.json").write_text(json.dumps({"settings": {**settings, "seeds": seeds, "policy": policy, "reward_model": rm},
+                                                    "arms": rows, "report": text}, indent=2, default=str))
+
+
+def run_all_arms(args, policy: str, rm: str) -> list[dict]:
+    """Every arm the options ask for, once, at args.seed (which also picks the prompts)."""
     prompts = write_prompts(args)
     shared = ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--mini-batch-size", str(args.mini_batch_size),
               "--ppo-epochs", str(args.ppo_epochs), "--lr", str(args.lr), "--lora-lr", str(args.lora_lr),
@@ -457,11 +536,7 @@ def main() -> None:
         rows.append(run_arm(trl_python, "trl", False, shared, prompts, policy, rm))
         if args.trl_lora:
             rows.append(run_arm(trl_python, "trl", True, shared, prompts, policy, rm))
-    text = report(rows, load)
-    print("\n" + text)
-    settings = {k: v for k, v in vars(args).items() if k not in ("arm", "lora", "prompts_file")}
-    (OUT / "ppo_bench.json").write_text(json.dumps({"settings": {**settings, "policy": policy, "reward_model": rm},
-                                                    "arms": rows, "report": text}, indent=2, default=str))
+    return rows
 
 
 if __name__ == "__main__":
