@@ -180,3 +180,19 @@ def test_rlhf_ppo_and_the_ppo_job_run_one_use_case_and_register_the_same_policy(
         untimed = lambda m: {k: v for k, v in m.items() if not k.startswith("time")}  # noqa: E731
         assert cli_row == {k: job_row[k] for k in cli_row} and untimed(cli.metrics) == untimed(job_row["metrics"])
     assert cli.path == str((tmp_path / "cli" / "policy").resolve()) and job_row["path"] == str((tmp_path / "job" / "ppo" / "policy").resolve())
+
+
+def test_the_cpu_profile_runs_as_the_readme_gives_it(files, tmp_path):
+    """configs/ppo/cpu.yaml (the first tour's profile) is a valid config that `rlhf ppo --config`
+    runs: LoRA adapters and a shared value head, saved with the run's config."""
+    from pathlib import Path
+
+    profile = Path(__file__).resolve().parent.parent / "configs" / "ppo" / "cpu.yaml"
+    out = tmp_path / "run"
+    result = invoke(["ppo", "--reward-model", str(files.rm), "--prompts", str(files.prompts), "--output", str(out),
+                     "--policy", str(files.policy), "--config", str(profile), "--steps", "1", *FAST,
+                     "--set", "lora_target_modules=q_proj,v_proj", "--no-register", "--json"])
+    assert result.exit_code == 0, result.output
+    saved = (out / "config.yaml").read_text()
+    assert "lora: true" in saved and "value_model: shared" in saved and "adap_kl_ctrl: false" in saved
+    assert (out / "policy" / "config.json").exists() and (out / "value_head.safetensors").exists()
