@@ -87,6 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-prompts", type=int, default=32, help="Held-out prompts for the win rate (0: skip).")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="Compute precision of every arm: fp32, or bf16 mixed (autocast; fp32 weights) in both.")
+    p.add_argument("--max-grad-norm", type=float, default=None,
+                   help="Our arms' gradient-norm clip (default: PPOConfig's 1.0; TRL 1.12's PPO loop never clips).")
+    p.add_argument("--adam-eps", type=float, default=None,
+                   help="Our arms' AdamW epsilon (default: PPOConfig's 1e-5; TRL's is 1e-8).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", default=None,
                    help="Comma-separated seeds: run every arm once per seed and compare learning per step "
@@ -151,6 +155,7 @@ def arm_ours(args) -> dict:
         init_kl_coef=args.kl_coef, adap_kl_ctrl=False, kl_penalty="k1", lora=args.lora, samples_every=max(1, args.steps),
         tensorboard=False, save_every=0, keep_checkpoints=1, value_model=args.value_model,
         precision=args.precision,
+        **{k: v for k, v in (("max_grad_norm", args.max_grad_norm), ("adam_eps", args.adam_eps)) if v is not None},
     )
     scorer = load_reward_model(args.reward_model)
     peak = {"mb": 0.0}
@@ -528,6 +533,8 @@ def run_all_arms(args, policy: str, rm: str) -> list[dict]:
               "--kl-coef", str(args.kl_coef), "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
               "--max-prompt-length", str(args.max_prompt_length), "--eval-prompts", str(args.eval_prompts), "--seed", str(args.seed),
               "--threads", str(args.threads), "--precision", args.precision]
+    shared += [x for k, v in (("--max-grad-norm", args.max_grad_norm), ("--adam-eps", args.adam_eps)) if v is not None
+               for x in (k, str(v))]
     values = ("separate", "shared") if args.value_model == "both" else (args.value_model,)
     rows = [run_arm(Path(sys.executable), "ours", lora, shared, prompts, policy, rm, value)
             for lora in {"both": (False, True), "full": (False,), "lora": (True,)}[args.ours] for value in values]
