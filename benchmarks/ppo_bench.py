@@ -33,6 +33,9 @@ mini-batches of --mini-batch-size (one optimizer step each), --ppo-epochs epochs
 checkpointing, dropout off, and one --precision for every arm: fp32 (default), or bf16 mixed
 (fp32 weights; our precision plan forced to bf16, TRL's `bf16=True` plus
 ACCELERATE_MIXED_PRECISION=bf16, without which TRL 1.12's PPOTrainer silently stays fp32).
+Two optimiser settings differ unless set: ours clips the gradient norm at 1.0 and uses AdamW eps
+1e-5 (PPOConfig's defaults); TRL 1.12's PPO loop never clips and uses eps 1e-8. --max-grad-norm
+and --adam-eps set ours (e.g. 1e6 and 1e-8 for TRL's).
 
 With --seeds 0,1,2 every arm runs once per seed (the seed also picks the prompts) and a second
 table compares learning per step: each arm's training-reward slope per step, reward gained (last
