@@ -122,3 +122,37 @@ def test_sqlite_reader_does_not_wait_for_a_writer(sqlite_engine):
     finally:
         writer.rollback()
         writer.close()
+
+
+def _init_db_at_barrier(url, barrier, results):
+    from annotation.store import init_db
+
+    barrier.wait()
+    try:
+        engine = init_db(url)
+        with engine.connect() as conn:
+            mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+        engine.dispose()
+        results.put(mode)
+    except Exception as exc:  # noqa: BLE001  (reported to the parent, which fails the test)
+        results.put(f"error: {exc}")
+
+
+def test_processes_creating_a_new_sqlite_database_at_once_all_get_it_in_wal(tmp_path):
+    """The ranks of `accelerate launch` create a fresh database file together: one runs the
+    migrations in a write transaction while the others switch the file to WAL, which needs an
+    exclusive lock; SQLite answers that deadlock with "database is locked" at once instead of
+    waiting on busy_timeout. Every process must still get the database, in WAL mode."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(3):
+        url = f"sqlite:///{tmp_path / f'fresh-{attempt}.db'}"
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_init_db_at_barrier, args=(url, barrier, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=120) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        assert outcomes == ["wal"] * 4, outcomes
