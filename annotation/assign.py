@@ -192,6 +192,10 @@ _REGULAR_AT_LEVEL = (
     .limit(1)
     .with_for_update(skip_locked=True, of=_items)
 )
+# The same scan waiting on row locks instead of skipping them: SKIP LOCKED finds nothing when the
+# only items left for this annotator are locked by other annotators' transactions at this moment
+# (they may release them untaken), so an empty answer is checked with this before it is given.
+_REGULAR_AT_LEVEL_WAITING = _REGULAR_AT_LEVEL.with_for_update(of=_items)
 # Least-used gold first, so that annotators do not all meet the same few gold items. Gold has no
 # cap, so there is nothing to lock.
 _GOLD = (
@@ -464,6 +468,8 @@ def _next_item(conn: Connection, project_id: int, annotator_id: int, now: dt.dat
         item = conn.execute(_GOLD, me).first()
     if item is None:
         item = _next_regular(conn, project, me)
+    if item is None and conn.dialect.name != "sqlite":
+        item = _next_regular(conn, project, me, query=_REGULAR_AT_LEVEL_WAITING)
     if item is None:
         return None
     swapped, order = _shown_for(annotator_id, item)
@@ -478,7 +484,7 @@ RECHECKS_PER_LEVEL = 4
 """On PostgreSQL, candidates at one level that may turn out taken after locking before moving on."""
 
 
-def _next_regular(conn: Connection, project: Row, me: dict) -> Row | None:
+def _next_regular(conn: Connection, project: Row, me: dict, query=_REGULAR_AT_LEVEL) -> Row | None:
     """The non-gold item this annotator should take, locked: closest to completion first, then by
     queue_key (the reward model's order under uncertainty selection, 0 otherwise), then lowest id.
 
@@ -488,7 +494,7 @@ def _next_regular(conn: Connection, project: Row, me: dict) -> Row | None:
     for level in range(k - 1, -1, -1):
         params = {**me, "level": level, "room": k - level}
         for _ in range(RECHECKS_PER_LEVEL):
-            item = conn.execute(_REGULAR_AT_LEVEL, params).first()
+            item = conn.execute(query, params).first()
             if item is None:
                 break
             # SQLite needs no recheck: BEGIN IMMEDIATE gave this transaction the database's write lock
