@@ -35,7 +35,8 @@ Concurrency: on SQLite every transaction starts with BEGIN IMMEDIATE (annotation
 writers are serialised; within one process they also queue on a mutex (see _writer_lock). On
 PostgreSQL (READ COMMITTED) every check-then-write on an item happens under a row lock on that
 item (SELECT ... FOR UPDATE), so the count check and the insert are atomic; `next_item` skips
-items another transaction holds locked (SKIP LOCKED) rather than queueing behind it.
+items another transaction holds locked (SKIP LOCKED) rather than queueing behind it, and before
+answering that nothing is left it looks once more, waiting on those locks.
 Serialization failures, deadlocks and "database is locked" are retried a
 bounded number of times.
 """
