@@ -70,6 +70,7 @@ from annotation.store import (
     Project,
     User,
     reading,
+    sqlite_busy,
     transaction,
     utcnow,
 )
@@ -323,8 +324,7 @@ def _retryable(exc: DBAPIError) -> bool:
     sqlstate = getattr(exc.orig, "sqlstate", None)
     if sqlstate in _RETRYABLE_SQLSTATES:
         return True
-    message = str(exc.orig).lower()
-    return "database is locked" in message or "database is busy" in message
+    return sqlite_busy(str(exc.orig))
 
 
 _sqlite_writers: "weakref.WeakKeyDictionary[Engine, threading.Lock]" = weakref.WeakKeyDictionary()

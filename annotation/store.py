@@ -265,6 +265,12 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+def sqlite_busy(message: str) -> bool:
+    """Whether a database error's message is SQLite's "another connection holds the lock"."""
+    message = message.lower()
+    return "database is locked" in message or "database is busy" in message
+
+
 def _switch_to_wal(cur) -> None:
     """Put the database file in WAL mode (once per file: the mode is stored in it). Processes that
     open a new file at the same moment (the ranks of `accelerate launch`, say) can each hold a
@@ -278,7 +284,7 @@ def _switch_to_wal(cur) -> None:
                 cur.execute("PRAGMA journal_mode=WAL")
             return
         except sqlite3.OperationalError as exc:
-            if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+            if not sqlite_busy(str(exc)) or time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
 
