@@ -407,6 +407,15 @@ def slope(ys: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(range(1, n + 1), ys)) / sum((x - mx) ** 2 for x in range(1, n + 1))
 
 
+def rows_by_arm(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows that ran, grouped by arm (one row per seed), in the order the arms ran."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        if "error" not in r:
+            by.setdefault(r["arm"], []).append(r)
+    return by
+
+
 def learning_report(rows: list[dict]) -> str:
     """Learning per step, arm by arm, over seeds: the training reward's slope per step, the reward
     gained (mean of the last third of the steps minus the first third), the KL from the reference
@@ -418,10 +427,8 @@ def learning_report(rows: list[dict]) -> str:
     def mean_se(xs):
         return statistics.fmean(xs), (statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else float("nan"))
 
-    by: dict[str, list[dict]] = {}
-    for r in rows:
-        if "error" not in r and len(r.get("reward_curve", [])) >= 3:
-            by.setdefault(r["arm"], []).append(r)
+    by = {arm: kept for arm, group in rows_by_arm(rows).items()
+          if (kept := [r for r in group if len(r.get("reward_curve", [])) >= 3])}
     lines = [f"{'arm':<17} {'seeds':>5} {'reward slope/step':>22} {'reward gained':>18} {'KL last':>16} {'gained per nat':>16}"]
     summary = {}
     for arm, group in by.items():
@@ -432,8 +439,8 @@ def learning_report(rows: list[dict]) -> str:
             gained.append(sum(c[-k:]) / k - sum(c[:k]) / k)
         kls = [r["kl_curve"][-1] for r in group]
         per_nat = [g / k if k > 0 else float("nan") for g, k in zip(gained, kls)]
-        summary[arm] = mean_se(slopes)
-        (s, se), (g, gse), (kl, kse), (pn, pse) = mean_se(slopes), mean_se(gained), mean_se(kls), mean_se(per_nat)
+        summary[arm] = s, se = mean_se(slopes)
+        (g, gse), (kl, kse), (pn, pse) = mean_se(gained), mean_se(kls), mean_se(per_nat)
         lines.append(f"{arm:<17} {len(group):5d} {s:+10.4f} ± {se:.4f}   {g:+8.3f} ± {gse:.3f}   {kl:7.3f} ± {kse:.3f}   "
                      f"{pn:+7.3f} ± {pse:.3f}")
     for ours in ("ours-full", "ours-full-shared", "ours-lora"):
@@ -457,11 +464,10 @@ def report(rows: list[dict], load: tuple) -> str:
     for r in rows:
         if "error" in r:
             lines.append(f"{r['arm']:<10} FAILED (see above)")
-    by = {}
-    for r in ok:  # with several seeds: mean episodes/s and the highest peak over the arm's runs
-        group = [x for x in ok if x["arm"] == r["arm"]]
-        by[r["arm"]] = dict(r, episodes_per_s=sum(x["episodes_per_s"] for x in group) / len(group),
-                            peak_rss_mb=max(x["peak_rss_mb"] for x in group))
+    # With several seeds: an arm's mean episodes/s and its highest peak over its runs.
+    by = {arm: dict(group[-1], episodes_per_s=sum(x["episodes_per_s"] for x in group) / len(group),
+                    peak_rss_mb=max(x["peak_rss_mb"] for x in group))
+          for arm, group in rows_by_arm(rows).items()}
     lines.append("")
     for ours in ("ours-full", "ours-full-shared"):
         if ours in by and "trl-full" in by:
