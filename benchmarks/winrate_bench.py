@@ -13,8 +13,8 @@ commands a user would type, one after the other, and the win rates they report.
    A's prompts, `rlhf dpo --data A`; all LoRA on SmolLM2-135M-Instruct.
 4. `rlhf eval-policy` of each against the untouched SmolLM2-135M-Instruct on B's first
    --eval-prompts prompts (never trained on), by the proxy and by the judge (--judge). PPO's
-   policy is evaluated at its config's response and prompt lengths, the others at
-   --max-new-tokens.
+   policy is evaluated at its config's response and prompt lengths (PPOConfig's defaults where
+   the file sets none), the others at --max-new-tokens.
 
 Prints one line per policy (with PPO's wall time against the first tour's 30 minutes and the
 judge's win rate against 0.65 at KL < 6) and writes every command's JSON under --out. --quick
@@ -80,6 +80,14 @@ def main(argv=None) -> int:
     unknown = sorted(set(trainers) - {"ppo", "dpo", "grpo"})
     if unknown:
         parser.error(f"--trainers: unknown {', '.join(unknown)}; expected ppo, dpo or grpo")
+    if "ppo" in trainers:  # what `rlhf ppo --config` will run, checked before anything is trained
+        from ppo.config import PPOConfig
+        from ppo.errors import PPOError
+
+        try:
+            ppo_config = PPOConfig.from_yaml(args.ppo_config)
+        except PPOError as exc:
+            parser.error(f"--ppo-config: {exc}")
 
     from annotation.io import read_pairs
     from reward.data import split_pairs
@@ -101,12 +109,8 @@ def main(argv=None) -> int:
             rlhf(out, name, "train-rm", "--data", str(data), "--output", str(path), "--epochs", args.rm_epochs, "--no-register")
     policies, lengths = {}, {}
     if "ppo" in trainers:
-        import yaml
-
         ppo_dir = out / "ppo-a"
-        ppo_options = yaml.safe_load(args.ppo_config.read_text()) or {}
-        if "max_new_tokens" in ppo_options and "max_prompt_length" in ppo_options:
-            lengths["ppo"] = (str(ppo_options["max_new_tokens"]), str(ppo_options["max_prompt_length"]))
+        lengths["ppo"] = (str(ppo_config.max_new_tokens), str(ppo_config.max_prompt_length))
         if not (ppo_dir / "policy" / "config.json").is_file():
             steps = ["--steps", str(args.ppo_steps)] if args.ppo_steps else []
             if args.quick:
