@@ -1,7 +1,7 @@
 """PPO benchmark: our PPO (ppo.train) against TRL 1.12's experimental PPOTrainer, same run, on this machine.
 
     .venv/bin/python benchmarks/ppo_bench.py [--steps 4] [--batch-size 16] [--eval-prompts 32]
-        [--reward-model DIR] [--policy DIR] [--skip-trl] [--trl-lora] [--ours both|full|lora]
+        [--reward-model DIR] [--policy DIR] [--skip-trl] [--trl full|lora|both] [--ours both|full|lora]
         [--value-model separate|shared|both] [--precision fp32|bf16] [--seeds 0,1,2]
 
 Setup, done by the script when missing (cached under benchmarks/, both gitignored):
@@ -17,7 +17,8 @@ step, before any saving) is its own:
 - ours-full, ours-lora: ppo.train.train on the default policy (SmolLM2-135M-Instruct from
   `rlhf models fetch`); then, on held-out prompts never used in training, ppo.evaluate's win rate
   over the reference (the untrained policy) and KL, judged by the same reward model.
-- trl-full (and trl-lora with --trl-lora): trl.experimental.ppo.PPOTrainer, same policy, reward
+- trl-full and/or trl-lora (--trl; --trl-lora is --trl both): trl.experimental.ppo.PPOTrainer,
+  LoRA r 16 / alpha 32 on every linear layer as ours, same policy, reward
   model, prompts (token ids from the same chat-template encoding) and settings. TRL's PPO feeds
   the policy's token ids to the reward model, which has another tokenizer here, so the reward
   model is wrapped in a module with TRL's reward-model interface that decodes the tokens back to
@@ -106,7 +107,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-trl", action="store_true", help="Run our arms only.")
     p.add_argument("--ours", choices=("both", "full", "lora"), default="both",
                    help="Which of our arms to run (one arm alone: a long win-rate run, no memory ratio).")
-    p.add_argument("--trl-lora", action="store_true", help="Also run TRL with LoRA.")
+    p.add_argument("--trl", choices=("full", "lora", "both"), default="full",
+                   help="Which TRL arms to run: full fine-tuning, LoRA (TRL's policy adapters; its value model stays a "
+                        "full copy, as TRL 1.12 builds it), or both.")
+    p.add_argument("--trl-lora", action="store_true", help="Same as --trl both (kept for old commands).")
     p.add_argument("--value-model", choices=("separate", "shared", "both"), default="separate",
                    help="Our arms' value model: a second model (separate), one head on the policy (shared), or both arms.")
     p.add_argument("--arm", default=None, help=argparse.SUPPRESS)  # internal: run one arm in this process
@@ -443,8 +447,8 @@ def learning_report(rows: list[dict]) -> str:
         (g, gse), (kl, kse), (pn, pse) = mean_se(gained), mean_se(kls), mean_se(per_nat)
         lines.append(f"{arm:<17} {len(group):5d} {s:+10.4f} ± {se:.4f}   {g:+8.3f} ± {gse:.3f}   {kl:7.3f} ± {kse:.3f}   "
                      f"{pn:+7.3f} ± {pse:.3f}")
-    for ours in ("ours-full", "ours-full-shared", "ours-lora"):
-        trl_arm = "trl-lora" if ours == "ours-lora" else "trl-full"
+    for ours in ("ours-full", "ours-full-shared", "ours-lora", "ours-lora-shared"):
+        trl_arm = "trl-lora" if ours.startswith("ours-lora") else "trl-full"
         if ours in summary and trl_arm in summary:
             (a, ase), (b, bse) = summary[ours], summary[trl_arm]
             diff_se = (ase ** 2 + bse ** 2) ** 0.5
@@ -474,8 +478,11 @@ def report(rows: list[dict], load: tuple) -> str:
             ratio = by[ours]["episodes_per_s"] / by["trl-full"]["episodes_per_s"]
             lines.append(f"throughput {ours}/trl-full: {ratio:.2f}x  (target >= {TARGET_SPEEDUP}: "
                          f"{'met' if ratio >= TARGET_SPEEDUP else 'NOT met'})")
-    if "ours-lora" in by and "trl-lora" in by:
-        lines.append(f"throughput ours/TRL (LoRA): {by['ours-lora']['episodes_per_s'] / by['trl-lora']['episodes_per_s']:.2f}x")
+    for ours in ("ours-lora", "ours-lora-shared"):
+        if ours in by and "trl-lora" in by:
+            ratio = by[ours]["episodes_per_s"] / by["trl-lora"]["episodes_per_s"]
+            lines.append(f"throughput {ours}/trl-lora: {ratio:.2f}x  (target >= {TARGET_SPEEDUP}: "
+                         f"{'met' if ratio >= TARGET_SPEEDUP else 'NOT met'})")
     if "ours-full" in by and "ours-lora" in by:
         mem = by["ours-lora"]["peak_rss_mb"] / by["ours-full"]["peak_rss_mb"]
         lines.append(f"peak memory LoRA/full (ours): {mem:.2f}x  (target <= {TARGET_MEMORY_RATIO}: {'met' if mem <= TARGET_MEMORY_RATIO else 'NOT met'})")
@@ -549,9 +556,9 @@ def run_all_arms(args, policy: str, rm: str) -> list[dict]:
             for lora in {"both": (False, True), "full": (False,), "lora": (True,)}[args.ours] for value in values]
     if not args.skip_trl:
         trl_python = ensure_trl_venv()
-        rows.append(run_arm(trl_python, "trl", False, shared, prompts, policy, rm))
-        if args.trl_lora:
-            rows.append(run_arm(trl_python, "trl", True, shared, prompts, policy, rm))
+        trl = "both" if args.trl_lora else args.trl
+        for lora in {"both": (False, True), "full": (False,), "lora": (True,)}[trl]:
+            rows.append(run_arm(trl_python, "trl", lora, shared, prompts, policy, rm))
     return rows
 
 
