@@ -60,7 +60,7 @@ def named_judges(judges) -> list[tuple[str, Callable]]:
 @torch.no_grad()
 def judge_policy(inner, ref_model, tokenizer, prompts: list, prompt_rows: list[list[int]], reward_fn: Callable,
                  judges: list[tuple[str, Callable]], *, config: PPOConfig, seed: int, batch_size: int, device,
-                 plan) -> dict[str, list[float]]:
+                 plan, sampler: Callable | None = None) -> dict[str, list[float]]:
     """One response per held-out prompt from the current policy, with the training sampling
     settings, scored by the proxy (the training reward, raw) and each judge, and its KL to the
     reference (k1 sum). Batch b samples under `seed + b` at every evaluation, so two steps differ
@@ -75,6 +75,7 @@ def judge_policy(inner, ref_model, tokenizer, prompts: list, prompt_rows: list[l
                 inner, ref_model, tokenizer, prompts[start:start + batch_size], prompt_rows[start:start + batch_size],
                 reward_fn, max_new_tokens=config.max_new_tokens, temperature=config.temperature, device=device,
                 generate_ctx=lambda: plan.autocast("ppo_generate"), forward_ctx=lambda: plan.autocast("ppo_update"),
+                sampler=sampler,
             )
             texts += ro.responses_text
             out["proxy"] += ro.scores.tolist()

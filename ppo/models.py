@@ -171,6 +171,62 @@ def add_value_lora(value: nn.Module, lora: Any) -> nn.Module:
     return get_peft_model(value, cfg)
 
 
+class MergedSampler:
+    """What a LoRA policy samples from: a plain copy of the model whose adapted layers hold
+    W + scale * B @ A, rewritten from the live adapters each time the sampler is called.
+
+    Unmerged adapters add two small matmuls beside every adapted linear layer, and at one token
+    per forward those are mostly overhead: SmolLM2-135M with adapters on every linear layer, 16
+    prompts x 53 new tokens, bf16 autocast on this project's 2-core CPU, generated in 9.5 s with
+    the adapters and 4.7 s merged. peft's merge_adapter/unmerge_adapter would do it in place, but
+    every unmerge rounds the frozen weights a little and the reference policy is those weights,
+    so the merged weights live in a copy: one more copy of the adapted matrices, in `dtype`.
+
+    Training never reads the copy: the rollout's log-probs and values come from the live policy,
+    so only which tokens are drawn can change, by rounding."""
+
+    def __init__(self, policy: nn.Module, dtype: torch.dtype | None = None):
+        from peft.tuners.lora.layer import Linear as LoraLinear
+
+        adapters = policy.active_adapters
+        self._adapter = adapters[0]
+        self.model = copy.deepcopy(policy).unload().eval().requires_grad_(False)
+        self._pairs = []
+        for name, module in policy.get_base_model().named_modules():
+            if isinstance(module, LoraLinear):
+                target = self.model.get_submodule(name)
+                # Its own storage: an adapted lm_head can be tied to the input embeddings, which
+                # must keep the base weights.
+                target.weight = nn.Parameter(torch.empty_like(target.weight, dtype=dtype or target.weight.dtype),
+                                             requires_grad=False)
+                self._pairs.append((module, target))
+        if dtype is not None:
+            self.model.to(dtype)
+        self()
+
+    @staticmethod
+    def supports(policy: nn.Module) -> bool:
+        """A policy whose only trained weights are plain LoRA adapters on linear layers, one active."""
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        from peft.tuners.lora.layer import LoraLayer
+
+        if not is_peft(policy) or len(policy.active_adapters) != 1:
+            return False
+        adapter = policy.active_adapters[0]
+        for module in policy.get_base_model().modules():
+            if isinstance(module, LoraLayer) and (type(module) is not LoraLinear or module.use_dora.get(adapter)):
+                return False
+        return all("lora_" in name for name, p in policy.named_parameters() if p.requires_grad)
+
+    @torch.no_grad()
+    def __call__(self) -> nn.Module:
+        """The copy, with the adapters' current weights merged in."""
+        for live, target in self._pairs:
+            base = live.base_layer.weight
+            target.weight.copy_(base + live.get_delta_weight(self._adapter).to(base.dtype))
+        return self.model
+
+
 class ValueHead(nn.Module):
     """The value of a shared backbone (PPOConfig.value_model = "shared"): one linear layer on the
     policy's last hidden state, zero at the start like value_model_from_policy's head."""

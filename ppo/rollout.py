@@ -209,16 +209,21 @@ def collect(
     device: torch.device,
     generate_ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     forward_ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    sampler: Callable[[], Any] | None = None,
 ) -> Rollout:
     """Generate, score, and run the policy, reference and value forwards on one batch.
     `generate_ctx` and `forward_ctx` give the precision contexts (autocast or none) of sampling and
-    of the forwards; the forwards must compute as the update does, so the first ratio is 1."""
+    of the forwards; the forwards must compute as the update does, so the first ratio is 1.
+    `sampler()`, when given, returns the model to sample from (ppo.models.MergedSampler: the LoRA
+    policy merged); the log-probs are still the policy's own."""
     policy, value = wrapped.policy, wrapped.value
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompt_rows, tokenizer.pad_token_id))
 
     t0 = time.perf_counter()
+    sampling_model = policy if sampler is None else sampler()
     with generate_ctx():
-        response_ids, response_mask, contains_eos = generate(policy, tokenizer, prompt_ids, prompt_mask, max_new_tokens, temperature)
+        response_ids, response_mask, contains_eos = generate(sampling_model, tokenizer, prompt_ids, prompt_mask,
+                                                             max_new_tokens, temperature)
     t1 = time.perf_counter()
 
     texts = tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(response_ids, response_mask)], skip_special_tokens=True)

@@ -113,11 +113,11 @@ def train(
     step's metrics row gets proxy_reward_heldout, kl_heldout, judge_reward, judge_reward_stderr
     and judge_reward/<name> (judge_metrics).
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedType
 
     from ppo import diagnostics
-    from ppo.models import (PolicyAndValue, add_value_lora, get_lora_policy, is_peft, load_trainable_state,
-                            trainable_state, value_head_for, value_model_from_policy)
+    from ppo.models import (MergedSampler, PolicyAndValue, add_value_lora, get_lora_policy, is_peft,
+                            load_trainable_state, trainable_state, value_head_for, value_model_from_policy)
     from ppo.rollout import collect, encode_prompts, ensemble_reward_fn, sequence_inputs
 
     config.validate()
@@ -171,6 +171,12 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
     wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
     inner = accelerator.unwrap_model(wrapped)
+    # LoRA samples from a merged copy where lora_sampling says so (MergedSampler); sharded training
+    # (FSDP, DeepSpeed) samples through the adapters, since no process holds whole weights to merge into.
+    merged_sampler = None
+    if (config.merged_sampling(device.type) and MergedSampler.supports(inner.policy)
+            and accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)):
+        merged_sampler = MergedSampler(inner.policy, torch.bfloat16 if plan.bf16("ppo_generate") else None)
     kl_ctl = (core.AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
               if config.adap_kl_ctrl else core.FixedKLController(config.init_kl_coef))
     reward_moments = core.RunningMoments()
@@ -219,6 +225,7 @@ def train(
             inner, ref_model, tokenizer, [prompts[i] for i in batch], [prompt_rows[i] for i in batch], reward_fn,
             max_new_tokens=config.max_new_tokens, temperature=config.temperature, device=device,
             generate_ctx=lambda: plan.autocast("ppo_generate"), forward_ctx=lambda: plan.autocast("ppo_update"),
+            sampler=merged_sampler,
         )
         mask = ro.response_mask.float()
 
@@ -331,7 +338,7 @@ def train(
             t_judge = time.perf_counter()
             scores = judge_policy(inner, ref_model, tokenizer, heldout_mine, heldout_rows, reward_fn, judges,
                                   config=config, seed=step_seed(config.seed, 0, rank), batch_size=sizes.local_batch_size,
-                                  device=device, plan=plan)
+                                  device=device, plan=plan, sampler=merged_sampler)
             if world > 1:
                 from accelerate.utils import gather_object
 
