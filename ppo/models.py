@@ -188,20 +188,21 @@ class MergedSampler:
     def __init__(self, policy: nn.Module, dtype: torch.dtype | None = None):
         from peft.tuners.lora.layer import Linear as LoraLinear
 
-        adapters = policy.active_adapters
-        self._adapter = adapters[0]
-        self.model = copy.deepcopy(policy).unload().eval().requires_grad_(False)
+        self._adapter = policy.active_adapters[0]
+        # Each weight is copied straight into `dtype` (deepcopy takes the copies from its memo), so
+        # no second fp32 copy of the model exists even for a moment. Buffers (RoPE's inverse
+        # frequencies) stay as they are: fp32, as transformers keeps them in bf16 models.
+        memo = {id(p): nn.Parameter(p.detach().to(dtype or p.dtype, copy=True), requires_grad=False)
+                for p in policy.parameters()}
+        self.model = copy.deepcopy(policy, memo).unload().eval()
         self._pairs = []
         for name, module in policy.get_base_model().named_modules():
             if isinstance(module, LoraLinear):
                 target = self.model.get_submodule(name)
                 # Its own storage: an adapted lm_head can be tied to the input embeddings, which
                 # must keep the base weights.
-                target.weight = nn.Parameter(torch.empty_like(target.weight, dtype=dtype or target.weight.dtype),
-                                             requires_grad=False)
+                target.weight = nn.Parameter(torch.empty_like(target.weight), requires_grad=False)
                 self._pairs.append((module, target))
-        if dtype is not None:
-            self.model.to(dtype)
         self()
 
     @staticmethod
