@@ -10,6 +10,8 @@ its own subprocess so that its peak memory (max RSS) is its own.
 - ours: reward.train with its default TrainParams (fp32 and no checkpointing on a CPU without
   native bf16, every core, left truncation to 256 tokens, dynamic padding grouped by length), then
   held-out accuracy, log-loss and ECE with reward.evaluate.
+- probe (--arm probe): no fine-tuning; a logistic regression on frozen MiniLM embeddings and the
+  rule "prefer the shorter response", on the same split: what the data gives without the recipe.
 - plain: TRL's RewardTrainer on the standard {"prompt", "chosen", "rejected"} dataset with
   RewardConfig defaults (bf16, gradient checkpointing, max_length 1024, random batches), timed
   over --plain-steps steps. Two defaults cannot run on a BERT model and are changed, and the
@@ -70,6 +72,40 @@ def arm_ours(args) -> dict:
             "torch_threads": m["torch_threads"], "precision": m["compute_precision"],
             "gradient_checkpointing": m["gradient_checkpointing"], "prompt_truncated": m["prompt_truncated"],
             "first_loss": m["first_logged_loss"], "last_loss": m["last_logged_loss"], "peak_rss_mb": _peak_mb()}
+
+
+def arm_probe(args) -> dict:
+    """How far the data carries without fine-tuning, on the same split: a Bradley-Terry logistic
+    regression on frozen MiniLM features (benchmarks/active_bench.Features: the mean-pooled
+    embeddings of prompt + response and of the response alone), C picked by 5-fold cross-validation
+    on the training pairs; beside it the rule "prefer the shorter response". If fine-tuning
+    barely beats the frozen probe, the recipe is not what limits the accuracy."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegressionCV
+
+    from benchmarks.active_bench import Features
+    from reward.evaluate import _length_bias
+
+    train, held = _split(args)
+    features = Features(train + held, Path(args.base), REPO / "benchmarks" / "out" / "rm_probe_features.npz")
+
+    def diff(pairs):
+        prompts = [p.prompt for p in pairs]
+        return features.of(prompts, [p.chosen for p in pairs]) - features.of(prompts, [p.rejected for p in pairs])
+
+    x = diff(train)
+    # Both orientations of every pair: the model has no intercept to learn "first is better" from.
+    fit = LogisticRegressionCV(Cs=10, cv=5, fit_intercept=False, max_iter=2000).fit(
+        np.concatenate([x, -x]), np.concatenate([np.ones(len(x)), np.zeros(len(x))]))
+    d = diff(held) @ fit.coef_[0]
+    bias = _length_bias(held, d, d > 0)
+    shorter = np.array([len(p.chosen) - len(p.rejected) for p in held], dtype=float)
+    rule = np.where(shorter == 0, 0.5, (shorter < 0).astype(float))
+    return {"arm": "probe", "train_pairs": len(train), "held_out_pairs": len(held), "C": float(fit.C_[0]),
+            "held_out_accuracy": float((d > 0).mean()),
+            "accuracy_chosen_shorter": bias["chosen_shorter"]["accuracy"],
+            "accuracy_chosen_longer": bias["chosen_longer"]["accuracy"],
+            "prefer_shorter_accuracy": float(rule.mean()), "peak_rss_mb": _peak_mb()}
 
 
 def arm_plain(args) -> dict:
@@ -133,7 +169,8 @@ def main() -> int:
     parser.add_argument("--ensemble", type=int, default=None, help="Train N members (TrainParams.ensemble).")
     parser.add_argument("--limit-train", type=int, default=0, help="Use only the first N training pairs (0: all).")
     parser.add_argument("--limit-held-out", type=int, default=0, help="Evaluate on only the first N held-out pairs (0: all).")
-    parser.add_argument("--arm", choices=["ours", "plain", "both"], default="both")
+    parser.add_argument("--arm", choices=["ours", "plain", "both", "probe"], default="both",
+                        help="ours, plain (TRL's script), both (the throughput comparison) or probe (frozen features).")
     parser.add_argument("--tmp", default=None)
     args = parser.parse_args()
     if args.base is None:
@@ -147,8 +184,14 @@ def main() -> int:
     if args.arm != "both":
         with tempfile.TemporaryDirectory() as tmp:
             args.tmp = tmp
-            result = arm_ours(args) if args.arm == "ours" else arm_plain(args)
+            result = {"ours": arm_ours, "plain": arm_plain, "probe": arm_probe}[args.arm](args)
         print("RESULT " + json.dumps(result, default=float))
+        if args.arm == "probe":
+            gap = result["accuracy_chosen_shorter"] - result["accuracy_chosen_longer"]
+            print(f"frozen-feature probe: held-out accuracy {result['held_out_accuracy']:.3f} on {result['held_out_pairs']} "
+                  f"pairs (chosen shorter {result['accuracy_chosen_shorter']:.3f}, longer "
+                  f"{result['accuracy_chosen_longer']:.3f}: gap {gap:.2f}); prefer-the-shorter rule "
+                  f"{result['prefer_shorter_accuracy']:.3f}")
         return 0
 
     results = {}

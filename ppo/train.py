@@ -177,6 +177,9 @@ def train(
     if (config.merged_sampling(device.type) and MergedSampler.supports(inner.policy)
             and accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)):
         merged_sampler = MergedSampler(inner.policy, torch.bfloat16 if plan.bf16("ppo_generate") else None)
+    elif config.lora and config.lora_sampling == "merged":
+        logger.warning("lora_sampling=merged: sampling through the adapters instead (the policy trains weights "
+                       "outside plain LoRA adapters, or training is sharded)")
     kl_ctl = (core.AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
               if config.adap_kl_ctrl else core.FixedKLController(config.init_kl_coef))
     reward_moments = core.RunningMoments()
