@@ -248,6 +248,18 @@ def test_merged_sampler_declines_what_it_cannot_merge():
     assert not MergedSampler.supports(lora)
 
 
+def test_lora_sampling_merged_says_so_when_it_samples_through_the_adapters(tmp_path, caplog):
+    from ppo.models import get_lora_policy
+
+    model, tok = tiny_policy()
+    config = small_config(steps=1, lora=True, lora_r=4, lora_target_modules="q_proj,v_proj", lora_sampling="merged")
+    lora = get_lora_policy(model, config.lora_options())
+    lora.get_base_model().lm_head.weight.requires_grad_(True)  # trained outside the adapters: cannot merge
+    with caplog.at_level("WARNING", logger="ppo.train"):
+        train(config, (lora, tok), share_of_yes, tiny_prompts(), tmp_path / "run")
+    assert any("sampling through the adapters instead" in r.getMessage() for r in caplog.records)
+
+
 def test_lora_sampling_auto_merges_on_cpu_only_and_bad_values_are_named():
     assert PPOConfig().merged_sampling("cpu") and not PPOConfig().merged_sampling("cuda")
     assert PPOConfig(lora_sampling="merged").merged_sampling("cuda")
