@@ -411,6 +411,16 @@ def slope(ys: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(range(1, n + 1), ys)) / sum((x - mx) ** 2 for x in range(1, n + 1))
 
 
+# --ours / --trl: which arms run, as their LoRA settings.
+LORA_CHOICES = {"both": (False, True), "full": (False,), "lora": (True,)}
+OURS_ARMS = ("ours-full", "ours-full-shared", "ours-lora", "ours-lora-shared")
+
+
+def trl_peer(ours: str) -> str:
+    """The TRL arm an arm of ours is compared with: LoRA with LoRA, full fine-tuning with full."""
+    return "trl-lora" if ours.startswith("ours-lora") else "trl-full"
+
+
 def rows_by_arm(rows: list[dict]) -> dict[str, list[dict]]:
     """The rows that ran, grouped by arm (one row per seed), in the order the arms ran."""
     by: dict[str, list[dict]] = {}
@@ -447,8 +457,8 @@ def learning_report(rows: list[dict]) -> str:
         (g, gse), (kl, kse), (pn, pse) = mean_se(gained), mean_se(kls), mean_se(per_nat)
         lines.append(f"{arm:<17} {len(group):5d} {s:+10.4f} ± {se:.4f}   {g:+8.3f} ± {gse:.3f}   {kl:7.3f} ± {kse:.3f}   "
                      f"{pn:+7.3f} ± {pse:.3f}")
-    for ours in ("ours-full", "ours-full-shared", "ours-lora", "ours-lora-shared"):
-        trl_arm = "trl-lora" if ours.startswith("ours-lora") else "trl-full"
+    for ours in OURS_ARMS:
+        trl_arm = trl_peer(ours)
         if ours in summary and trl_arm in summary:
             (a, ase), (b, bse) = summary[ours], summary[trl_arm]
             diff_se = (ase ** 2 + bse ** 2) ** 0.5
@@ -473,15 +483,11 @@ def report(rows: list[dict], load: tuple) -> str:
                     peak_rss_mb=max(x["peak_rss_mb"] for x in group))
           for arm, group in rows_by_arm(rows).items()}
     lines.append("")
-    for ours in ("ours-full", "ours-full-shared"):
-        if ours in by and "trl-full" in by:
-            ratio = by[ours]["episodes_per_s"] / by["trl-full"]["episodes_per_s"]
-            lines.append(f"throughput {ours}/trl-full: {ratio:.2f}x  (target >= {TARGET_SPEEDUP}: "
-                         f"{'met' if ratio >= TARGET_SPEEDUP else 'NOT met'})")
-    for ours in ("ours-lora", "ours-lora-shared"):
-        if ours in by and "trl-lora" in by:
-            ratio = by[ours]["episodes_per_s"] / by["trl-lora"]["episodes_per_s"]
-            lines.append(f"throughput {ours}/trl-lora: {ratio:.2f}x  (target >= {TARGET_SPEEDUP}: "
+    for ours in OURS_ARMS:
+        trl_arm = trl_peer(ours)
+        if ours in by and trl_arm in by:
+            ratio = by[ours]["episodes_per_s"] / by[trl_arm]["episodes_per_s"]
+            lines.append(f"throughput {ours}/{trl_arm}: {ratio:.2f}x  (target >= {TARGET_SPEEDUP}: "
                          f"{'met' if ratio >= TARGET_SPEEDUP else 'NOT met'})")
     if "ours-full" in by and "ours-lora" in by:
         mem = by["ours-lora"]["peak_rss_mb"] / by["ours-full"]["peak_rss_mb"]
@@ -553,11 +559,11 @@ def run_all_arms(args, policy: str, rm: str) -> list[dict]:
                for x in (k, str(v))]
     values = ("separate", "shared") if args.value_model == "both" else (args.value_model,)
     rows = [run_arm(Path(sys.executable), "ours", lora, shared, prompts, policy, rm, value)
-            for lora in {"both": (False, True), "full": (False,), "lora": (True,)}[args.ours] for value in values]
+            for lora in LORA_CHOICES[args.ours] for value in values]
     if not args.skip_trl:
         trl_python = ensure_trl_venv()
         trl = "both" if args.trl_lora else args.trl
-        for lora in {"both": (False, True), "full": (False,), "lora": (True,)}[trl]:
+        for lora in LORA_CHOICES[trl]:
             rows.append(run_arm(trl_python, "trl", lora, shared, prompts, policy, rm))
     return rows
 
