@@ -84,7 +84,7 @@ def arm_probe(args) -> dict:
     from sklearn.linear_model import LogisticRegressionCV
 
     from benchmarks.active_bench import Features
-    from reward.evaluate import _length_bias
+    from reward.evaluate import evaluate_scores
 
     train, held = _split(args)
     features = Features(train + held, Path(args.base), REPO / "benchmarks" / "out" / "rm_probe_features.npz")
@@ -97,15 +97,14 @@ def arm_probe(args) -> dict:
     # Both orientations of every pair: the model has no intercept to learn "first is better" from.
     fit = LogisticRegressionCV(Cs=10, cv=5, fit_intercept=False, max_iter=2000).fit(
         np.concatenate([x, -x]), np.concatenate([np.ones(len(x)), np.zeros(len(x))]))
-    d = diff(held) @ fit.coef_[0]
-    bias = _length_bias(held, d, d > 0)
-    shorter = np.array([len(p.chosen) - len(p.rejected) for p in held], dtype=float)
-    rule = np.where(shorter == 0, 0.5, (shorter < 0).astype(float))
+    # Scored as reward.evaluate scores a trained model (a tie counts half), the rule as a reward of -length.
+    probe = evaluate_scores(diff(held) @ fit.coef_[0], np.zeros(len(held)), held)
+    rule = evaluate_scores([-len(p.chosen) for p in held], [-len(p.rejected) for p in held])
     return {"arm": "probe", "train_pairs": len(train), "held_out_pairs": len(held), "C": float(fit.C_[0]),
-            "held_out_accuracy": float((d > 0).mean()),
-            "accuracy_chosen_shorter": bias["chosen_shorter"]["accuracy"],
-            "accuracy_chosen_longer": bias["chosen_longer"]["accuracy"],
-            "prefer_shorter_accuracy": float(rule.mean()), "peak_rss_mb": _peak_mb()}
+            "held_out_accuracy": probe["accuracy"],
+            "accuracy_chosen_shorter": probe["length_bias"]["chosen_shorter"]["accuracy"],
+            "accuracy_chosen_longer": probe["length_bias"]["chosen_longer"]["accuracy"],
+            "prefer_shorter_accuracy": rule["accuracy"], "peak_rss_mb": _peak_mb()}
 
 
 def arm_plain(args) -> dict:
