@@ -40,14 +40,14 @@ def tiny_tokenizer():
     return tokenizer
 
 
-def tiny_policy(seed: int = 0):
+def tiny_policy(seed: int = 0, tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS,
-        # Untied, so that a LoRA adapter on lm_head does not also move the input embeddings when merged.
-        tie_word_embeddings=False,
+        # Untied by default, so that a LoRA adapter on lm_head does not also move the input embeddings when merged.
+        tie_word_embeddings=tie,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config), tiny_tokenizer()
@@ -156,18 +156,12 @@ def test_ppo_with_lora_raises_reward_and_keeps_base_weights(tmp_path):
 
 def _lora_with_random_adapters(tie: bool, targets="q_proj,v_proj,down_proj,lm_head", seed=1):
     """A tiny LoRA policy whose adapters are not zero (fresh ones are: B starts at 0)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from ppo.models import get_lora_policy
 
-    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS,
-                         bos_token_id=EOS, tie_word_embeddings=tie)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    lora = get_lora_policy(model, small_config(lora=True, lora_r=4, lora_target_modules=targets).lora_options())
+    model, tok = tiny_policy(tie=tie)
+    lora = get_lora_policy(model.eval(), small_config(lora=True, lora_r=4, lora_target_modules=targets).lora_options())
     randomise_adapters(lora, seed)
-    return lora, tiny_tokenizer()
+    return lora, tok
 
 
 def randomise_adapters(lora, seed):
