@@ -121,15 +121,17 @@ def save_model(module, target: Path, tokenizer) -> None:
 
     if is_peft(module):
         # Merged in place and unmerged after saving: a merged copy would add a whole model
-        # to the peak memory that LoRA is there to keep low.
-        from ppo.models import _base_weights
+        # to the peak memory that LoRA is there to keep low. Base weights held in bf16 merge in
+        # fp32 and get their own bf16 tensors back (frozen_in_fp32).
+        from ppo.models import _base_weights, frozen_in_fp32
 
         base = module.get_base_model()
-        module.merge_adapter()
-        try:
-            base.save_pretrained(target, state_dict=_base_weights(base.state_dict()))
-        finally:
-            module.unmerge_adapter()
+        with frozen_in_fp32(module):
+            module.merge_adapter()
+            try:
+                base.save_pretrained(target, state_dict=_base_weights(base.state_dict()))
+            finally:
+                module.unmerge_adapter()
     else:
         module.save_pretrained(target)
     tokenizer.save_pretrained(target)

@@ -11,6 +11,7 @@ With LoRA the reference policy is the same model with its adapters switched off
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -223,9 +224,49 @@ class MergedSampler:
     def __call__(self) -> nn.Module:
         """The copy, with the adapters' current weights merged in."""
         for live, target in self._pairs:
-            base = live.base_layer.weight
-            target.weight.copy_(base + live.get_delta_weight(self._adapter).to(base.dtype))
+            delta = live.get_delta_weight(self._adapter)
+            # In the adapters' precision (fp32), then rounded once, also where the base is held in bf16.
+            target.weight.copy_(live.base_layer.weight.to(delta.dtype) + delta)
         return self.model
+
+
+def hold_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the weights of `model`'s frozen linear layers in `dtype` (bf16 where PPO computes in
+    bf16): a LoRA policy's base layers, a frozen reference. Returns how many values changed dtype.
+
+    Under bf16 autocast a linear layer computes from a bf16 cast of its weight either way, so the
+    outputs and gradients are the same bit for bit. What changes: autocast keeps the casts only of
+    weights that train, so a frozen fp32 weight is cast again at every forward (SmolLM2-135M
+    with LoRA, mini-batch 4 x 181 tokens: update 8% faster with the cast gone), and the frozen
+    weights take half the memory. Weights that train stay fp32, and so do embeddings and any
+    linear layer tied to one (an lm_head sharing the input embeddings), which are looked up, not
+    only multiplied. Callers must run every forward of `model` under autocast afterwards."""
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    changed = 0
+    for module in model.modules():
+        if type(module) is not nn.Linear:  # plain layers only: LoRA's base layers, not its wrappers
+            continue
+        for p in (module.weight, module.bias):
+            if p is not None and not p.requires_grad and id(p) not in embedded and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                changed += p.numel()
+    return changed
+
+
+@contextlib.contextmanager
+def frozen_in_fp32(model: nn.Module):
+    """Frozen bf16 weights (hold_frozen_linears) in fp32 for the duration, and their own bf16
+    tensors back after: peft merges adapters in place, and a merge into bf16 weights would round
+    the merged weights (an unmerge, the frozen ones). bf16 values are exact in fp32, so the merge
+    adds the adapters to the very weights training used."""
+    held = [(p, p.data) for p in model.parameters() if not p.requires_grad and p.dtype == torch.bfloat16]
+    for p, data in held:
+        p.data = data.float()
+    try:
+        yield
+    finally:
+        for p, data in held:
+            p.data = data
 
 
 class ValueHead(nn.Module):

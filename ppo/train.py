@@ -116,7 +116,7 @@ def train(
     from accelerate import Accelerator, DistributedType
 
     from ppo import diagnostics
-    from ppo.models import (MergedSampler, PolicyAndValue, add_value_lora, get_lora_policy, is_peft,
+    from ppo.models import (MergedSampler, PolicyAndValue, add_value_lora, get_lora_policy, hold_frozen_linears, is_peft,
                             load_trainable_state, trainable_state, value_head_for, value_model_from_policy)
     from ppo.rollout import collect, encode_prompts, ensemble_reward_fn, sequence_inputs
 
@@ -169,13 +169,20 @@ def train(
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
+    # Frozen linear weights (LoRA's base layers, the reference) held in bf16 where all their
+    # forwards compute in bf16 anyway: the same numbers without a cast at every forward
+    # (hold_frozen_linears). Sharded training flattens parameters of one dtype, so it keeps fp32.
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if plan.bf16("ppo_update") and not sharded:
+        for frozen_in in (ref_model, value_model, model if plan.bf16("ppo_generate") else None):  # the policy also samples
+            if frozen_in is not None:
+                hold_frozen_linears(frozen_in, torch.bfloat16)
     wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
     inner = accelerator.unwrap_model(wrapped)
     # LoRA samples from a merged copy where lora_sampling says so (MergedSampler); sharded training
     # (FSDP, DeepSpeed) samples through the adapters, since no process holds whole weights to merge into.
     merged_sampler = None
-    if (config.merged_sampling(device.type) and MergedSampler.supports(inner.policy)
-            and accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)):
+    if config.merged_sampling(device.type) and MergedSampler.supports(inner.policy) and not sharded:
         merged_sampler = MergedSampler(inner.policy, torch.bfloat16 if plan.bf16("ppo_generate") else None)
     elif config.lora and config.lora_sampling == "merged":
         logger.warning("lora_sampling=merged: sampling through the adapters instead (the policy trains weights "

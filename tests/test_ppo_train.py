@@ -281,6 +281,75 @@ def test_lora_ppo_learns_the_same_with_and_without_merged_sampling(tmp_path):
     assert histories[True][-1]["reward_mean"] != histories[True][0]["reward_mean"]
 
 
+def _autocast_logits_and_adapter_grads(lora, ids):
+    lora.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = lora(input_ids=ids).logits
+    logits.float().logsumexp(-1).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in lora.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied-embeddings"])
+def test_frozen_linears_held_in_bf16_compute_the_same_under_autocast(tie):
+    from ppo.models import hold_frozen_linears
+
+    lora, _ = _lora_with_random_adapters(tie)
+    ids = torch.randint(2, 32, (3, 9))
+    logits_before, grads_before = _autocast_logits_and_adapter_grads(lora, ids)
+    assert hold_frozen_linears(lora, torch.bfloat16) > 0
+    base = lora.get_base_model()
+    assert base.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+    assert base.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # frozen, not adapted
+    # What trains stays fp32; so do the embeddings, and an lm_head tied to them.
+    assert {p.dtype for p in lora.parameters() if p.requires_grad} == {torch.float32}
+    assert base.get_input_embeddings().weight.dtype == torch.float32
+    assert (base.lm_head.base_layer.weight.dtype == torch.float32) == tie
+    logits_after, grads_after = _autocast_logits_and_adapter_grads(lora, ids)
+    assert torch.equal(logits_after, logits_before)
+    assert grads_after.keys() == grads_before.keys()
+    for name in grads_before:
+        assert torch.equal(grads_after[name], grads_before[name]), name
+
+
+def test_a_policy_with_bf16_frozen_weights_saves_merged_in_fp32_and_keeps_them(tmp_path):
+    from ppo.checkpoint import save_model
+    from ppo.models import hold_frozen_linears, load_policy
+
+    lora, tok = _lora_with_random_adapters(tie=False)
+    hold_frozen_linears(lora, torch.bfloat16)
+    q = lora.get_base_model().model.layers[0].self_attn.q_proj
+    held = {n: p.detach().clone() for n, p in lora.named_parameters()}
+    save_model(lora, tmp_path / "policy", tok)
+    # The frozen weights are the same bf16 values as before the save: no merge rounded them.
+    for n, p in lora.named_parameters():
+        assert p.dtype == held[n].dtype and torch.equal(p, held[n]), n
+    saved, _ = load_policy(tmp_path / "policy")
+    expected = q.base_layer.weight.float() + q.get_delta_weight("default")
+    assert saved.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    assert torch.allclose(saved.model.layers[0].self_attn.q_proj.weight, expected, atol=1e-6, rtol=0)
+
+
+def test_lora_ppo_under_the_bf16_plan_is_the_same_with_frozen_weights_in_bf16(tmp_path, monkeypatch):
+    import ppo.models
+    from ppo.models import get_lora_policy
+
+    policies, histories = {}, {}
+    for held in (True, False):
+        if not held:  # the same run with the frozen weights left in fp32
+            monkeypatch.setattr(ppo.models, "hold_frozen_linears", lambda model, dtype: 0)
+        model, tok = tiny_policy()
+        config = small_config(steps=2, learning_rate=1e-2, lora=True, lora_r=8, precision="bf16",
+                              lora_target_modules="q_proj,v_proj,down_proj,lm_head", lora_sampling="adapters")
+        policies[held] = get_lora_policy(model, config.lora_options())
+        train(config, (policies[held], tok), share_of_yes, tiny_prompts(), tmp_path / f"run-{held}")
+        histories[held] = rows(tmp_path / f"run-{held}")
+    frozen_dtypes = lambda m: {p.dtype for n, p in m.named_parameters() if "base_layer" in n}
+    assert frozen_dtypes(policies[True]) == {torch.bfloat16} and frozen_dtypes(policies[False]) == {torch.float32}
+    untimed = lambda r: {k: v for k, v in r.items() if not k.startswith("time_")}
+    assert [untimed(r) for r in histories[True]] == [untimed(r) for r in histories[False]]
+    assert histories[True][-1]["reward_mean"] != histories[True][0]["reward_mean"]
+
+
 def test_resume_from_checkpoint_gives_the_same_next_step(tmp_path):
     config = small_config(steps=3, save_every=2, learning_rate=2e-3)
     first = train(config, tiny_policy(), share_of_yes, tiny_prompts(), tmp_path / "a")
