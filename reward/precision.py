@@ -13,6 +13,9 @@ faster than fp32 for that stage. `"bf16"` forces mixed bf16 compute for every st
 hardware that emulates it (slow, but numerically the same plan): tests use it to set the plan
 instead of depending on the machine they run on.
 
+Frozen weights may be held in bf16 where every forward through them runs under bf16 autocast:
+PPO does so for LoRA's base layers and its reference (ppo.models.hold_frozen_linears).
+
 Stages:
     reward        reward-model training (TRL RewardTrainer)
     sft           supervised fine-tuning (TRL SFTTrainer)
