@@ -103,7 +103,9 @@ def train(
     """Run PPO and return a summary (paths, final metrics, diagnostics).
 
     policy: (model, tokenizer) as from ppo.models.load_policy; the model should be freshly
-    loaded (with resume, the same initial weights as the interrupted run). value_model: a
+    loaded (with resume, the same initial weights as the interrupted run). Where the plan computes
+    PPO in bf16, the frozen linear weights of the models passed in (LoRA's base layers, the
+    reference) are held in bf16 from then on (ppo.models.hold_frozen_linears). value_model: a
     sequence-classification model sharing the policy's tokenizer, or None for one built from
     the policy. ref_model: the frozen reference, or None for a copy of the initial policy (no
     copy with LoRA: adapters off). resume: True for the newest checkpoint in output_dir, or a
