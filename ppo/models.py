@@ -172,38 +172,48 @@ def add_value_lora(value: nn.Module, lora: Any) -> nn.Module:
     return get_peft_model(value, cfg)
 
 
-class MergedSampler:
-    """What a LoRA policy samples from: a plain copy of the model whose adapted layers hold
-    W + scale * B @ A, rewritten from the live adapters each time the sampler is called.
+class SamplingCopy:
+    """What the policy samples from: a plain copy of it, in `dtype`, refreshed from the live
+    weights each time the copy is called. Training never reads the copy: the rollout's log-probs
+    and values come from the live policy, so only which tokens are drawn can change, by rounding.
 
-    Unmerged adapters add two small matmuls beside every adapted linear layer, and at one token
-    per forward those are mostly overhead: SmolLM2-135M with adapters on every linear layer, 16
-    prompts x 53 new tokens, bf16 autocast on this project's 2-core CPU, generated in 9.5 s with
-    the adapters and 4.7 s merged. peft's merge_adapter/unmerge_adapter would do it in place, but
-    every unmerge rounds the frozen weights a little and the reference policy is those weights,
-    so the merged weights live in a copy: one more copy of the adapted matrices, in `dtype`.
-
-    Training never reads the copy: the rollout's log-probs and values come from the live policy,
-    so only which tokens are drawn can change, by rounding."""
+    - LoRA: the copy's adapted layers hold W + scale * B @ A. Unmerged adapters add two small
+      matmuls beside every adapted linear layer, and at one token per forward those are mostly
+      overhead: SmolLM2-135M with adapters on every linear layer, 16 prompts x 53 new tokens,
+      bf16 autocast on this project's 2-core CPU, generated in 9.5 s with the adapters and 4.7 s
+      merged. peft's merge_adapter/unmerge_adapter would do it in place, but every unmerge rounds
+      the frozen weights a little and the reference policy is those weights, so the merged
+      weights live in a copy: one more copy of the adapted matrices.
+    - Full fine-tuning, where generation computes in bf16: a bf16 copy of the fp32 policy
+      (refreshing it is one cast of the weights, 42 ms for SmolLM2-135M). Autocast would cast the
+      same weights at each generate() and run every op through its dispatcher; from the copy,
+      16 prompts x 53 tokens took 3.8 s against 4.3 s here. An fp32 copy would buy nothing, so
+      callers build this one only for bf16."""
 
     def __init__(self, policy: nn.Module, dtype: torch.dtype | None = None):
-        from peft.tuners.lora.layer import Linear as LoraLinear
-
-        self._adapter = policy.active_adapters[0]
         # Each weight is copied straight into `dtype` (deepcopy takes the copies from its memo), so
-        # no second fp32 copy of the model exists even for a moment. Buffers (RoPE's inverse
-        # frequencies) stay as they are: fp32, as transformers keeps them in bf16 models.
+        # no second fp32 copy of the model exists even for a moment; tied weights stay tied.
+        # Buffers (RoPE's inverse frequencies) stay as they are: fp32, as transformers keeps them
+        # in bf16 models.
         memo = {id(p): nn.Parameter(p.detach().to(dtype or p.dtype, copy=True), requires_grad=False)
                 for p in policy.parameters()}
-        self.model = copy.deepcopy(policy, memo).unload().eval()
         self._pairs = []
-        for name, module in policy.get_base_model().named_modules():
-            if isinstance(module, LoraLinear):
-                target = self.model.get_submodule(name)
-                # Its own storage: an adapted lm_head can be tied to the input embeddings, which
-                # must keep the base weights.
-                target.weight = nn.Parameter(torch.empty_like(target.weight), requires_grad=False)
-                self._pairs.append((module, target))
+        if is_peft(policy):
+            from peft.tuners.lora.layer import Linear as LoraLinear
+
+            self._adapter = policy.active_adapters[0]
+            self.model = copy.deepcopy(policy, memo).unload().eval()
+            for name, module in policy.get_base_model().named_modules():
+                if isinstance(module, LoraLinear):
+                    target = self.model.get_submodule(name)
+                    # Its own storage: an adapted lm_head can be tied to the input embeddings,
+                    # which must keep the base weights.
+                    target.weight = nn.Parameter(torch.empty_like(target.weight), requires_grad=False)
+                    self._pairs.append((module, target))
+        else:
+            self._adapter = None
+            self.model = copy.deepcopy(policy, memo).eval()
+            self._pairs = [(p, self.model.get_parameter(name)) for name, p in policy.named_parameters() if p.requires_grad]
         # transformers hands lm_head the last position's hidden states as a slice, not contiguous.
         # With bf16 weights and a bf16 input no autocast copy intervenes, and torch's CPU matmul
         # then copies the whole weight once per row: 1.2 s of SmolLM2's prefill for 16 prompts,
@@ -213,11 +223,14 @@ class MergedSampler:
 
     @staticmethod
     def supports(policy: nn.Module) -> bool:
-        """A policy whose only trained weights are plain LoRA adapters on linear layers, one active."""
+        """A policy without adapters, or one whose only trained weights are plain LoRA adapters on
+        linear layers, one active."""
         from peft.tuners.lora.layer import Linear as LoraLinear
         from peft.tuners.lora.layer import LoraLayer
 
-        if not is_peft(policy) or len(policy.active_adapters) != 1:
+        if not is_peft(policy):
+            return True
+        if len(policy.active_adapters) != 1:
             return False
         adapter = policy.active_adapters[0]
         for module in policy.get_base_model().modules():
@@ -227,7 +240,11 @@ class MergedSampler:
 
     @torch.no_grad()
     def __call__(self) -> nn.Module:
-        """The copy, with the adapters' current weights merged in."""
+        """The copy, with the policy's current weights (LoRA: the adapters merged in)."""
+        if self._adapter is None:
+            for live, target in self._pairs:
+                target.copy_(live)
+            return self.model
         for live, target in self._pairs:
             delta = live.get_delta_weight(self._adapter)
             # In the adapters' precision (fp32), then rounded once, also where the base is held in bf16.

@@ -214,8 +214,8 @@ def collect(
     """Generate, score, and run the policy, reference and value forwards on one batch.
     `generate_ctx` and `forward_ctx` give the precision contexts (autocast or none) of sampling and
     of the forwards; the forwards must compute as the update does, so the first ratio is 1.
-    `sampler()`, when given, returns the model to sample from (ppo.models.MergedSampler: the LoRA
-    policy merged); the log-probs are still the policy's own."""
+    `sampler()`, when given, returns the model to sample from (ppo.models.SamplingCopy: the LoRA
+    policy merged, or a bf16 copy); the log-probs are still the policy's own."""
     policy, value = wrapped.policy, wrapped.value
     prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompt_rows, tokenizer.pad_token_id))
 

@@ -118,7 +118,7 @@ def train(
     from accelerate import Accelerator, DistributedType
 
     from ppo import diagnostics
-    from ppo.models import (MergedSampler, PolicyAndValue, add_value_lora, get_lora_policy, hold_frozen_linears, is_peft,
+    from ppo.models import (PolicyAndValue, SamplingCopy, add_value_lora, get_lora_policy, hold_frozen_linears, is_peft,
                             load_trainable_state, trainable_state, value_head_for, value_model_from_policy)
     from ppo.rollout import collect, encode_prompts, ensemble_reward_fn, sequence_inputs
 
@@ -181,14 +181,19 @@ def train(
                 hold_frozen_linears(frozen_in, torch.bfloat16)
     wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
     inner = accelerator.unwrap_model(wrapped)
-    # LoRA samples from a merged copy where lora_sampling says so (MergedSampler); sharded training
-    # (FSDP, DeepSpeed) samples through the adapters, since no process holds whole weights to merge into.
-    merged_sampler = None
-    if config.merged_sampling(device.type) and MergedSampler.supports(inner.policy) and not sharded:
-        merged_sampler = MergedSampler(inner.policy, torch.bfloat16 if plan.bf16("ppo_generate") else None)
-    elif config.lora and config.lora_sampling == "merged":
-        logger.warning("lora_sampling=merged: sampling through the adapters instead (the policy trains weights "
-                       "outside plain LoRA adapters, or training is sharded)")
+    # Sampling goes through a copy of the policy where `sampling` says so (SamplingCopy): LoRA's
+    # adapters merged in, or a bf16 copy of a fully trained policy where generation runs in bf16
+    # (an fp32 one would buy nothing). Sharded training (FSDP, DeepSpeed) samples from the policy,
+    # since no process holds whole weights to copy.
+    sampling_copy = None
+    bf16_generate = plan.bf16("ppo_generate")
+    if config.sampling_copy(device.type) and SamplingCopy.supports(inner.policy) and not sharded and (is_peft(inner.policy) or bf16_generate):
+        sampling_copy = SamplingCopy(inner.policy, torch.bfloat16 if bf16_generate else None)
+    elif config.sampling == "copy":
+        logger.warning("sampling=copy: sampling from the policy instead (%s)",
+                       "training is sharded" if sharded else
+                       "the policy trains weights outside plain LoRA adapters" if is_peft(inner.policy) else
+                       "generation runs in fp32, where a copy would be no faster")
     kl_ctl = (core.AdaptiveKLController(config.init_kl_coef, config.target, config.horizon)
               if config.adap_kl_ctrl else core.FixedKLController(config.init_kl_coef))
     reward_moments = core.RunningMoments()
@@ -237,7 +242,7 @@ def train(
             inner, ref_model, tokenizer, [prompts[i] for i in batch], [prompt_rows[i] for i in batch], reward_fn,
             max_new_tokens=config.max_new_tokens, temperature=config.temperature, device=device,
             generate_ctx=lambda: plan.autocast("ppo_generate"), forward_ctx=lambda: plan.autocast("ppo_update"),
-            sampler=merged_sampler,
+            sampler=sampling_copy,
         )
         mask = ro.response_mask.float()
 
@@ -350,7 +355,7 @@ def train(
             t_judge = time.perf_counter()
             scores = judge_policy(inner, ref_model, tokenizer, heldout_mine, heldout_rows, reward_fn, judges,
                                   config=config, seed=step_seed(config.seed, 0, rank), batch_size=sizes.local_batch_size,
-                                  device=device, plan=plan, sampler=merged_sampler)
+                                  device=device, plan=plan, sampler=sampling_copy)
             if world > 1:
                 from accelerate.utils import gather_object
 

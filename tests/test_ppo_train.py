@@ -173,13 +173,13 @@ def randomise_adapters(lora, seed):
 
 
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied-embeddings"])
-def test_merged_sampler_is_the_lora_policy_and_follows_its_adapters(tie):
-    from ppo.models import MergedSampler
+def test_sampling_copy_is_the_lora_policy_and_follows_its_adapters(tie):
+    from ppo.models import SamplingCopy
 
     lora, _ = _lora_with_random_adapters(tie)
-    assert MergedSampler.supports(lora)
+    assert SamplingCopy.supports(lora)
     base_before = {n: p.detach().clone() for n, p in lora.get_base_model().named_parameters() if "lora_" not in n}
-    sampler = MergedSampler(lora)
+    sampler = SamplingCopy(lora)
     ids = torch.randint(2, 32, (3, 9))
     with torch.no_grad():
         live = lora(input_ids=ids).logits
@@ -198,11 +198,11 @@ def test_merged_sampler_is_the_lora_policy_and_follows_its_adapters(tie):
     assert sampler.model.lm_head.weight.data_ptr() != sampler.model.get_input_embeddings().weight.data_ptr()
 
 
-def test_merged_sampler_in_bf16_holds_bf16_weights_close_to_the_policy():
-    from ppo.models import MergedSampler
+def test_sampling_copy_in_bf16_holds_bf16_weights_close_to_the_policy():
+    from ppo.models import SamplingCopy
 
     lora, _ = _lora_with_random_adapters(tie=True)
-    sampler = MergedSampler(lora, torch.bfloat16)
+    sampler = SamplingCopy(lora, torch.bfloat16)
     assert {p.dtype for p in sampler.model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in lora.parameters()} == {torch.float32}  # the policy keeps fp32 masters
     ids = torch.randint(2, 32, (3, 9))
@@ -216,14 +216,14 @@ def test_merged_sampler_in_bf16_holds_bf16_weights_close_to_the_policy():
     assert 0 < (merged - live).abs().max() < 2 * (autocast - live).abs().max()
 
 
-def test_merged_sampler_draws_the_same_tokens_as_the_adapters():
-    from ppo.models import MergedSampler
+def test_sampling_copy_draws_the_same_tokens_as_the_adapters():
+    from ppo.models import SamplingCopy
     from ppo.rollout import generate, left_pad
 
     lora, tok = _lora_with_random_adapters(tie=False)
     rows = [tok(p)["input_ids"] for p in tiny_prompts(6)]
     ids, mask = left_pad(rows, PAD)
-    sampler = MergedSampler(lora)
+    sampler = SamplingCopy(lora)
     torch.manual_seed(3)
     through_adapters = generate(lora, tok, ids, mask, max_new_tokens=8, temperature=1.0)
     torch.manual_seed(3)
@@ -232,15 +232,15 @@ def test_merged_sampler_draws_the_same_tokens_as_the_adapters():
         assert torch.equal(a, b)
 
 
-def test_merged_sampler_hands_lm_head_a_contiguous_input():
+def test_sampling_copy_hands_lm_head_a_contiguous_input():
     # transformers slices the prompt's last position for lm_head; for bf16 weights and inputs
     # torch's CPU matmul copies the weight once per row of a non-contiguous input (1.2 s for
     # SmolLM2 and 16 prompts against 4 ms), so the copy makes it contiguous first.
-    from ppo.models import MergedSampler
+    from ppo.models import SamplingCopy
     from ppo.rollout import generate, left_pad
 
     lora, tok = _lora_with_random_adapters(tie=False)
-    sampler = MergedSampler(lora, torch.bfloat16)
+    sampler = SamplingCopy(lora, torch.bfloat16)
     seen = []
     sampler.model.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
     ids, mask = left_pad([tok(p)["input_ids"] for p in tiny_prompts(4)], PAD)
@@ -249,37 +249,92 @@ def test_merged_sampler_hands_lm_head_a_contiguous_input():
     assert seen and all(seen)
 
 
-def test_merged_sampler_declines_what_it_cannot_merge():
-    from ppo.models import MergedSampler
+def test_sampling_copy_declines_a_lora_policy_it_cannot_merge():
+    from ppo.models import SamplingCopy
 
-    model, _ = tiny_policy()
-    assert not MergedSampler.supports(model)  # no adapters at all
     lora, _ = _lora_with_random_adapters(tie=False)
+    assert SamplingCopy.supports(lora)
     lora.get_base_model().lm_head.base_layer.weight.requires_grad_(True)  # a trained weight outside the adapters
-    assert not MergedSampler.supports(lora)
+    assert not SamplingCopy.supports(lora)
 
 
-def test_lora_sampling_merged_says_so_when_it_samples_through_the_adapters(tmp_path, caplog):
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied-embeddings"])
+def test_sampling_copy_of_a_fully_trained_policy_is_bf16_and_follows_its_weights(tie):
+    from ppo.models import SamplingCopy
+
+    model, _ = tiny_policy(tie=tie)
+    model.eval()
+    assert SamplingCopy.supports(model)
+    sampler = SamplingCopy(model, torch.bfloat16)
+    assert {p.dtype for p in sampler.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the policy keeps fp32 masters
+    tied = sampler.model.lm_head.weight.data_ptr() == sampler.model.get_input_embeddings().weight.data_ptr()
+    assert tied == tie
+    ids = torch.randint(2, 32, (3, 9))
+    with torch.no_grad():
+        before = sampler()(input_ids=ids).logits.float()
+        for p in model.parameters():  # an optimizer step
+            p.add_(torch.randn_like(p) * 0.05)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            live = model(input_ids=ids).logits.float()
+        after = sampler()(input_ids=ids).logits.float()
+    # The copy holds the policy's weights rounded to bf16: each of them exactly, after the step too.
+    for name, p in model.named_parameters():
+        assert torch.equal(sampler.model.get_parameter(name), p.detach().to(torch.bfloat16)), name
+    assert (after - before).abs().max() > 0.05
+    assert (after - live).abs().max() < 0.1 * (after - before).abs().max()
+
+
+def test_sampling_copy_says_so_when_it_samples_from_the_policy(tmp_path, caplog):
     from ppo.models import get_lora_policy
 
     model, tok = tiny_policy()
-    config = small_config(steps=1, lora=True, lora_r=4, lora_target_modules="q_proj,v_proj", lora_sampling="merged")
+    config = small_config(steps=1, lora=True, lora_r=4, lora_target_modules="q_proj,v_proj", sampling="copy")
     lora = get_lora_policy(model, config.lora_options())
     lora.get_base_model().lm_head.weight.requires_grad_(True)  # trained outside the adapters: cannot merge
     with caplog.at_level("WARNING", logger="ppo.train"):
-        train(config, (lora, tok), share_of_yes, tiny_prompts(), tmp_path / "run")
-    assert any("sampling through the adapters instead" in r.getMessage() for r in caplog.records)
+        train(config, (lora, tok), share_of_yes, tiny_prompts(), tmp_path / "lora")
+    assert any("outside plain LoRA adapters" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ppo.train"):  # full fine-tuning computing in fp32
+        train(small_config(steps=1, sampling="copy"), tiny_policy(), share_of_yes, tiny_prompts(), tmp_path / "full")
+    assert any("generation runs in fp32" in r.getMessage() for r in caplog.records)
 
 
-def test_lora_sampling_auto_merges_on_cpu_only_and_bad_values_are_named():
-    assert PPOConfig().merged_sampling("cpu") and not PPOConfig().merged_sampling("cuda")
-    assert PPOConfig(lora_sampling="merged").merged_sampling("cuda")
-    assert not PPOConfig(lora_sampling="adapters").merged_sampling("cpu")
-    with pytest.raises(PPOError, match="lora_sampling must be one of auto, merged, adapters, got 'fused'"):
-        PPOConfig(lora_sampling="fused").validate()
+def test_full_ppo_under_the_bf16_plan_samples_from_a_bf16_copy(tmp_path, monkeypatch):
+    import ppo.models
+
+    built = []
+
+    class Recording(ppo.models.SamplingCopy):
+        def __init__(self, policy, dtype=None):
+            built.append(dtype)
+            super().__init__(policy, dtype)
+
+    monkeypatch.setattr(ppo.models, "SamplingCopy", Recording)
+    train(small_config(steps=2, learning_rate=1e-2, precision="bf16"), tiny_policy(), share_of_yes, tiny_prompts(),
+          tmp_path / "bf16")
+    assert built == [torch.bfloat16]
+    train(small_config(steps=1, precision="fp32"), tiny_policy(), share_of_yes, tiny_prompts(), tmp_path / "fp32")
+    train(small_config(steps=1, precision="bf16", sampling="policy"), tiny_policy(), share_of_yes, tiny_prompts(),
+          tmp_path / "off")
+    assert built == [torch.bfloat16]  # no copy in fp32, none when switched off
+    history = rows(tmp_path / "bf16")
+    assert history[0]["ratio"] == pytest.approx(1.0, abs=0.05)  # log-probs are the policy's, not the copy's
 
 
-def test_lora_ppo_learns_the_same_with_and_without_merged_sampling(tmp_path):
+def test_sampling_auto_copies_on_cpu_only_old_names_read_and_bad_values_are_named():
+    assert PPOConfig().sampling_copy("cpu") and not PPOConfig().sampling_copy("cuda")
+    assert PPOConfig(sampling="copy").sampling_copy("cuda")
+    assert not PPOConfig(sampling="policy").sampling_copy("cpu")
+    # A config written before the option covered full fine-tuning (a run's config.yaml on --resume).
+    assert PPOConfig.from_dict({"lora_sampling": "merged"}).sampling == "copy"
+    assert PPOConfig.from_dict({"lora_sampling": "adapters"}).sampling == "policy"
+    with pytest.raises(PPOError, match="sampling must be one of auto, copy, policy, got 'fused'"):
+        PPOConfig(sampling="fused").validate()
+
+
+def test_lora_ppo_learns_the_same_sampling_from_the_merged_copy_or_the_adapters(tmp_path):
     from ppo.models import get_lora_policy
 
     histories = {}
@@ -287,7 +342,7 @@ def test_lora_ppo_learns_the_same_with_and_without_merged_sampling(tmp_path):
         model, tok = tiny_policy()
         config = small_config(steps=3, learning_rate=1e-2, lora=True, lora_r=8, lora_alpha=32,
                               lora_target_modules="q_proj,v_proj,o_proj,down_proj,lm_head",
-                              lora_sampling="merged" if merged else "adapters")
+                              sampling="copy" if merged else "policy")
         train(config, (get_lora_policy(model, config.lora_options()), tok), share_of_yes, tiny_prompts(),
               tmp_path / f"run-{merged}")
         histories[merged] = rows(tmp_path / f"run-{merged}")
@@ -356,7 +411,7 @@ def test_lora_ppo_under_the_bf16_plan_is_the_same_with_frozen_weights_in_bf16(tm
             monkeypatch.setattr(ppo.models, "hold_frozen_linears", lambda model, dtype: 0)
         model, tok = tiny_policy()
         config = small_config(steps=2, learning_rate=1e-2, lora=True, lora_r=8, precision="bf16",
-                              lora_target_modules="q_proj,v_proj,down_proj,lm_head", lora_sampling="adapters")
+                              lora_target_modules="q_proj,v_proj,down_proj,lm_head", sampling="policy")
         policies[held] = get_lora_policy(model, config.lora_options())
         train(config, (policies[held], tok), share_of_yes, tiny_prompts(), tmp_path / f"run-{held}")
         histories[held] = rows(tmp_path / f"run-{held}")
